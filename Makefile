@@ -1,0 +1,41 @@
+# make repro : create .venv if missing, install, run `dvc repro` on params.yaml
+# make test  : same set-up, then the test suite
+# Offline machines: SPARSEFLOW_DATA_MIRROR points at a folder of original dataset archives;
+# it defaults to ../shared/data when that folder exists.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+ifeq ($(origin SPARSEFLOW_DATA_MIRROR), undefined)
+  ifneq ($(wildcard ../shared/data),)
+    export SPARSEFLOW_DATA_MIRROR := $(abspath ../shared/data)
+  endif
+endif
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: install repro test metrics bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+metrics: $(STAMP)
+	$(BIN)/dvc metrics show
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py

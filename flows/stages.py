@@ -1,0 +1,45 @@
+"""One flow per DVC stage. Each validates params first, so a bad value stops the stage before
+any task writes a file."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from sparse_core.config import load_params
+from tasks import stages as t
+
+
+@flow(name="prepare")
+def prepare_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.prepare_dataset(params_path)
+
+
+@flow(name="warmup")
+def warmup_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    out = t.dense_warmup(params_path)
+    t.publish_summary("warmup", out)
+    return out
+
+
+@flow(name="train", flow_run_name="train-{method}")
+def train_flow(method: str, params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    out = t.train_run(params_path, method)
+    t.publish_summary(method, out)
+    return out
+
+
+@flow(name="retrain", flow_run_name="retrain-{run}")
+def retrain_flow(run: str, params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    out = t.retrain_run(params_path, run)
+    t.publish_summary(f"{run}_retrain", out)
+    return out
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{run}")
+def evaluate_flow(run: str, params_path: str = "params.yaml") -> dict:
+    load_params(params_path)
+    return t.evaluate_run(params_path, run)

@@ -1,0 +1,251 @@
+"""Typed view of ``params.yaml``: one pydantic model per stage section plus a shared ``base``.
+
+Every section forbids unknown keys, so a typo (``sparisty: 0.9``) is an error rather than a
+silently ignored setting. :func:`load_params` turns any validation problem into one
+:class:`ConfigError` whose message names the file, the dotted key, the offending value and
+what is allowed, and it runs before any stage writes a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+#: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
+METHODS = ("dense", "oneshot", "gmp", "dpf")
+
+
+class ConfigError(ValueError):
+    """A params file is missing, unreadable or has a value outside what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseSection(_Section):
+    """Settings shared by every stage."""
+
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
+    resume: bool = True
+    #: torch intra-op threads; 0 leaves torch's default.
+    num_threads: int = Field(0, ge=0)
+    data_dir: str = "data"
+    runs_dir: str = "runs"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    progress: bool = True
+
+
+class ImageFolderSection(_Section):
+    """An ``<root>/{train,test}/<class>/*`` tree, optionally inside a ``.tar.gz`` archive."""
+
+    #: Archive path relative to the mirror folder (``SPARSEFLOW_DATA_MIRROR``) or absolute.
+    archive: str | None = None
+    archive_md5: str | None = None
+    #: Folder holding ``train/`` and ``test/`` (inside the extracted archive, when one is given).
+    root: str
+
+
+class DataSection(_Section):
+    dataset: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    #: Keep only the first N training images (after the seeded shuffle); 0 keeps all. For tiny
+    #: test profiles.
+    train_subset: int = Field(0, ge=0)
+    test_subset: int = Field(0, ge=0)
+    imagefolder: ImageFolderSection | None = None
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_section(self) -> "DataSection":
+        if self.dataset == "imagefolder" and self.imagefolder is None:
+            raise ValueError("dataset 'imagefolder' needs a data.imagefolder section with at least 'root'")
+        return self
+
+
+class AugmentSection(_Section):
+    random_crop: bool = True
+    crop_padding: int = Field(4, ge=0)
+    #: ``auto`` flips for natural-image datasets (CIFAR, image folders), never for digits.
+    horizontal_flip: Literal["auto", "on", "off"] = "auto"
+
+
+class ModelSection(_Section):
+    name: str = "lenet5"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from sparse_core.models import available_models
+
+        if v not in available_models():
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(available_models())}")
+        return v
+
+
+class OptimSection(_Section):
+    """SGD and learning-rate schedule of one training phase."""
+
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    #: Epochs (0-based, counted within the phase) at which ``multistep`` multiplies lr by gamma.
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0.0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimSection":
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=true needs momentum > 0")
+        return self
+
+
+class WarmupSection(_Section):
+    """Dense training shared by every pruning method; 0 epochs writes only the seeded init."""
+
+    epochs: int = Field(0, ge=0)
+    optim: OptimSection = OptimSection()
+
+
+class PruningSection(_Section):
+    """Target and schedule shared by ``dpf``, ``gmp`` and ``oneshot``."""
+
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    granularity: Literal["unstructured", "structured"] = "unstructured"
+    scope: Literal["global", "layerwise"] = "global"
+    #: Iterations between mask re-estimations (Lin et al. 2020 use 16).
+    update_period: int = Field(16, gt=0)
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Fractions of the method's total iterations where the cubic schedule starts and ends.
+    start_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    end_fraction: float = Field(0.75, gt=0.0, le=1.0)
+    keep_first_dense: bool = False
+    keep_last_dense: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruningSection":
+        if self.end_fraction <= self.start_fraction:
+            raise ValueError(
+                f"end_fraction ({self.end_fraction}) must be greater than start_fraction ({self.start_fraction})"
+            )
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must not exceed sparsity ({self.sparsity})")
+        return self
+
+
+class TrainSection(_Section):
+    methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
+    epochs: int = Field(10, gt=0)
+    #: Start from the warmup checkpoint (true) or from the seeded random init (false).
+    from_warmup: bool = True
+    optim: OptimSection = OptimSection()
+    pruning: PruningSection = PruningSection()
+
+
+class RetrainSection(_Section):
+    """Fine-tuning with a frozen mask (masked gradients) of the listed train runs."""
+
+    runs: list[str] = Field(default_factory=list)
+    epochs: int = Field(3, gt=0)
+    optim: OptimSection = OptimSection(lr=0.01)
+
+
+class EvaluateSection(_Section):
+    runs: list[str] = Field(default_factory=list)
+    batch_size: int = Field(1000, gt=0)
+
+
+class Params(_Section):
+    """The whole ``params.yaml``."""
+
+    base: BaseSection
+    data: DataSection
+    augment: AugmentSection = AugmentSection()
+    model: ModelSection
+    warmup: WarmupSection
+    train: TrainSection
+    retrain: RetrainSection
+    evaluate: EvaluateSection
+
+    @model_validator(mode="after")
+    def _runs_exist(self) -> "Params":
+        for run in self.retrain.runs:
+            if run not in self.train.methods:
+                raise ValueError(
+                    f"retrain.runs names {run!r}, which is not in train.methods {list(self.train.methods)}"
+                )
+        produced = list(self.train.methods) + [retrain_run_name(r) for r in self.retrain.runs]
+        for run in self.evaluate.runs:
+            if run not in produced:
+                raise ValueError(f"evaluate.runs names {run!r}; runs produced by train/retrain are {produced}")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 (hex, first 16 chars) of the named sections, to tell whether a checkpoint fits."""
+        blob = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def retrain_run_name(run: str) -> str:
+    """Name of the fine-tuned copy of ``run`` (``dpf`` -> ``dpf_retrain``)."""
+    return f"{run}_retrain"
+
+
+def _format_error(path: Path, err: ValidationError, raw: dict) -> str:
+    lines = [f"{path}: {err.error_count()} invalid value(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "missing":
+            lines.append(f"  - {key}: missing required key")
+            continue
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {key} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str | Path = "<params>") -> Params:
+    """Validate an already-loaded params mapping.
+
+    Raises:
+        ConfigError: naming ``source``, each bad key (dotted), its value and what is allowed.
+    """
+    path = Path(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path, err, raw)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml`` (YAML safe loader: no Python tags).
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, path)

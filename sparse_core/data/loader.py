@@ -1,0 +1,149 @@
+"""In-memory datasets and batched, seeded augmentation on tensors.
+
+The prepared Parquet is read once into uint8 tensors ``(N, C, H, W)``. Augmentation works on
+whole batches (one gather for the random crop, one ``where`` for the flip), so it costs a
+small fraction of a training step, and it draws from a generator seeded by ``(seed, epoch)``:
+epoch ``e`` sees the same order and crops whether the run was resumed or not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from sparse_core.artifacts import parquet_metadata
+from sparse_core.data.fetch import DataError
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class PreparedData:
+    """One prepared dataset in memory. ``mean``/``std``: per channel, in units of pixel/255."""
+
+    name: str
+    classes: list[str]
+    shape: tuple[int, int, int]  # (C, H, W)
+    mean: list[float]
+    std: list[float]
+    flip: bool
+    splits: dict[str, Split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Read ``data.parquet`` written by :func:`sparse_core.data.prepare.prepare_dataset`.
+
+    Raises:
+        DataError: the file is missing, unreadable or lacks the prepared metadata.
+    """
+    path = Path(path)
+    try:
+        meta = parquet_metadata(path)
+        table = pq.read_table(path, columns=["image", "label", "split"])
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read prepared dataset ({exc}); run the prepare stage") from None
+    try:
+        c, h, w = int(meta["channels"]), int(meta["height"]), int(meta["width"])
+    except KeyError as exc:
+        raise DataError(f"{path}: missing metadata key {exc}; was it written by the prepare stage?") from None
+    split_col = table.column("split").to_numpy(zero_copy_only=False)
+    labels = table.column("label").to_numpy()
+    images = table.column("image").to_pylist()
+    splits = {}
+    for name in ("train", "val", "test"):
+        idx = np.flatnonzero(split_col == name)
+        buf = np.frombuffer(b"".join(images[i] for i in idx), dtype=np.uint8).reshape(len(idx), h, w, c)
+        splits[name] = Split(
+            torch.from_numpy(buf.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels[idx].astype(np.int64))
+        )
+    return PreparedData(
+        name=meta["name"],
+        classes=json.loads(meta["classes"]),
+        shape=(c, h, w),
+        mean=json.loads(meta["mean"]),
+        std=json.loads(meta["std"]),
+        flip=json.loads(meta["flip"]),
+        splits=splits,
+    )
+
+
+class BatchTransform:
+    """Random crop with zero padding, horizontal flip, then normalisation, on a uint8 batch.
+
+    Args:
+        mean, std: per-channel statistics (pixel/255 units).
+        crop_padding: pixels of zero padding per side before the random crop; 0 disables.
+        flip: flip each image left-right with probability 1/2.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], crop_padding: int = 0, flip: bool = False):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.pad = crop_padding
+        self.flip = flip
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 (B, C, H, W), ``(x/255 - mean) / std``."""
+        return (x.float().div_(255.0) - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> augmented uint8 (B, C, H, W), randomness from ``gen``."""
+        b, _, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+            bidx = torch.arange(b)[:, None, None, None]
+            cidx = torch.arange(x.shape[1])[None, :, None, None]
+            x = padded[bidx, cidx, rows, cols]
+        if self.flip:
+            coin = torch.rand(b, generator=gen) < 0.5
+            x = torch.where(coin[:, None, None, None], x.flip(3), x)
+        return x
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    transform: BatchTransform,
+    *,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x float32 (B, C, H, W), y int64 (B,))`` on ``device``.
+
+    With ``train=True`` the order is a permutation and the augmentation draws from a generator
+    seeded by ``seed * 100003 + epoch``, so every epoch is reproducible on its own; the last
+    partial batch is kept.
+    """
+    n = len(split)
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=gen) if train else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        x = split.images[idx]
+        if train:
+            x = transform.augment(x, gen)
+        yield transform.normalize(x.to(device, non_blocking=True)), split.labels[idx].to(device, non_blocking=True)

@@ -1,0 +1,224 @@
+"""The ``prepare`` stage: raw archives -> one pandera-checked Parquet file per dataset.
+
+Output ``<data_dir>/prepared/<name>/data.parquet``, one row per image:
+
+=============  ========  ==============================================================
+column         type      meaning
+=============  ========  ==============================================================
+image          binary    raw uint8 pixels in (H, W, C) order, ``H*W*C`` bytes
+label          int64     class id in ``[0, num_classes)``
+split          string    ``train`` / ``val`` / ``test``
+source_split   string    the split of the original dataset (``train`` or ``test``)
+source_index   int64     index of the image in its original split
+=============  ========  ==============================================================
+
+Schema metadata holds ``name``, ``classes`` (JSON list), ``height``, ``width``,
+``channels``, ``mean`` and ``std`` (JSON lists, per channel, of pixels/255 over the train
+split) and ``flip``. The validation split is a seeded ``val_fraction`` of the original
+training set. The folder is built in a temporary sibling and swapped in whole, so a failure
+leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from sparse_core.artifacts import atomic_dir, write_parquet
+from sparse_core.config import DataSection
+from sparse_core.data.fetch import DataError, _verify, mirror_dir
+from sparse_core.data.registry import REGISTRY
+from sparse_core.data.fetch import fetch_file
+
+SPLITS = ("train", "val", "test")
+
+
+def prepared_path(data_dir: str | Path, name: str) -> Path:
+    return Path(data_dir) / "prepared" / name / "data.parquet"
+
+
+def prepared_schema(num_classes: int, image_bytes: int, split_sizes: dict[str, int] | None = None) -> pa.DataFrameSchema:
+    """pandera schema of a prepared dataset.
+
+    Checks: labels in range, images of the declared size, split names, each original image
+    in at most one split (``(source_split, source_index)`` unique, so no train/val leak),
+    and, when given, the exact size of every split.
+    """
+    checks = [
+        pa.Check(
+            lambda df: not df.duplicated(["source_split", "source_index"]).any(),
+            error="an original image appears in two rows/splits",
+        ),
+        pa.Check(
+            lambda df: set(df.loc[df["split"] == "test", "source_split"]) <= {"test"}
+            and set(df.loc[df["split"] != "test", "source_split"]) <= {"train"},
+            error="val/train rows must come from the original train split, test rows from the original test split",
+        ),
+    ]
+    if split_sizes is not None:
+        expected = dict(split_sizes)
+        checks.append(
+            pa.Check(
+                lambda df: {s: int((df["split"] == s).sum()) for s in SPLITS} == expected,
+                error=f"split sizes differ from {expected}",
+            )
+        )
+    return pa.DataFrameSchema(
+        {
+            "image": pa.Column(object, pa.Check(lambda s: s.map(len) == image_bytes, error=f"image must be {image_bytes} bytes")),
+            "label": pa.Column("int64", pa.Check.in_range(0, num_classes - 1)),
+            "split": pa.Column(str, pa.Check.isin(SPLITS)),
+            "source_split": pa.Column(str, pa.Check.isin(("train", "test"))),
+            "source_index": pa.Column("int64", pa.Check.ge(0)),
+        },
+        checks=checks,
+        strict=True,
+    )
+
+
+def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Read ``<root>/{train,test}/<class>/*`` (extracting the archive first when one is set)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    spec = cfg.imagefolder
+    assert spec is not None
+    if spec.archive:
+        archive = Path(spec.archive)
+        if not archive.is_absolute():
+            mirror = mirror_dir()
+            if mirror is None:
+                raise DataError(f"data.imagefolder.archive={spec.archive!r} is relative but SPARSEFLOW_DATA_MIRROR is unset")
+            archive = mirror / archive
+        if not archive.is_file():
+            raise DataError(f"data.imagefolder.archive: {archive} does not exist")
+        if spec.archive_md5:
+            _verify(archive, spec.archive_md5, "data.imagefolder.archive_md5")
+        extract_to = raw_dir / "imagefolder" / cfg.dataset
+        marker = extract_to / ".extracted"
+        if not marker.is_file() or marker.read_text() != str(archive):
+            with atomic_dir(extract_to) as tmp:
+                try:
+                    with tarfile.open(archive) as tar:
+                        tar.extractall(tmp, filter="data")
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise DataError(f"{archive}: cannot extract ({exc}); the archive is corrupt or truncated") from None
+                (tmp / ".extracted").write_text(str(archive))
+        root = extract_to / spec.root
+    else:
+        root = Path(spec.root)
+    out: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+    classes: list[str] | None = None
+    for train, split in ((True, "train"), (False, "test")):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing; an image folder needs {root}/train/<class>/ and {root}/test/<class>/")
+        try:
+            ds = ImageFolder(str(folder))
+        except FileNotFoundError as exc:
+            raise DataError(f"{folder}: {exc}") from None
+        if classes is None:
+            classes = ds.classes
+        elif ds.classes != classes:
+            missing = sorted(set(classes) ^ set(ds.classes))
+            raise DataError(f"{folder}: class folders {ds.classes} differ from train's {classes} (mismatch: {missing})")
+        images = []
+        for path, _ in ds.samples:
+            try:
+                with Image.open(path) as im:
+                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{path}: unreadable image ({exc})") from None
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise DataError(f"{folder}: images have different shapes {sorted(shapes)[:5]}; resize them first")
+        out[train] = (np.stack(images), np.asarray(ds.targets, dtype=np.int64))
+    assert classes is not None
+    return out, classes
+
+
+def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str], bool]:
+    """Original train/test arrays: ``{train: (images (N,H,W,C) uint8, labels (N,) int64)}``."""
+    if cfg.dataset == "imagefolder":
+        arrays, classes = _read_imagefolder(cfg, raw_dir)
+        return arrays, classes, True
+    spec = REGISTRY[cfg.dataset]
+    dest = raw_dir / spec.subdir
+    dest.mkdir(parents=True, exist_ok=True)
+    for raw in spec.files:
+        fetch_file(raw, dest, spec.subdir)
+    arrays = {}
+    classes: list[str] = []
+    for train in (True, False):
+        try:
+            x, y, classes = spec.load(str(raw_dir), train)
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise DataError(f"{dest}: torchvision could not read {cfg.dataset} ({exc})") from None
+        arrays[train] = (x, y)
+    return arrays, classes, spec.flip
+
+
+def prepare_dataset(cfg: DataSection, data_dir: str | Path, seed: int) -> Path:
+    """Build ``<data_dir>/prepared/<name>/data.parquet`` and return its path.
+
+    Raises:
+        DataError: archives missing or corrupt, folders malformed.
+        pandera.errors.SchemaError: the assembled table breaks the schema (a bug, not bad data).
+    """
+    data_dir = Path(data_dir)
+    arrays, classes, flip = load_raw(cfg, data_dir / "raw")
+    rng = np.random.default_rng(seed)
+    (x_tr, y_tr), (x_te, y_te) = arrays[True], arrays[False]
+    order = rng.permutation(len(x_tr))
+    if cfg.train_subset:
+        order = order[: cfg.train_subset]
+    n_val = int(round(cfg.val_fraction * len(order)))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    test_idx = np.arange(len(x_te))
+    if cfg.test_subset:
+        test_idx = np.sort(rng.permutation(len(x_te))[: cfg.test_subset])
+
+    def rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray, split: str, source: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "image": [x[i].tobytes() for i in idx],
+                "label": y[idx].astype(np.int64),
+                "split": split,
+                "source_split": source,
+                "source_index": idx.astype(np.int64),
+            }
+        )
+
+    df = pd.concat(
+        [
+            rows(x_tr, y_tr, train_idx, "train", "train"),
+            rows(x_tr, y_tr, val_idx, "val", "train"),
+            rows(x_te, y_te, test_idx, "test", "test"),
+        ],
+        ignore_index=True,
+    )
+    h, w, c = x_tr.shape[1:]
+    sizes = {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)}
+    prepared_schema(len(classes), h * w * c, sizes).validate(df)
+    pix = x_tr[train_idx].reshape(-1, c).astype(np.float64) / 255.0
+    meta = {
+        "name": cfg.dataset,
+        "classes": json.dumps(classes),
+        "height": str(h),
+        "width": str(w),
+        "channels": str(c),
+        "mean": json.dumps(pix.mean(0).round(6).tolist()),
+        "std": json.dumps(pix.std(0).round(6).tolist()),
+        "flip": json.dumps(bool(flip)),
+        "split_sizes": json.dumps(sizes),
+        "seed": str(seed),
+    }
+    out = prepared_path(data_dir, cfg.dataset)
+    with atomic_dir(out.parent) as tmp:
+        write_parquet(df, tmp / out.name, metadata=meta)
+    return out

@@ -1,0 +1,239 @@
+"""The one training loop.
+
+``fit`` = for each epoch: ``train_one_epoch`` (hooks of the method around every step),
+``evaluate`` on the validation split, one history row, one atomic checkpoint. A killed run
+restarted with ``resume`` continues from the last checkpoint and ends with the same weights as
+an uninterrupted run, because every epoch's data order and augmentation are seeded by
+``(seed, epoch)`` and the checkpoint carries model, optimizer, method state and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparse_core.artifacts import load_checkpoint, save_checkpoint
+from sparse_core.config import OptimSection
+from sparse_core.data.loader import BatchTransform, Split, iterate_batches
+from sparse_core.methods import Method
+
+CHECKPOINT_VERSION = 1
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def lr_at(step: int, steps_per_epoch: int, epochs: int, cfg: OptimSection) -> float:
+    """Learning rate before iteration ``step`` (0-based) of a phase of ``epochs`` epochs.
+
+    ``cosine``: ``lr · (1 + cos(π t / T)) / 2`` per iteration (Loshchilov & Hutter 2017, no
+    restarts); ``multistep``: ``lr · γ^k`` with ``k`` the milestones (epochs) already passed;
+    ``constant``: ``lr``.
+    """
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps_per_epoch * epochs, 1)))
+    if cfg.schedule == "multistep":
+        epoch = step // steps_per_epoch
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.SGD:
+    """SGD with momentum, optional Nesterov, weight decay on every parameter."""
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    transform: BatchTransform,
+    cfg: OptimSection,
+    *,
+    epoch: int,
+    epochs: int,
+    step: int,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``."""
+    model.train()
+    steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(total=len(split), desc=f"{method.name} epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False)
+    for x, y in iterate_batches(split, cfg.batch_size, transform, train=True, seed=seed, epoch=epoch, device=device):
+        lr = lr_at(step, steps_per_epoch, epochs, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        method.before_forward(step)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_step(step)
+        optimizer.step()
+        step += 1
+        method.after_step(step)
+        # .item() syncs with the device once per step; acceptable for the readability it buys.
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.4g}")
+    bar.close()
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}, step
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits (N, num_classes) of the model in eval mode, in split order."""
+    model.eval()
+    outs = [model(x).float().cpu() for x, _ in iterate_batches(split, batch_size, transform, train=False, device=device)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate(model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device) -> dict[str, float]:
+    """``{"loss": mean NLL (nats), "accuracy": fraction}`` on ``split``."""
+    logits = predict(model, split, transform, batch_size, device)
+    return {
+        "loss": float(F.cross_entropy(logits, split.labels)),
+        "accuracy": float((logits.argmax(1) == split.labels).float().mean()),
+    }
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    resumed_from_epoch: int
+
+
+def fit(
+    model: nn.Module,
+    method: Method,
+    train: Split,
+    val: Split,
+    transform: BatchTransform,
+    cfg: OptimSection,
+    *,
+    epochs: int,
+    run_dir: str | Path,
+    seed: int,
+    device: torch.device,
+    fingerprint: str,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> FitResult:
+    """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing to ``run_dir/last.pt``.
+
+    Args:
+        fingerprint: identifies the configuration; a checkpoint with another fingerprint is
+            ignored (training starts over) so stale state never leaks into a changed run.
+        resume: continue from ``run_dir/last.pt`` when it exists and matches.
+        stop_after_epoch: stop after this many epochs (used to simulate a killed run).
+
+    Returns:
+        The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.pt"
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    start_epoch, step, history = 0, 0, []
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("version") == CHECKPOINT_VERSION and ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            method.load_state_dict(ckpt["method"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
+    resumed_from = start_epoch
+    for epoch in range(start_epoch, epochs):
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        t0 = time.perf_counter()
+        stats, step = train_one_epoch(
+            model, method, optimizer, train, transform, cfg,
+            epoch=epoch, epochs=epochs, step=step, seed=seed, device=device, progress=progress,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        with method.eval_weights():
+            val_stats = evaluate(model, val, transform, 1000, device)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": lr_at(step - 1, steps_per_epoch, epochs, cfg),
+                "train_loss": stats["loss"],
+                "train_accuracy": stats["accuracy"],
+                "val_loss": val_stats["loss"],
+                "val_accuracy": val_stats["accuracy"],
+                "sparsity": method.masks.sparsity() if method.masks else 0.0,
+                "seconds": seconds,
+                "images_per_s": stats["images"] / seconds,
+            }
+        )
+        if progress:
+            tqdm.write(
+                f"[{method.name}] epoch {epoch + 1}/{epochs} train_loss {stats['loss']:.4f} "
+                f"val_acc {val_stats['accuracy']:.4f} sparsity {history[-1]['sparsity']:.4f} "
+                f"{history[-1]['images_per_s']:.0f} img/s"
+            )
+        save_checkpoint(
+            {
+                "version": CHECKPOINT_VERSION,
+                "fingerprint": fingerprint,
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"step": step, "steps_per_epoch": steps_per_epoch, "epochs": epochs},
+                "method": method.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+            },
+            ckpt_path,
+        )
+    return FitResult(pd.DataFrame(history), resumed_from)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state

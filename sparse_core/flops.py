@@ -1,0 +1,63 @@
+"""Inference FLOPs of conv and linear layers, dense and under a mask.
+
+Convention (as in RigL, Evci et al. 2020, App. H, and FreeTickets): one multiply-accumulate
+counts as one FLOP, and only convolution and linear layers are counted (batch norm,
+activations, pooling and additions are a small, method-independent remainder). A layer with
+density ``d`` costs ``d`` times its dense FLOPs (unstructured sparse kernels assumed ideal).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def layer_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Dense MACs per conv/linear weight for one input of shape ``(C, H, W)``.
+
+    Returns:
+        ``{"<module>.weight": FLOPs}`` for one example.
+    """
+    flops: dict[str, int] = {}
+    hooks = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                per_position = module.weight.numel()  # C_out · C_in/groups · k_h · k_w
+                flops[name] = int(per_position * output.shape[2] * output.shape[3])
+            else:
+                flops[name] = int(module.weight.numel() * (output.numel() // output.shape[-1]) // output.shape[0])
+
+        return fn
+
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook(f"{n}.weight")))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return flops
+
+
+def inference_flops(model: nn.Module, input_shape: tuple[int, int, int], densities: dict[str, float] | None = None) -> dict[str, float]:
+    """Total inference FLOPs per example, dense and sparse.
+
+    Args:
+        densities: ``{weight name: density 0-1}``; layers not named are dense.
+
+    Returns:
+        ``{"dense": FLOPs, "sparse": FLOPs, "ratio": sparse / dense}``.
+    """
+    per_layer = layer_flops(model, input_shape)
+    densities = densities or {}
+    dense = float(sum(per_layer.values()))
+    sparse = float(sum(f * densities.get(n, 1.0) for n, f in per_layer.items()))
+    return {"dense": dense, "sparse": sparse, "ratio": sparse / dense if dense else 1.0}

@@ -1,0 +1,133 @@
+"""Magnitude pruning during or after training: ``gmp``, ``dpf`` and ``oneshot``.
+
+``gmp`` and ``dpf`` share the schedule (cubic, Zhu & Gupta 2017) and the update period; they
+differ only in where the gradient is applied:
+
+- ``gmp`` (Zhu & Gupta 2017): the gradient is masked and pruned weights are held at zero, so
+  a pruned weight has no way back (its magnitude stays 0).
+- ``dpf`` (Lin et al. 2020, "Dynamic Model Pruning with Feedback", Eq. 2): the stochastic
+  gradient is evaluated at the pruned model ``m ⊙ w`` and applied to the dense weights::
+
+      w_{t+1} = w_t − γ_t · g(m_t ⊙ w_t)
+
+  so pruned weights keep moving (the "feedback" corrects the pruning error) and come back
+  when their magnitude overtakes a kept one at the next mask update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from sparse_core.config import PruningSection
+from sparse_core.methods.base import MaskedMethod
+from sparse_core.sparsity import cubic_sparsity
+
+
+class GMP(MaskedMethod):
+    """Gradual magnitude pruning: masked gradients, mask from ``|m ⊙ w|`` every ``ΔT`` steps."""
+
+    name = "gmp"
+
+    def target_sparsity(self, step: int) -> float:
+        p = self.pruning
+        return cubic_sparsity(step, self.total_steps, p.initial_sparsity, p.sparsity, p.start_fraction, p.end_fraction)
+
+    def _update_due(self, step: int) -> bool:
+        return step % self.pruning.update_period == 0
+
+    def _weights_for_mask(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.masks.params.items()}
+
+    #: Whether pruned weights are held at zero (no feedback).
+    zero_pruned = True
+
+    def after_step(self, step: int) -> None:
+        if self._update_due(step):
+            self.update_masks(step, self.target_sparsity(step), self._weights_for_mask())
+        if self.zero_pruned:
+            self.masks.apply_()
+
+    def on_train_end(self) -> None:
+        # A run shorter than the schedule's end (or not a multiple of ΔT) still ends on target.
+        if abs(self.masks.sparsity() - self.pruning.sparsity) * self.masks.numel() >= 1 or not self.events:
+            self.update_masks(self.total_steps, self.pruning.sparsity, self._weights_for_mask())
+            if self.zero_pruned:
+                self.masks.apply_()
+
+
+class DPF(GMP):
+    """Dynamic pruning with feedback via swap-and-restore.
+
+    Before the forward pass the dense weights are stashed and ``m ⊙ w`` is written into the
+    parameters, so forward and backward run at the pruned model; before the optimizer step the
+    dense values are restored while ``.grad`` keeps ``∂L/∂(m ⊙ w)`` for *every* coordinate.
+    SGD then applies that gradient, momentum and weight decay to the dense ``w``. (Computing
+    ``w * m`` inside autograd instead would zero the gradient of pruned coordinates and
+    silently turn DPF into GMP.) Memory: one extra copy of the prunable weights.
+    """
+
+    name = "dpf"
+    zero_pruned = False  # the mask is re-estimated from the dense |w|; nothing is zeroed
+
+    def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection):
+        super().__init__(model, total_steps, pruning)
+        self._dense = {n: torch.empty_like(p) for n, p in self.masks.params.items()}
+        self._swapped = False
+
+    @torch.no_grad()
+    def _swap_in_pruned(self) -> None:
+        if self._swapped:
+            return
+        for n, p in self.masks.params.items():
+            self._dense[n].copy_(p)
+            p.mul_(self.masks.masks[n])
+        self._swapped = True
+
+    @torch.no_grad()
+    def _restore_dense(self) -> None:
+        if not self._swapped:
+            return
+        for n, p in self.masks.params.items():
+            p.copy_(self._dense[n])
+        self._swapped = False
+
+    def before_forward(self, step: int) -> None:
+        self._swap_in_pruned()
+
+    def before_step(self, step: int) -> None:
+        self._restore_dense()  # .grad is untouched: it was computed at m ⊙ w
+
+    @contextlib.contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        """Evaluate and export ``m ⊙ w``; the dense weights come back afterwards."""
+        self._swap_in_pruned()
+        try:
+            yield
+        finally:
+            self._restore_dense()
+
+
+class OneShot(MaskedMethod):
+    """Dense training, then magnitude pruning to the target in one step at the end.
+
+    The dense phase is the same computation as the ``dense`` run (same start and seed), so
+    the result is the trained dense model pruned once (Han et al. 2015, without fine-tuning;
+    the ``retrain`` stage adds the fine-tuning).
+    """
+
+    name = "oneshot"
+
+    def before_step(self, step: int) -> None:
+        pass  # dense phase: all masks are ones
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def on_train_end(self) -> None:
+        weights = {n: p.detach() for n, p in self.masks.params.items()}
+        self.update_masks(self.total_steps, self.pruning.sparsity, weights)
+        self.masks.apply_()

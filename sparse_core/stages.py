@@ -1,0 +1,252 @@
+"""What each pipeline stage does, as plain functions: params in, files out.
+
+Tasks (``tasks/``) call these; they hold no Prefect or DVC code, so every stage can be run and
+tested in-process. Layout of a run folder ``<runs_dir>/<run>/``:
+
+==========================  ===========================================================
+``last.pt``                 checkpoint of the last finished epoch (resume)
+``model.safetensors``       exported weights (``m ⊙ w``) with buffers, for evaluation
+``masks.safetensors``       masks of the prunable set (pruning methods only)
+``layers.parquet``          per-layer table (name, shape, target/realised density, nonzeros)
+``history.parquet``         one row per epoch
+``mask_updates.parquet``    one row per mask update (gmp, dpf, oneshot)
+``config.json``             resolved params, method, package/torch/data versions
+==========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from sparse_core import artifacts
+from sparse_core.config import Params, retrain_run_name
+from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
+from sparse_core.engine import fit, predict, resolve_device, seed_everything
+from sparse_core.flops import inference_flops
+from sparse_core.methods import MaskedMethod, Method, create_method
+from sparse_core.models import create_model
+from sparse_core.sparsity import MaskSet, prunable_parameters
+
+WARMUP_RUN = "warmup"
+
+
+# ----- shared helpers ------------------------------------------------------------------------
+def _setup(params: Params) -> torch.device:
+    seed_everything(params.base.seed, params.base.deterministic)
+    if params.base.num_threads:
+        torch.set_num_threads(params.base.num_threads)
+    return resolve_device(params.base.device)
+
+
+def load_data(params: Params) -> PreparedData:
+    return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
+
+
+def build_model(params: Params, data: PreparedData) -> nn.Module:
+    """The configured model, initialised from ``base.seed`` (same init in every stage)."""
+    torch.manual_seed(params.base.seed)
+    c, h, _ = data.shape
+    return create_model(params.model.name, in_channels=c, num_classes=data.num_classes, image_size=h, **params.model.kwargs)
+
+
+def transform_for(params: Params, data: PreparedData) -> BatchTransform:
+    aug = params.augment
+    flip = {"on": True, "off": False, "auto": data.flip}[aug.horizontal_flip]
+    return BatchTransform(data.mean, data.std, aug.crop_padding if aug.random_crop else 0, flip)
+
+
+def run_dir(params: Params, run: str) -> Path:
+    return Path(params.base.runs_dir) / run
+
+
+def _versions() -> dict[str, str]:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("sparseflow", "torch", "torchvision", "prefect", "dvc")},
+    }
+
+
+def load_exported(params: Params, run: str, model: nn.Module) -> MaskSet:
+    """Load ``model.safetensors`` (and masks when present) of ``run`` into ``model``.
+
+    Returns:
+        The run's masks over the configured prunable set (all ones for dense runs).
+
+    Raises:
+        FileNotFoundError: the run has no exported model (its stage has not run).
+    """
+    folder = run_dir(params, run)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; run the stage that produces run {run!r} first")
+    model.load_state_dict(artifacts.load_tensors(weights))
+    p = params.train.pruning
+    masks = MaskSet(prunable_parameters(model, p.keep_first_dense, p.keep_last_dense or p.granularity == "structured"))
+    if (folder / "masks.safetensors").is_file():
+        masks.load(folder / "masks.safetensors")
+    return masks
+
+
+def _export(params: Params, run: str, model: nn.Module, method: Method, history: pd.DataFrame, extra: dict[str, Any]) -> Path:
+    """Write everything but ``last.pt`` for a finished run (each file atomically)."""
+    folder = run_dir(params, run)
+    with method.eval_weights():
+        artifacts.save_tensors(model.state_dict(), folder / "model.safetensors")
+        if method.masks is not None:
+            method.masks.save(folder / "masks.safetensors")
+            method.masks.write_layer_table(folder / "layers.parquet")
+    artifacts.write_parquet(history, folder / "history.parquet")
+    if method.events:
+        artifacts.write_parquet(pd.DataFrame(method.events), folder / "mask_updates.parquet")
+    plots = Path(params.base.plots_dir) / "history" / f"{run}.csv"
+    artifacts.write_csv(history, plots)
+    artifacts.write_json(
+        {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), **extra}, folder / "config.json"
+    )
+    return folder
+
+
+def _fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
+    """Keep a matching checkpoint for resume; otherwise start from an empty folder."""
+    folder = run_dir(params, run)
+    ckpt = folder / "last.pt"
+    keep = False
+    if params.base.resume and ckpt.is_file():
+        try:
+            keep = artifacts.load_checkpoint(ckpt).get("fingerprint") == fingerprint
+        except Exception:  # unreadable checkpoint: start over rather than crash
+            keep = False
+    if not keep and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ----- stages --------------------------------------------------------------------------------
+def stage_prepare(params: Params) -> Path:
+    """``prepare``: the dataset's Parquet file (see :mod:`sparse_core.data.prepare`)."""
+    return prepare_dataset(params.data, params.base.data_dir, params.base.seed)
+
+
+def _train_run(
+    params: Params, run: str, method_name: str, model: nn.Module, data: PreparedData, device: torch.device,
+    optim, epochs: int, fingerprint: str, init: str, prepare_method=None,
+) -> Path:  # fmt: skip
+    _fresh_run_dir(params, run, fingerprint)
+    steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
+    method = create_method(method_name, model, steps, params.train.pruning)
+    if prepare_method is not None:
+        prepare_method(method)
+    model.to(device)
+    result = fit(
+        model, method, data.splits["train"], data.splits["val"], transform_for(params, data), optim,
+        epochs=epochs, run_dir=run_dir(params, run), seed=params.base.seed, device=device,
+        fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress,
+    )  # fmt: skip
+    method.on_train_end()
+    return _export(params, run, model, method, result.history, {"method": method_name, "init": init, "fingerprint": fingerprint})
+
+
+def stage_warmup(params: Params) -> Path:
+    """``warmup``: dense training for ``warmup.epochs`` (0: only the seeded initial weights)."""
+    device = _setup(params)
+    data = load_data(params)
+    model = build_model(params, data)
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup")
+    if params.warmup.epochs == 0:
+        _fresh_run_dir(params, WARMUP_RUN, fp)
+        return _export(params, WARMUP_RUN, model, Method(model, 0), pd.DataFrame(), {"method": "init", "fingerprint": fp})
+    return _train_run(params, WARMUP_RUN, "dense", model, data, device, params.warmup.optim, params.warmup.epochs, fp, "seed")
+
+
+def stage_train(params: Params, method: str) -> Path:
+    """``train@<method>``: one run of ``method`` from the warmup weights (or the seeded init)."""
+    if method not in params.train.methods:
+        raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
+    device = _setup(params)
+    data = load_data(params)
+    model = build_model(params, data)
+    init = "seed"
+    if params.train.from_warmup:
+        load_exported(params, WARMUP_RUN, model)
+        init = WARMUP_RUN
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
+    return _train_run(params, method, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+
+
+def stage_retrain(params: Params, run: str) -> Path:
+    """``retrain@<run>``: fine-tune ``run``'s exported model with its mask frozen (masked gradients)."""
+    if run not in params.retrain.runs:
+        raise ValueError(f"run {run!r} is not listed in retrain.runs {list(params.retrain.runs)}")
+    device = _setup(params)
+    data = load_data(params)
+    model = build_model(params, data)
+    masks = load_exported(params, run, model)
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "retrain") + f"-{run}"
+
+    def freeze(method: Method) -> None:
+        assert isinstance(method, MaskedMethod)
+        method.masks.load_state_dict(masks.state_dict())
+        method.masks.apply_()
+
+    out = retrain_run_name(run)
+    return _train_run(params, out, "retrain", model, data, device, params.retrain.optim, params.retrain.epochs, fp, run, freeze)
+
+
+def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
+    """``evaluate@<run>``: test/val accuracy and NLL, sparsity, parameters, inference FLOPs.
+
+    Writes ``<metrics_dir>/<run>.json`` with the layout::
+
+        {"run", "method", "test": {"accuracy", "nll"}, "val": {"accuracy", "nll"},
+         "sparsity", "target_sparsity", "params": {"total", "nonzero"},
+         "flops": {"inference", "inference_dense", "inference_ratio"}}
+
+    ``sparsity`` is the fraction of exact zeros in the exported prunable weights (measured
+    from the weights, independently of the stored masks); FLOPs are per example.
+    """
+    device = _setup(params)
+    data = load_data(params)
+    model = build_model(params, data)
+    masks = load_exported(params, run, model)
+    model.to(device)
+    transform = transform_for(params, data)
+    out: dict[str, Any] = {"run": run}
+    cfg = json.loads((run_dir(params, run) / "config.json").read_text())
+    out["method"] = cfg["method"]
+    for split in ("test", "val"):
+        logits = predict(model, data.splits[split], transform, params.evaluate.batch_size, device)
+        labels = data.splits[split].labels
+        out[split] = {
+            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "nll": float(torch.nn.functional.cross_entropy(logits, labels)),
+        }
+    weights = {n: p.detach() for n, p in masks.params.items()}
+    nonzero = {n: int(torch.count_nonzero(w)) for n, w in weights.items()}
+    prunable = sum(w.numel() for w in weights.values())
+    out["sparsity"] = 1.0 - sum(nonzero.values()) / prunable
+    pruned = cfg["method"] in ("dpf", "gmp", "oneshot", "retrain")
+    out["target_sparsity"] = params.train.pruning.sparsity if pruned else 0.0
+    out["params"] = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "nonzero": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+    }
+    fl = inference_flops(model, data.shape, {n: nonzero[n] / weights[n].numel() for n in weights})
+    out["flops"] = {"inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"]}
+    artifacts.write_json(out, Path(params.base.metrics_dir) / f"{run}.json")
+    return out

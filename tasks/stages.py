@@ -1,0 +1,66 @@
+"""Tasks wrapping the stage functions of :mod:`sparse_core.stages`."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from sparse_core import stages
+from sparse_core.config import load_params
+
+
+@task(name="prepare-dataset")
+def prepare_dataset(params_path: str) -> str:
+    """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
+    return str(stages.stage_prepare(load_params(params_path)))
+
+
+@task(name="dense-warmup")
+def dense_warmup(params_path: str) -> str:
+    """Dense warmup run -> ``runs/warmup/``."""
+    return str(stages.stage_warmup(load_params(params_path)))
+
+
+@task(name="train-run", task_run_name="train-{method}")
+def train_run(params_path: str, method: str) -> str:
+    """One training run of ``method`` -> ``runs/<method>/``."""
+    return str(stages.stage_train(load_params(params_path), method))
+
+
+@task(name="retrain-run", task_run_name="retrain-{run}")
+def retrain_run(params_path: str, run: str) -> str:
+    """Fine-tune ``run`` with its mask frozen -> ``runs/<run>_retrain/``."""
+    return str(stages.stage_retrain(load_params(params_path), run))
+
+
+@task(name="evaluate-run", task_run_name="evaluate-{run}")
+def evaluate_run(params_path: str, run: str) -> dict:
+    """Metrics of ``run`` -> ``metrics/<run>.json``; also published as a Prefect table artifact."""
+    metrics = stages.stage_evaluate(load_params(params_path), run)
+    row = {
+        "run": run,
+        "test_accuracy": round(metrics["test"]["accuracy"], 4),
+        "test_nll": round(metrics["test"]["nll"], 4),
+        "sparsity": round(metrics["sparsity"], 4),
+        "inference_flops_ratio": round(metrics["flops"]["inference_ratio"], 4),
+    }
+    create_table_artifact(key=f"metrics-{run.replace('_', '-')}", table=[row], description=f"Metrics of run {run}")
+    return metrics
+
+
+@task(name="publish-run-summary")
+def publish_summary(run: str, run_dir: str) -> None:
+    """Markdown artifact with the run's last history row (for the Prefect UI)."""
+    import pandas as pd
+
+    hist = pd.read_parquet(f"{run_dir}/history.parquet")
+    if hist.empty:
+        return
+    last = hist.iloc[-1]
+    create_markdown_artifact(
+        key=f"run-{run.replace('_', '-')}",
+        markdown=(
+            f"### Run `{run}`\n\n| epoch | val accuracy | val loss | sparsity | img/s |\n|---|---|---|---|---|\n"
+            f"| {int(last.epoch)} | {last.val_accuracy:.4f} | {last.val_loss:.4f} | {last.sparsity:.4f} | {last.images_per_s:.0f} |\n"
+        ),
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny in-memory data and models, the default params, the data mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from sparse_core.data.loader import Split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def default_params_dict() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def mirror() -> Path:
+    """The offline data mirror (``SPARSEFLOW_DATA_MIRROR``, else ``../shared/data``)."""
+    path = Path(os.environ.get("SPARSEFLOW_DATA_MIRROR", REPO.parent / "shared" / "data"))
+    if not (path / "FashionMNIST" / "raw").is_dir():
+        pytest.fail(f"data mirror {path} lacks FashionMNIST/raw; set SPARSEFLOW_DATA_MIRROR")
+    return path
+
+
+class TinyNet(nn.Module):
+    """Conv + BN + linear on (B, 1, 8, 8): small enough for exact step-by-step checks."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def make_split(n: int = 96, seed: int = 0, classes: int = 3) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    # Make the label visible in the pixels so training actually learns something.
+    images[:, :, :2, :2] = (labels * 100).to(torch.uint8).view(-1, 1, 1, 1)
+    return Split(images, labels)

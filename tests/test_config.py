@@ -1,0 +1,88 @@
+"""params.yaml validation: bad values stop with one message naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparse_core.config import ConfigError, load_params, parse_params
+
+
+def test_default_params_are_valid(default_params_dict):
+    params = parse_params(default_params_dict)
+    assert params.train.pruning.sparsity == pytest.approx(0.9)
+    assert set(params.train.methods) == {"dense", "dpf", "gmp", "oneshot"}
+
+
+@pytest.mark.parametrize(
+    "path, value, expect",
+    [
+        (("train", "pruning", "sparsity"), 1.2, ["train.pruning.sparsity", "1.2", "less than 1"]),
+        (("model", "name"), "resnet9000", ["model.name", "resnet9000", "allowed", "resnet20"]),
+        (("train", "methods"), ["dense", "magic"], ["train.methods.1", "magic", "dpf"]),
+        (("train", "epochs"), -3, ["train.epochs", "-3", "greater than 0"]),
+        (("data", "dataset"), "imagenet", ["data.dataset", "imagenet", "fashion_mnist"]),
+        (("train", "optim", "schedule"), "linear", ["train.optim.schedule", "linear", "cosine"]),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(default_params_dict, path, value, expect):
+    raw = copy.deepcopy(default_params_dict)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw, "params.yaml")
+    msg = str(info.value)
+    assert msg.startswith("params.yaml:")
+    for part in expect:
+        assert part in msg, (part, msg)
+
+
+def test_missing_key_is_named(default_params_dict):
+    raw = copy.deepcopy(default_params_dict)
+    del raw["model"]
+    with pytest.raises(ConfigError, match=r"model: missing required key"):
+        parse_params(raw)
+
+
+def test_unknown_key_is_an_error(default_params_dict):
+    raw = copy.deepcopy(default_params_dict)
+    raw["train"]["pruning"]["sparisty"] = 0.5
+    with pytest.raises(ConfigError, match=r"train\.pruning\.sparisty"):
+        parse_params(raw)
+
+
+def test_retrain_and_evaluate_must_name_produced_runs(default_params_dict):
+    raw = copy.deepcopy(default_params_dict)
+    raw["evaluate"]["runs"] = ["dense", "gmp_retrain"]
+    with pytest.raises(ConfigError, match="gmp_retrain"):
+        parse_params(raw)
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("base: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_cli_rejects_bad_params_before_writing(tmp_path, default_params_dict):
+    raw = copy.deepcopy(default_params_dict)
+    raw["train"]["pruning"]["sparsity"] = 1.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "prepare"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "train.pruning.sparsity = 1.2" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
