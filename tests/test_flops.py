@@ -1,0 +1,25 @@
+"""Inference FLOPs (multiply-accumulates of conv and linear layers)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from sparse_core.flops import inference_flops
+from sparse_core.models import create_model
+
+
+def test_flops_of_known_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    # conv: 8·3·3·3 MACs at each of 4x4 output positions; linear: 128·10.
+    expected = 8 * 3 * 3 * 3 * 16 + 128 * 10
+    out = inference_flops(model, (3, 8, 8), {"0.weight": 0.5})
+    assert out["dense"] == expected
+    assert out["sparse"] == pytest.approx(8 * 3 * 3 * 3 * 16 * 0.5 + 128 * 10)
+
+
+def test_resnet20_flops_match_published_count():
+    # ResNet-20 on 32x32: about 41M MACs (He et al. 2016; commonly quoted 40.8M-41M).
+    model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32)
+    dense = inference_flops(model, (3, 32, 32))["dense"]
+    assert 40.5e6 < dense < 41.5e6

@@ -1,0 +1,80 @@
+"""`dvc repro` of the tiny profile in a temporary copy of the repo runs every stage once.
+
+Each stage runs its Prefect flow through the ``sparseflow`` command, exactly as ``make repro``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
+    work = tmp_path / "repo"
+    work.mkdir()
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item, **({"ignore": shutil.ignore_patterns("__pycache__", "cache", "tmp")} if src.is_dir() else {}))
+    shutil.copy(REPO / "profiles" / "tiny.yaml", work / "params.yaml")
+    bindir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SPARSEFLOW_DATA_MIRROR": str(mirror),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": prefect_server,  # stages report to this server
+        "DVC_NO_ANALYTICS": "1",
+    }
+    _sh(["git", "init", "-q"], work, env)
+    dvc = str(Path(bindir) / "dvc")
+    first = _sh([dvc, "repro"], work, env)
+    expected = ["prepare", "warmup"] + [f"train@{m}" for m in ("dense", "dpf", "gmp", "oneshot")]
+    expected += ["retrain@dpf"] + [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "dpf_retrain")]
+    for stage in expected:
+        assert f"Running stage '{stage}'" in first.stdout, stage
+
+    for run in ("dense", "dpf", "gmp", "oneshot", "dpf_retrain"):
+        m = json.loads((work / "metrics" / f"{run}.json").read_text())
+        assert 0.0 <= m["test"]["accuracy"] <= 1.0
+        n_prunable = 61_470  # LeNet-5 conv + linear weights on 28x28, 10 classes
+        target = 0.0 if run == "dense" else 0.9
+        assert abs(m["sparsity"] - target) * n_prunable < 1.0 + 1e-6, (run, m["sparsity"])
+    assert (work / "runs" / "dpf" / "masks.safetensors").is_file()
+    assert (work / "plots" / "history" / "dpf.csv").is_file()
+    assert (work / "dvc.lock").is_file()
+
+    second = _sh([dvc, "repro"], work, env)
+    assert "Running stage" not in second.stdout
+    shown = _sh([dvc, "metrics", "show"], work, env).stdout
+    assert "metrics/dpf.json" in shown and "sparsity" in shown
+
+    # The stage flows reported to the server, with their artifacts (read over its REST API).
+    def post(path: str) -> list[dict]:
+        req = urllib.request.Request(
+            f"{prefect_server}/{path}", data=b'{"limit": 200}', headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    flows = {f["id"]: f["name"] for f in post("flows/filter")}
+    completed = {flows[r["flow_id"]] for r in post("flow_runs/filter") if r["state_type"] == "COMPLETED"}
+    keys = {a["key"] for a in post("artifacts/filter")}
+    assert {"prepare", "warmup", "train", "retrain", "evaluate"} <= completed
+    assert {"metrics-dpf", "run-dpf-retrain"} <= keys
