@@ -133,6 +133,9 @@ class PruningSection(_Section):
     #: Fractions of the method's total iterations where the cubic schedule starts and ends.
     start_fraction: float = Field(0.0, ge=0.0, le=1.0)
     end_fraction: float = Field(0.75, gt=0.0, le=1.0)
+    #: Fraction of training after which masks stop being re-estimated (1.0: until the end, as
+    #: in Lin et al. 2020; ``end_fraction``: freeze the mask once the target is reached).
+    update_end_fraction: float = Field(1.0, gt=0.0, le=1.0)
     keep_first_dense: bool = False
     keep_last_dense: bool = False
 
@@ -141,6 +144,11 @@ class PruningSection(_Section):
         if self.end_fraction <= self.start_fraction:
             raise ValueError(
                 f"end_fraction ({self.end_fraction}) must be greater than start_fraction ({self.start_fraction})"
+            )
+        if self.update_end_fraction < self.end_fraction:
+            raise ValueError(
+                f"update_end_fraction ({self.update_end_fraction}) must be >= end_fraction ({self.end_fraction}), "
+                "or the target sparsity is never reached"
             )
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must not exceed sparsity ({self.sparsity})")

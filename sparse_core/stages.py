@@ -40,11 +40,14 @@ WARMUP_RUN = "warmup"
 
 
 # ----- shared helpers ------------------------------------------------------------------------
-def _setup(params: Params) -> torch.device:
+def _setup(params: Params) -> tuple[torch.device, PreparedData, nn.Module]:
+    """Seed, pick the device, load the prepared data and build the seeded model."""
     seed_everything(params.base.seed, params.base.deterministic)
     if params.base.num_threads:
         torch.set_num_threads(params.base.num_threads)
-    return resolve_device(params.base.device)
+    device = resolve_device(params.base.device)
+    data = load_data(params)
+    return device, data, build_model(params, data)
 
 
 def load_data(params: Params) -> PreparedData:
@@ -164,9 +167,7 @@ def _train_run(
 
 def stage_warmup(params: Params) -> Path:
     """``warmup``: dense training for ``warmup.epochs`` (0: only the seeded initial weights)."""
-    device = _setup(params)
-    data = load_data(params)
-    model = build_model(params, data)
+    device, data, model = _setup(params)
     fp = params.fingerprint("base", "data", "augment", "model", "warmup")
     if params.warmup.epochs == 0:
         _fresh_run_dir(params, WARMUP_RUN, fp)
@@ -178,9 +179,7 @@ def stage_train(params: Params, method: str) -> Path:
     """``train@<method>``: one run of ``method`` from the warmup weights (or the seeded init)."""
     if method not in params.train.methods:
         raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
-    device = _setup(params)
-    data = load_data(params)
-    model = build_model(params, data)
+    device, data, model = _setup(params)
     init = "seed"
     if params.train.from_warmup:
         load_exported(params, WARMUP_RUN, model)
@@ -193,9 +192,7 @@ def stage_retrain(params: Params, run: str) -> Path:
     """``retrain@<run>``: fine-tune ``run``'s exported model with its mask frozen (masked gradients)."""
     if run not in params.retrain.runs:
         raise ValueError(f"run {run!r} is not listed in retrain.runs {list(params.retrain.runs)}")
-    device = _setup(params)
-    data = load_data(params)
-    model = build_model(params, data)
+    device, data, model = _setup(params)
     masks = load_exported(params, run, model)
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "retrain") + f"-{run}"
 
@@ -220,9 +217,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     ``sparsity`` is the fraction of exact zeros in the exported prunable weights (measured
     from the weights, independently of the stored masks); FLOPs are per example.
     """
-    device = _setup(params)
-    data = load_data(params)
-    model = build_model(params, data)
+    device, data, model = _setup(params)
     masks = load_exported(params, run, model)
     model.to(device)
     transform = transform_for(params, data)

@@ -146,3 +146,25 @@ def test_oneshot_prunes_once_at_the_end():
     assert abs(method.masks.sparsity() - 0.7) * method.masks.numel() < 1
     for n, p in method.masks.params.items():
         assert torch.count_nonzero(p.detach()[~method.masks.masks[n]]) == 0
+
+
+def test_structured_dpf_masks_whole_filters_and_keeps_classifier_dense():
+    torch.manual_seed(0)
+    model = TinyNet()
+    pruning = PruningSection(sparsity=0.5, granularity="structured", update_period=1, end_fraction=0.001)
+    method = create_method("dpf", model, total_steps=100, pruning=pruning)
+    assert list(method.masks.masks) == ["conv.weight"]  # the classifier's outputs are classes
+    _one_step(model, method, 0)
+    m = method.masks.masks["conv.weight"].flatten(1)
+    assert (m.all(1) | (~m).all(1)).all()
+    assert int(m.all(1).sum()) == 2  # 4 filters at 50%
+
+
+def test_mask_updates_stop_after_update_end_fraction():
+    torch.manual_seed(0)
+    model = TinyNet()
+    pruning = PruningSection(sparsity=0.8, update_period=2, end_fraction=0.5, update_end_fraction=0.5)
+    method = create_method("dpf", model, total_steps=20, pruning=pruning)
+    for step in range(20):
+        _one_step(model, method, step)
+    assert [e["step"] for e in method.events] == [2, 4, 6, 8, 10]

@@ -101,7 +101,9 @@ class MaskedMethod(Method):
         kept2 = sum(float((w * new[n]).pow(2).sum()) for n, w in weights.items())
         for n, m in new.items():
             self.masks.masks[n] = m
-            self.masks.target_density[n] = 1.0 - sparsity
+            # A global threshold decides each layer's share; record that allotment.
+            global_ = self.pruning.granularity == "unstructured" and self.pruning.scope == "global"
+            self.masks.target_density[n] = float(m.float().mean()) if global_ else 1.0 - sparsity
         self.events.append(
             {
                 "step": int(step),

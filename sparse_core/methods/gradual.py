@@ -37,7 +37,8 @@ class GMP(MaskedMethod):
         return cubic_sparsity(step, self.total_steps, p.initial_sparsity, p.sparsity, p.start_fraction, p.end_fraction)
 
     def _update_due(self, step: int) -> bool:
-        return step % self.pruning.update_period == 0
+        p = self.pruning
+        return step % p.update_period == 0 and step <= p.update_end_fraction * self.total_steps
 
     def _weights_for_mask(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.masks.params.items()}

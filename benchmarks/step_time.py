@@ -1,0 +1,71 @@
+"""Per-step training time of dpf and gmp relative to dense: ResNet-20, 32x32x3, batch 128.
+
+Measured in one process with the engine's own ``train_one_epoch`` (augmentation, hooks and
+optimizer included) on synthetic images, so only the methods' overhead differs. Rounds
+interleave the methods to cancel drift (thermal, other load); the median per-step time of
+each method is reported. Each timed block is 32 steps, so it includes two mask updates
+(ΔT = 16) for dpf and gmp.
+
+    python benchmarks/step_time.py [--device cpu] [--rounds 3] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sparse_core.config import OptimSection, PruningSection
+from sparse_core.data.loader import BatchTransform, Split
+from sparse_core.engine import make_optimizer, train_one_epoch
+from sparse_core.methods import create_method
+from sparse_core.models import create_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=128)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    n = args.batch_size * args.steps
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g))
+    transform = BatchTransform([0.5] * 3, [0.25] * 3, crop_padding=4, flip=True)
+    optim = OptimSection(batch_size=args.batch_size, lr=0.1, schedule="constant")
+    pruning = PruningSection(sparsity=0.9, update_period=16, end_fraction=0.5)
+    setups = {}
+    for name in ("dense", "dpf", "gmp"):
+        torch.manual_seed(0)
+        model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32).to(device)
+        total = args.steps * (args.rounds + 1)
+        setups[name] = (model, create_method(name, model, total, pruning), make_optimizer(model, optim))
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    step = {k: 0 for k in setups}
+    for r in range(args.rounds + 1):  # round 0 warms up allocators and caches
+        for name, (model, method, opt) in setups.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _, step[name] = train_one_epoch(
+                model, method, opt, split, transform, optim, epoch=r, epochs=args.rounds + 1,
+                step=step[name], seed=0, device=device, progress=False,
+            )  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times[name].append((time.perf_counter() - t0) / args.steps)
+    dense = statistics.median(times["dense"])
+    print(f"ResNet-20, 32x32x3, batch {args.batch_size}, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'method':8s} {'s/step':>8s} {'ratio to dense':>15s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:8s} {med:8.4f} {med / dense:15.3f}")
+
+
+if __name__ == "__main__":
+    main()
