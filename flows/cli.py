@@ -56,7 +56,7 @@ def _run_stage(args: argparse.Namespace) -> None:
     from flows import stages as f
 
     load_params(args.params)  # fail before Prefect starts
-    if args.stage in ("train",) and not args.method:
+    if args.stage == "train" and not args.method:
         raise SystemExit("sparseflow run train: --method is required")
     if args.stage in ("retrain", "evaluate") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")

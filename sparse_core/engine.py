@@ -92,7 +92,9 @@ def train_one_epoch(
     model.train()
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(total=len(split), desc=f"{method.name} epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(split), desc=f"{method.name} epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False, mininterval=1.0
+    )
     for x, y in iterate_batches(split, cfg.batch_size, transform, train=True, seed=seed, epoch=epoch, device=device):
         lr = lr_at(step, steps_per_epoch, epochs, cfg)
         for group in optimizer.param_groups:

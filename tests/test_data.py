@@ -101,3 +101,24 @@ def test_imagefolder_unreadable_image(tmp_path):
     cfg = DataSection(dataset="imagefolder", imagefolder={"root": str(tmp_path / "tree")})
     with pytest.raises(DataError, match=r"broken\.png: unreadable image"):
         prepare_dataset(cfg, tmp_path / "data", 0)
+
+
+def test_imagefolder_from_archive_in_mirror(tmp_path, monkeypatch):
+    import tarfile
+
+    from sparse_core.data.fetch import md5sum
+
+    _image_tree(tmp_path / "src" / "imgs", {"train": ["a", "b"], "test": ["a", "b"]})
+    (tmp_path / "mirror").mkdir()
+    archive = tmp_path / "mirror" / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "imgs", arcname="imgs")
+    monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(tmp_path / "mirror"))
+    spec = {"archive": "imgs.tar.gz", "archive_md5": md5sum(archive), "root": "imgs"}
+    data = load_prepared(prepare_dataset(DataSection(dataset="imagefolder", imagefolder=spec), tmp_path / "data", 0))
+    assert data.classes == ["a", "b"] and len(data.splits["test"]) == 6
+
+    archive.write_bytes(archive.read_bytes()[:100])  # truncated
+    with pytest.raises(DataError, match=r"imgs\.tar\.gz: md5 .* does not match"):
+        prepare_dataset(DataSection(dataset="imagefolder", imagefolder=spec), tmp_path / "data2", 0)
+    assert not (tmp_path / "data2" / "prepared").exists()

@@ -54,7 +54,7 @@ def find_in_mirror(mirror: Path, filename: str, subdir: str = ".") -> Path | Non
     return next((p for p in sorted(mirror.rglob(filename)) if p.is_file()), None)
 
 
-def _verify(path: Path, md5: str, origin: str) -> None:
+def verify_md5(path: Path, md5: str, origin: str) -> None:
     actual = md5sum(path)
     if actual != md5:
         raise DataError(
@@ -76,7 +76,7 @@ def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".") -> Path:
     if mirror is not None:
         found = find_in_mirror(mirror, raw.filename, subdir)
         if found is not None:
-            _verify(found, raw.md5, f"mirror {MIRROR_ENV}")
+            verify_md5(found, raw.md5, f"mirror {MIRROR_ENV}")
             with atomic_path(dest) as tmp:
                 shutil.copyfile(found, tmp)
             return dest
@@ -89,5 +89,5 @@ def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".") -> Path:
         raise DataError(
             f"{raw.filename}: not in {dest_dir}, not in {where}, and download from {raw.url} failed: {exc}"
         ) from None
-    _verify(dest, raw.md5, f"downloaded from {raw.url}")
+    verify_md5(dest, raw.md5, f"downloaded from {raw.url}")
     return dest

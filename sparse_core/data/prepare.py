@@ -31,9 +31,8 @@ import pandera.pandas as pa
 
 from sparse_core.artifacts import atomic_dir, write_parquet
 from sparse_core.config import DataSection
-from sparse_core.data.fetch import DataError, _verify, mirror_dir
+from sparse_core.data.fetch import DataError, fetch_file, mirror_dir, verify_md5
 from sparse_core.data.registry import REGISTRY
-from sparse_core.data.fetch import fetch_file
 
 SPLITS = ("train", "val", "test")
 
@@ -98,7 +97,7 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
         if not archive.is_file():
             raise DataError(f"data.imagefolder.archive: {archive} does not exist")
         if spec.archive_md5:
-            _verify(archive, spec.archive_md5, "data.imagefolder.archive_md5")
+            verify_md5(archive, spec.archive_md5, "data.imagefolder.archive_md5")
         extract_to = raw_dir / "imagefolder" / cfg.dataset
         marker = extract_to / ".extracted"
         if not marker.is_file() or marker.read_text() != str(archive):
