@@ -124,6 +124,19 @@ def _export(params: Params, run: str, model: nn.Module, method: Method, history:
     return folder
 
 
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex chars) of the library's source: a checkpoint written by other code
+    is never resumed, so a fixed bug cannot survive in a resumed run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
     """Keep a matching checkpoint for resume; otherwise start from an empty folder."""
     folder = run_dir(params, run)
@@ -150,6 +163,7 @@ def _train_run(
     params: Params, run: str, method_name: str, model: nn.Module, data: PreparedData, device: torch.device,
     optim, epochs: int, fingerprint: str, init: str, prepare_method=None,
 ) -> Path:  # fmt: skip
+    fingerprint = f"{fingerprint}-{code_fingerprint()}"
     _fresh_run_dir(params, run, fingerprint)
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     method = create_method(method_name, model, steps, params.train.pruning)
