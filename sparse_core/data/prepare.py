@@ -80,6 +80,20 @@ def prepared_schema(num_classes: int, image_bytes: int, split_sizes: dict[str, i
     )
 
 
+def _safe_extract(tar: tarfile.TarFile, dest: Path, archive: Path) -> None:
+    """Extract regular files and folders only, never outside ``dest`` (no absolute paths,
+    ``..``, links or devices), on every Python (the ``data`` filter exists from 3.11.4)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise DataError(f"{archive}: refusing unsafe archive member {member.name!r}")
+    tar.extractall(dest)
+
+
 def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Read ``<root>/{train,test}/<class>/*`` (extracting the archive first when one is set)."""
     from PIL import Image, UnidentifiedImageError
@@ -104,7 +118,7 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
             with atomic_dir(extract_to) as tmp:
                 try:
                     with tarfile.open(archive) as tar:
-                        tar.extractall(tmp, filter="data")
+                        _safe_extract(tar, tmp, archive)
                 except (tarfile.TarError, EOFError, OSError) as exc:
                     raise DataError(f"{archive}: cannot extract ({exc}); the archive is corrupt or truncated") from None
                 (tmp / ".extracted").write_text(str(archive))
