@@ -99,10 +99,10 @@ class MaskedMethod(Method):
         flips = sum(int((new[n] != self.masks.masks[n]).sum()) for n in new)
         w2 = sum(float(w.pow(2).sum()) for w in weights.values())
         kept2 = sum(float((w * new[n]).pow(2).sum()) for n, w in weights.items())
+        # A global threshold decides each layer's share; record that allotment as its target.
+        global_ = self.pruning.granularity == "unstructured" and self.pruning.scope == "global"
         for n, m in new.items():
             self.masks.masks[n] = m
-            # A global threshold decides each layer's share; record that allotment.
-            global_ = self.pruning.granularity == "unstructured" and self.pruning.scope == "global"
             self.masks.target_density[n] = float(m.float().mean()) if global_ else 1.0 - sparsity
         self.events.append(
             {
