@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 #: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 #: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
-METHODS = ("dense", "oneshot", "gmp", "dpf")
+METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl")
 
 
 class ConfigError(ValueError):
@@ -155,6 +155,35 @@ class PruningSection(_Section):
         return self
 
 
+class DSTSection(_Section):
+    """Dynamic sparse training (``set``, ``rigl``): Mocanu et al. 2018; Evci et al. 2020."""
+
+    sparsity: float = Field(0.8, ge=0.0, lt=1.0)
+    distribution: Literal["uniform", "er", "erk"] = "erk"
+    #: Draw the initial masks as independent Bernoulli entries (the official code) instead of
+    #: exact per-layer counts.
+    bernoulli_init: bool = False
+    #: Drop fraction ``p`` at the first topology update.
+    drop_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    #: ``cosine``: p decays to ``drop_fraction_floor`` by the last update (paper); ``constant``.
+    drop_schedule: Literal["cosine", "constant"] = "cosine"
+    drop_fraction_floor: float = Field(0.0, ge=0.0, le=1.0)
+    #: Iterations between topology updates (ΔT).
+    update_period: int = Field(100, gt=0)
+    #: Fraction of training after which the topology is frozen.
+    stop_fraction: float = Field(0.75, gt=0.0, le=1.0)
+    #: Zero the optimizer's momentum at regrown positions.
+    reset_momentum: bool = False
+
+    @model_validator(mode="after")
+    def _floor_below_start(self) -> "DSTSection":
+        if self.drop_fraction_floor > self.drop_fraction:
+            raise ValueError(
+                f"drop_fraction_floor ({self.drop_fraction_floor}) must not exceed drop_fraction ({self.drop_fraction})"
+            )
+        return self
+
+
 class TrainSection(_Section):
     methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
     epochs: int = Field(10, gt=0)
@@ -162,6 +191,7 @@ class TrainSection(_Section):
     from_warmup: bool = True
     optim: OptimSection = OptimSection()
     pruning: PruningSection = PruningSection()
+    dst: DSTSection = DSTSection()
 
 
 class RetrainSection(_Section):

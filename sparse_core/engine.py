@@ -173,6 +173,7 @@ def fit(
     ckpt_path = run_dir / "last.pt"
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
+    method.bind_optimizer(optimizer)
     start_epoch, step, history = 0, 0, []
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)

@@ -166,7 +166,7 @@ def _train_run(
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
     _fresh_run_dir(params, run, fingerprint)
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
-    method = create_method(method_name, model, steps, params.train.pruning)
+    method = create_method(method_name, model, steps, params.train.pruning, params.train.dst, params.base.seed)
     if prepare_method is not None:
         prepare_method(method)
     model.to(device)
@@ -219,6 +219,14 @@ def stage_retrain(params: Params, run: str) -> Path:
     return _train_run(params, out, "retrain", model, data, device, params.retrain.optim, params.retrain.epochs, fp, run, freeze)
 
 
+def target_sparsity(params: Params, run: str) -> float:
+    """The sparsity a run was asked for (0 for dense runs)."""
+    method = run.removesuffix("_retrain")
+    if method in ("set", "rigl"):
+        return params.train.dst.sparsity
+    return params.train.pruning.sparsity if method in ("dpf", "gmp", "oneshot") else 0.0
+
+
 def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     """``evaluate@<run>``: test/val accuracy and NLL, sparsity, parameters, inference FLOPs.
 
@@ -249,8 +257,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     nonzero = {n: int(torch.count_nonzero(w)) for n, w in weights.items()}
     prunable = sum(w.numel() for w in weights.values())
     out["sparsity"] = 1.0 - sum(nonzero.values()) / prunable
-    pruned = cfg["method"] in ("dpf", "gmp", "oneshot", "retrain")
-    out["target_sparsity"] = params.train.pruning.sparsity if pruned else 0.0
+    out["target_sparsity"] = target_sparsity(params, run)
     out["params"] = {
         "total": sum(p.numel() for p in model.parameters()),
         "nonzero": sum(int(torch.count_nonzero(p)) for p in model.parameters()),

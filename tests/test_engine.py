@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import accuracy_score, log_loss
 
 from sparse_core.artifacts import load_checkpoint
-from sparse_core.config import OptimSection, PruningSection
+from sparse_core.config import DSTSection, OptimSection, PruningSection
 from sparse_core.data.loader import BatchTransform, iterate_batches
 from sparse_core.engine import evaluate, fit, lr_at, predict
 from sparse_core.methods import create_method
@@ -23,7 +23,8 @@ def _run(run_dir, method_name, stop_after=None, epochs=4):
     model = TinyNet()
     train, val = make_split(96, seed=1), make_split(32, seed=2)
     steps = -(-len(train) // OPTIM.batch_size) * epochs
-    method = create_method(method_name, model, steps, PruningSection(sparsity=0.8, update_period=4))
+    dst = DSTSection(sparsity=0.8, update_period=4)
+    method = create_method(method_name, model, steps, PruningSection(sparsity=0.8, update_period=4), dst, seed=3)
     fit(
         model, method, train, val, TRANSFORM, OPTIM, epochs=epochs, run_dir=run_dir, seed=7,
         device=torch.device("cpu"), fingerprint="fp", progress=False, stop_after_epoch=stop_after,
@@ -31,7 +32,7 @@ def _run(run_dir, method_name, stop_after=None, epochs=4):
     return model, method
 
 
-@pytest.mark.parametrize("method_name", ["dpf", "gmp"])
+@pytest.mark.parametrize("method_name", ["dpf", "gmp", "set", "rigl"])
 def test_resume_after_kill_equals_uninterrupted(tmp_path, method_name):
     full_model, full_method = _run(tmp_path / "full", method_name)
     _run(tmp_path / "killed", method_name, stop_after=2)  # "killed" after epoch 2
@@ -42,6 +43,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, method_name):
     for n in full_method.masks.masks:
         assert torch.equal(full_method.masks.masks[n], resumed_method.masks.masks[n])
     assert full_method.events == resumed_method.events
+    assert full_method.events, "the run must include mask updates for the check to mean anything"
 
 
 def test_checkpoint_with_other_fingerprint_is_not_resumed(tmp_path):

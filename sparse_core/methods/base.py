@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from sparse_core.config import PruningSection
+from sparse_core.config import DSTSection, PruningSection
 from sparse_core.sparsity import MaskSet, filter_masks, magnitude_masks, prunable_parameters
 
 
@@ -35,6 +35,11 @@ class Method:
         self.total_steps = total_steps
         self.masks: MaskSet | None = None
         self.events: list[dict[str, Any]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the method the optimizer (e.g. to reset momentum at regrown weights)."""
+        self.optimizer = optimizer
 
     def before_forward(self, step: int) -> None:
         pass
@@ -115,17 +120,23 @@ class MaskedMethod(Method):
         )
 
 
-def create_method(name: str, model: nn.Module, total_steps: int, pruning: PruningSection) -> Method:
-    """Build a method by its params name (``dense``, ``oneshot``, ``gmp``, ``dpf``, ``retrain``).
+def create_method(
+    name: str, model: nn.Module, total_steps: int, pruning: PruningSection, dst: DSTSection | None = None, seed: int = 0
+) -> Method:
+    """Build a method by its params name (``dense``, ``oneshot``, ``gmp``, ``dpf``, ``set``,
+    ``rigl``, ``retrain``).
 
     Raises:
         KeyError: unknown name.
     """
+    from sparse_core.methods.dst import SET, RigL
     from sparse_core.methods.gradual import DPF, GMP, OneShot
 
-    table: dict[str, Any] = {"dense": Method, "retrain": MaskedMethod, "gmp": GMP, "dpf": DPF, "oneshot": OneShot}
-    if name not in table:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(table)}")
     if name == "dense":
         return Method(model, total_steps)
+    if name in ("set", "rigl"):
+        return {"set": SET, "rigl": RigL}[name](model, total_steps, pruning, dst or DSTSection(), seed)
+    table: dict[str, Any] = {"retrain": MaskedMethod, "gmp": GMP, "dpf": DPF, "oneshot": OneShot}
+    if name not in table:
+        raise KeyError(f"unknown method {name!r}; known: dense, set, rigl, {', '.join(table)}")
     return table[name](model, total_steps, pruning)

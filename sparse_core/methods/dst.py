@@ -1,0 +1,144 @@
+"""Dynamic sparse training: ``set`` (Mocanu et al. 2018) and ``rigl`` (Evci et al. 2020).
+
+The network is sparse from the first step: masks are drawn at random with the layer-wise
+densities of :func:`~sparse_core.sparsity.distributions.layer_densities` (ERK by default),
+inactive weights are zero after every optimizer step, and every ``ΔT`` iterations each
+layer's topology is updated (RigL, Algorithm 1; FreeTickets, Sec. 3):
+
+1. drop the ``k = ⌈p_t · n_active⌉`` active weights of smallest magnitude;
+2. grow ``k`` weights among the positions inactive after the drop, chosen uniformly at random
+   (``set``) or by the largest magnitude of the dense gradient of the current minibatch
+   (``rigl``; the gradient at inactive positions is exact because their weights are 0);
+3. regrown weights start at 0 (optionally with their momentum reset).
+
+So each layer's active count never changes. The drop fraction follows a cosine decay
+``p_t = p_min + (p_0 − p_min) · (1 + cos(π t / T_stop)) / 2`` (RigL, Eq. 1) or stays constant,
+and updates stop after ``stop_fraction`` of training. The exploration rate ("in-time
+over-parameterization", Liu et al. 2021) is the fraction of prunable weights ever active.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_core.config import DSTSection, PruningSection
+from sparse_core.methods.base import MaskedMethod
+from sparse_core.sparsity.distributions import active_counts, layer_densities, random_masks
+
+
+class SET(MaskedMethod):
+    """Sparse Evolutionary Training: magnitude drop, random grow."""
+
+    name = "set"
+
+    def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection, dst: DSTSection, seed: int = 0):
+        super().__init__(model, total_steps, pruning)
+        self.dst = dst
+        # Seeded separately from torch's global generator so data order and init stay untouched.
+        self.generator = torch.Generator().manual_seed(10_007 * seed + 17)
+        shapes = {n: tuple(p.shape) for n, p in self.masks.params.items()}
+        numel = {n: p.numel() for n, p in self.masks.params.items()}
+        density = 1.0 - dst.sparsity
+        counts = active_counts(numel, layer_densities(shapes, density, dst.distribution), density)
+        for n, m in random_masks(shapes, counts, self.generator, dst.bernoulli_init).items():
+            self.masks.masks[n] = m.to(self.masks.params[n].device)
+            self.masks.target_density[n] = counts[n] / numel[n]
+        self.masks.apply_()
+        self.ever_active = {n: m.clone() for n, m in self.masks.masks.items()}
+        self._grow_scores: dict[str, torch.Tensor] | None = None
+
+    # ----- schedule -------------------------------------------------------------------------
+    def update_due(self, step: int) -> bool:
+        """Whether a topology update follows optimizer step number ``step`` (1-based)."""
+        return step % self.dst.update_period == 0 and step <= self.dst.stop_fraction * self.total_steps
+
+    def drop_fraction(self, step: int) -> float:
+        d = self.dst
+        if d.drop_schedule == "constant":
+            return d.drop_fraction
+        t_stop = max(d.stop_fraction * self.total_steps, 1.0)
+        return d.drop_fraction_floor + (d.drop_fraction - d.drop_fraction_floor) * 0.5 * (1 + math.cos(math.pi * min(step / t_stop, 1.0)))
+
+    def exploration_rate(self) -> float:
+        """Fraction of prunable weights that have been active at some point (0-1)."""
+        return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
+
+    # ----- hooks ----------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        if self.update_due(step + 1):
+            self._grow_scores = self.grow_scores()
+        self.masks.mask_grads_()
+
+    def after_step(self, step: int) -> None:
+        self.masks.apply_()
+        if self.update_due(step):
+            self.update_topology(step, self.drop_fraction(step))
+        self._grow_scores = None
+
+    def grow_scores(self) -> dict[str, torch.Tensor]:
+        """Scores of candidate positions (higher grows first): uniform noise for SET."""
+        return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in self.masks.params.items()}
+
+    # ----- the update -----------------------------------------------------------------------
+    @torch.no_grad()
+    def update_topology(self, step: int, fraction: float, scores: dict[str, torch.Tensor] | None = None) -> int:
+        """Drop ``⌈fraction · n_active⌉`` smallest-magnitude active weights per layer and grow as
+        many at the best-scoring inactive positions; returns the number of weights regrown."""
+        scores = scores if scores is not None else (self._grow_scores or self.grow_scores())
+        moved = 0
+        for n, p in self.masks.params.items():
+            mask = self.masks.masks[n].flatten()
+            n_active = int(mask.sum())
+            k = min(math.ceil(fraction * n_active), n_active)
+            if k == 0:
+                continue
+            w = p.detach().flatten()
+            drop = torch.topk(w.abs().masked_fill(~mask, float("inf")), k, largest=False).indices
+            new = mask.clone()
+            new[drop] = False
+            grow = torch.topk(scores[n].flatten().masked_fill(new, float("-inf")), k).indices
+            new[grow] = True
+            w[grow] = 0.0  # regrown weights start at zero (w is a view of p)
+            if self.dst.reset_momentum and self.optimizer is not None:
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.view(-1)[grow] = 0.0
+            self.masks.masks[n] = new.view_as(p)
+            self.ever_active[n] |= self.masks.masks[n]
+            moved += k
+        self.masks.apply_()
+        self.events.append(
+            {
+                "step": int(step),
+                "drop_fraction": float(fraction),
+                "regrown": moved,
+                "sparsity": self.masks.sparsity(),
+                "exploration_rate": self.exploration_rate(),
+            }
+        )
+        return moved
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["generator"] = self.generator.get_state()
+        sd["ever_active"] = {n: m.cpu().clone() for n, m in self.ever_active.items()}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.generator.set_state(sd["generator"])
+        self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}
+
+
+class RigL(SET):
+    """Rigging the Lottery: magnitude drop, grow where the dense gradient magnitude is largest."""
+
+    name = "rigl"
+
+    def grow_scores(self) -> dict[str, torch.Tensor]:
+        # Called before the gradient is masked: .grad is the dense gradient of this minibatch.
+        return {n: p.grad.detach().abs().clone() for n, p in self.masks.params.items()}
