@@ -73,6 +73,25 @@ def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.SGD:
     )
 
 
+def training_step(
+    model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step with the method's hooks around it; ``step`` = steps completed before it.
+
+    Returns:
+        ``(loss, logits)``: scalar mean cross-entropy (nats) and logits (B, num_classes).
+    """
+    method.before_forward(step)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.before_step(step)
+    optimizer.step()
+    method.after_step(step + 1)
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     method: Method,
@@ -99,15 +118,8 @@ def train_one_epoch(
         lr = lr_at(step, steps_per_epoch, epochs, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        method.before_forward(step)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_step(step)
-        optimizer.step()
+        loss, logits = training_step(model, method, optimizer, x, y, step)
         step += 1
-        method.after_step(step)
         # .item() syncs with the device once per step; acceptable for the readability it buys.
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())

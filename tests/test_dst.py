@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparse_core.config import DSTSection, PruningSection
+from sparse_core.engine import training_step
 from sparse_core.methods import create_method
 from sparse_core.sparsity.distributions import active_counts, layer_densities, random_masks
 from tests.conftest import TinyNet, make_split
@@ -62,14 +62,7 @@ def _setup(name: str, period: int = 3, **kw):
 
 def _step(model, method, opt, step):
     split = make_split(32, seed=step)
-    x, y = split.images.float() / 255.0, split.labels
-    method.before_forward(step)
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    method.before_step(step)
-    opt.step()
-    method.after_step(step + 1)
+    training_step(model, method, opt, split.images.float() / 255.0, split.labels, step)
 
 
 @pytest.mark.parametrize("name", ["set", "rigl"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.config import PruningSection
+from sparse_core.engine import training_step
 from sparse_core.methods import create_method
 from sparse_core.sparsity import magnitude_masks
 from tests.conftest import TinyNet, make_split
@@ -21,16 +22,10 @@ def _batch():
 
 
 def _one_step(model, method, step=0):
-    """The engine's step, without the data loader."""
+    """The engine's step (fresh optimizer: first-step SGD arithmetic), without the data loader."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WD)
     x, y = _batch()
-    method.before_forward(step)
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    method.before_step(step)
-    opt.step()
-    method.after_step(step + 1)
+    training_step(model, method, opt, x, y, step)
 
 
 def _pruned_setup(name: str, period: int = 1000):
