@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 #: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 #: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
-METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl")
+METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "edst_ensemble")
 
 
 class ConfigError(ValueError):
@@ -184,6 +184,28 @@ class DSTSection(_Section):
         return self
 
 
+class EDSTSection(_Section):
+    """EDST Ensemble (Liu et al. 2022, Sec. 4.2): one run, an exploration phase, then ``tickets``
+    refinement phases of equal length, each yielding its best-validation checkpoint."""
+
+    tickets: int = Field(3, ge=1)
+    #: Epochs of the exploration phase (constant base learning rate, ordinary DST updates).
+    exploration_epochs: int = Field(1, ge=0)
+    #: Fraction q of each layer's active weights dropped and regrown before phases 2..M.
+    exploration_rate: float = Field(0.8, gt=0.0, le=1.0)
+    #: Learning rate within each refinement phase, as multipliers of the base lr over equal
+    #: sub-segments (the paper's CIFAR setting with base 0.1: 0.01 then 0.001).
+    refine_lr_multipliers: list[float] = Field(default_factory=lambda: [0.1, 0.01], min_length=1)
+    grow: Literal["gradient", "random"] = "gradient"
+
+    @field_validator("refine_lr_multipliers")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(m <= 0 for m in v):
+            raise ValueError(f"every multiplier must be > 0, got {v}")
+        return v
+
+
 class TrainSection(_Section):
     methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
     epochs: int = Field(10, gt=0)
@@ -192,6 +214,18 @@ class TrainSection(_Section):
     optim: OptimSection = OptimSection()
     pruning: PruningSection = PruningSection()
     dst: DSTSection = DSTSection()
+    edst: EDSTSection = EDSTSection()
+
+    @model_validator(mode="after")
+    def _edst_phases_fit(self) -> "TrainSection":
+        if "edst_ensemble" in self.methods:
+            refine = self.epochs - self.edst.exploration_epochs
+            if refine < self.edst.tickets or refine % self.edst.tickets:
+                raise ValueError(
+                    f"edst_ensemble needs train.epochs - train.edst.exploration_epochs ({refine}) to be a positive "
+                    f"multiple of train.edst.tickets ({self.edst.tickets})"
+                )
+        return self
 
 
 class RetrainSection(_Section):

@@ -115,7 +115,7 @@ def train_one_epoch(
         total=len(split), desc=f"{method.name} epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False, mininterval=1.0
     )
     for x, y in iterate_batches(split, cfg.batch_size, transform, train=True, seed=seed, epoch=epoch, device=device):
-        lr = lr_at(step, steps_per_epoch, epochs, cfg)
+        lr = method.learning_rate(step, lr_at(step, steps_per_epoch, epochs, cfg), cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, logits = training_step(model, method, optimizer, x, y, step)
@@ -209,6 +209,7 @@ def fit(
         seconds = time.perf_counter() - t0
         with method.eval_weights():
             val_stats = evaluate(model, val, transform, 1000, device)
+            method.on_epoch_end(epoch, val_stats)
         history.append(
             {
                 "epoch": epoch + 1,

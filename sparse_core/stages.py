@@ -114,6 +114,13 @@ def _export(params: Params, run: str, model: nn.Module, method: Method, history:
             method.masks.save(folder / "masks.safetensors")
             method.masks.write_layer_table(folder / "layers.parquet")
     artifacts.write_parquet(history, folder / "history.parquet")
+    for m, ticket in enumerate(getattr(method, "tickets", [])):
+        # EDST: ticket m is the best-validation checkpoint of refinement phase m.
+        artifacts.save_tensors(ticket["state"], folder / "tickets" / f"ticket_{m}.safetensors")
+        artifacts.save_tensors({k: v.to(torch.uint8) for k, v in ticket["masks"].items()}, folder / "tickets" / f"ticket_{m}_masks.safetensors")
+    if getattr(method, "tickets", None):
+        manifest = [{"ticket": m, "epoch": t["epoch"], "val_accuracy": t["val_accuracy"]} for m, t in enumerate(method.tickets)]
+        artifacts.write_json(manifest, folder / "tickets" / "tickets.json")
     if method.events:
         artifacts.write_parquet(pd.DataFrame(method.events), folder / "mask_updates.parquet")
     plots = Path(params.base.plots_dir) / "history" / f"{run}.csv"
@@ -166,7 +173,8 @@ def _train_run(
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
     _fresh_run_dir(params, run, fingerprint)
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
-    method = create_method(method_name, model, steps, params.train.pruning, params.train.dst, params.base.seed)
+    t = params.train
+    method = create_method(method_name, model, steps, t.pruning, t.dst, params.base.seed, t.edst, epochs)
     if prepare_method is not None:
         prepare_method(method)
     model.to(device)
@@ -222,7 +230,7 @@ def stage_retrain(params: Params, run: str) -> Path:
 def target_sparsity(params: Params, run: str) -> float:
     """The sparsity a run was asked for (0 for dense runs)."""
     method = run.removesuffix("_retrain")
-    if method in ("set", "rigl"):
+    if method in ("set", "rigl", "edst_ensemble"):
         return params.train.dst.sparsity
     return params.train.pruning.sparsity if method in ("dpf", "gmp", "oneshot") else 0.0
 

@@ -24,7 +24,9 @@ def _run(run_dir, method_name, stop_after=None, epochs=4):
     train, val = make_split(96, seed=1), make_split(32, seed=2)
     steps = -(-len(train) // OPTIM.batch_size) * epochs
     dst = DSTSection(sparsity=0.8, update_period=4)
-    method = create_method(method_name, model, steps, PruningSection(sparsity=0.8, update_period=4), dst, seed=3)
+    method = create_method(
+        method_name, model, steps, PruningSection(sparsity=0.8, update_period=4), dst, seed=3, epochs=epochs
+    )
     fit(
         model, method, train, val, TRANSFORM, OPTIM, epochs=epochs, run_dir=run_dir, seed=7,
         device=torch.device("cpu"), fingerprint="fp", progress=False, stop_after_epoch=stop_after,
@@ -32,7 +34,7 @@ def _run(run_dir, method_name, stop_after=None, epochs=4):
     return model, method
 
 
-@pytest.mark.parametrize("method_name", ["dpf", "gmp", "set", "rigl"])
+@pytest.mark.parametrize("method_name", ["dpf", "gmp", "set", "rigl", "edst_ensemble"])
 def test_resume_after_kill_equals_uninterrupted(tmp_path, method_name):
     full_model, full_method = _run(tmp_path / "full", method_name)
     _run(tmp_path / "killed", method_name, stop_after=2)  # "killed" after epoch 2
@@ -44,6 +46,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, method_name):
         assert torch.equal(full_method.masks.masks[n], resumed_method.masks.masks[n])
     assert full_method.events == resumed_method.events
     assert full_method.events, "the run must include mask updates for the check to mean anything"
+    for a, b in zip(getattr(full_method, "tickets", []), getattr(resumed_method, "tickets", [])):
+        assert a["epoch"] == b["epoch"] and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
 
 def test_checkpoint_with_other_fingerprint_is_not_resumed(tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from sparse_core.config import DSTSection, PruningSection
+from sparse_core.config import DSTSection, EDSTSection, PruningSection
 from sparse_core.sparsity import MaskSet, filter_masks, magnitude_masks, prunable_parameters
 
 
@@ -52,6 +52,13 @@ class Method:
 
     def on_train_end(self) -> None:
         pass
+
+    def learning_rate(self, step: int, scheduled: float, base: float) -> float:
+        """Learning rate for iteration ``step``; ``scheduled`` comes from the optim section."""
+        return scheduled
+
+    def on_epoch_end(self, epoch: int, val: dict[str, float]) -> None:
+        """After epoch ``epoch`` (0-based), inside ``eval_weights()``, with validation metrics."""
 
     @contextlib.contextmanager
     def eval_weights(self) -> Iterator[None]:
@@ -121,22 +128,33 @@ class MaskedMethod(Method):
 
 
 def create_method(
-    name: str, model: nn.Module, total_steps: int, pruning: PruningSection, dst: DSTSection | None = None, seed: int = 0
+    name: str,
+    model: nn.Module,
+    total_steps: int,
+    pruning: PruningSection,
+    dst: DSTSection | None = None,
+    seed: int = 0,
+    edst: EDSTSection | None = None,
+    epochs: int = 1,
 ) -> Method:
     """Build a method by its params name (``dense``, ``oneshot``, ``gmp``, ``dpf``, ``set``,
-    ``rigl``, ``retrain``).
+    ``rigl``, ``edst_ensemble``, ``retrain``).
 
     Raises:
         KeyError: unknown name.
     """
     from sparse_core.methods.dst import SET, RigL
+    from sparse_core.methods.edst import EDST
     from sparse_core.methods.gradual import DPF, GMP, OneShot
 
+    dst = dst or DSTSection()
     if name == "dense":
         return Method(model, total_steps)
     if name in ("set", "rigl"):
-        return {"set": SET, "rigl": RigL}[name](model, total_steps, pruning, dst or DSTSection(), seed)
+        return {"set": SET, "rigl": RigL}[name](model, total_steps, pruning, dst, seed)
+    if name == "edst_ensemble":
+        return EDST(model, total_steps, pruning, dst, edst or EDSTSection(), epochs, seed)
     table: dict[str, Any] = {"retrain": MaskedMethod, "gmp": GMP, "dpf": DPF, "oneshot": OneShot}
     if name not in table:
-        raise KeyError(f"unknown method {name!r}; known: dense, set, rigl, {', '.join(table)}")
+        raise KeyError(f"unknown method {name!r}; known: dense, set, rigl, edst_ensemble, {', '.join(table)}")
     return table[name](model, total_steps, pruning)

@@ -85,7 +85,9 @@ class SET(MaskedMethod):
 
     # ----- the update -----------------------------------------------------------------------
     @torch.no_grad()
-    def update_topology(self, step: int, fraction: float, scores: dict[str, torch.Tensor] | None = None) -> int:
+    def update_topology(
+        self, step: int, fraction: float, scores: dict[str, torch.Tensor] | None = None, kind: str = "dst"
+    ) -> int:
         """Drop ``⌈fraction · n_active⌉`` smallest-magnitude active weights per layer and grow as
         many at the best-scoring inactive positions; returns the number of weights regrown."""
         scores = scores if scores is not None else (self._grow_scores or self.grow_scores())
@@ -114,6 +116,7 @@ class SET(MaskedMethod):
         self.events.append(
             {
                 "step": int(step),
+                "kind": kind,
                 "drop_fraction": float(fraction),
                 "regrown": moved,
                 "sparsity": self.masks.sparsity(),

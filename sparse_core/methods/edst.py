@@ -1,0 +1,105 @@
+"""EDST Ensemble: several sparse tickets from one dynamic sparse training run.
+
+Liu et al. 2022, "Deep Ensembling with No Overhead for either Training or Testing: The
+All-Round Blessings of Dynamic Sparsity" (FreeTickets), Sec. 4.2 and Algorithm 1:
+
+- exploration phase, ``t_ex`` epochs: ordinary DST (drop/grow every ΔT) at the constant base
+  learning rate, so the topology explores widely;
+- ``M`` refinement phases of equal length: each phase has its own learning-rate schedule
+  (multipliers of the base rate over equal sub-segments) and ordinary DST updates continue;
+- before phases ``2..M`` a *global exploration* drops a fraction ``q`` of each layer's active
+  weights by magnitude and regrows as many (gradient or random), moving the model to a new
+  basin while keeping the per-layer counts;
+- ticket ``m`` is the best-validation checkpoint of phase ``m``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_core.config import DSTSection, EDSTSection, PruningSection
+from sparse_core.methods.dst import SET, RigL
+
+
+class EDST(RigL):
+    """One run, ``edst.tickets`` tickets (see module docstring).
+
+    Attributes:
+        tickets: per phase ``None`` or ``{"epoch", "val_accuracy", "state", "masks"}`` with a
+            CPU copy of the model's state dict and masks at the phase's best validation accuracy.
+    """
+
+    name = "edst_ensemble"
+
+    def __init__(
+        self, model: nn.Module, total_steps: int, pruning: PruningSection, dst: DSTSection, edst: EDSTSection,
+        epochs: int, seed: int = 0,
+    ):  # fmt: skip
+        super().__init__(model, total_steps, pruning, dst, seed)
+        self.edst = edst
+        self.steps_per_epoch = total_steps // epochs
+        self.phase_epochs = (epochs - edst.exploration_epochs) // edst.tickets
+        self.tickets: list[dict[str, Any] | None] = [None] * edst.tickets
+
+    # ----- phases ---------------------------------------------------------------------------
+    def phase_of_epoch(self, epoch: int) -> int:
+        """-1 during exploration, else the refinement phase (0-based) of 0-based ``epoch``."""
+        if epoch < self.edst.exploration_epochs:
+            return -1
+        return min((epoch - self.edst.exploration_epochs) // self.phase_epochs, self.edst.tickets - 1)
+
+    def phase_start_step(self, phase: int) -> int:
+        return (self.edst.exploration_epochs + phase * self.phase_epochs) * self.steps_per_epoch
+
+    def _global_exploration_due(self, step: int) -> bool:
+        return any(step == self.phase_start_step(m) for m in range(1, self.edst.tickets))
+
+    def learning_rate(self, step: int, scheduled: float, base: float) -> float:
+        phase = self.phase_of_epoch(step // self.steps_per_epoch)
+        if phase < 0:
+            return base
+        pos = (step - self.phase_start_step(phase)) / (self.phase_epochs * self.steps_per_epoch)
+        mults = self.edst.refine_lr_multipliers
+        return base * mults[min(int(pos * len(mults)), len(mults) - 1)]
+
+    # ----- hooks ----------------------------------------------------------------------------
+    def grow_scores(self) -> dict[str, torch.Tensor]:
+        return RigL.grow_scores(self) if self.edst.grow == "gradient" else SET.grow_scores(self)
+
+    def before_step(self, step: int) -> None:
+        if self.update_due(step + 1) or self._global_exploration_due(step + 1):
+            self._grow_scores = self.grow_scores()
+        self.masks.mask_grads_()
+
+    def after_step(self, step: int) -> None:
+        self.masks.apply_()
+        if self._global_exploration_due(step):
+            self.update_topology(step, self.edst.exploration_rate, kind="global_exploration")
+        elif self.update_due(step):
+            self.update_topology(step, self.drop_fraction(step))
+        self._grow_scores = None
+
+    def on_epoch_end(self, epoch: int, val: dict[str, float]) -> None:
+        phase = self.phase_of_epoch(epoch)
+        if phase < 0:
+            return
+        best = self.tickets[phase]
+        if best is None or val["accuracy"] > best["val_accuracy"]:
+            self.tickets[phase] = {
+                "epoch": epoch + 1,
+                "val_accuracy": float(val["accuracy"]),
+                "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "masks": {k: m.cpu().clone() for k, m in self.masks.masks.items()},
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["tickets"] = [t for t in self.tickets]
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.tickets = list(sd["tickets"])
