@@ -5,6 +5,8 @@
     sparseflow run train --method dpf
     sparseflow run retrain --run dpf
     sparseflow run evaluate --run dpf_retrain
+    sparseflow run collect --run edst_ensemble
+    sparseflow run evaluate_ensemble --run edst_ensemble
     sparseflow pipeline [--force] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "warmup", "train", "retrain", "evaluate"])
+    r.add_argument("stage", choices=["prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train: the method to run")
     r.add_argument("--run", help="retrain/evaluate: the run name")
@@ -58,7 +60,7 @@ def _run_stage(args: argparse.Namespace) -> None:
     load_params(args.params)  # fail before Prefect starts
     if args.stage == "train" and not args.method:
         raise SystemExit("sparseflow run train: --method is required")
-    if args.stage in ("retrain", "evaluate") and not args.run:
+    if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
     if args.stage == "prepare":
         f.prepare_flow(args.params)
@@ -68,6 +70,10 @@ def _run_stage(args: argparse.Namespace) -> None:
         f.train_flow(args.method, args.params)
     elif args.stage == "retrain":
         f.retrain_flow(args.run, args.params)
+    elif args.stage == "collect":
+        f.collect_flow(args.run, args.params)
+    elif args.stage == "evaluate_ensemble":
+        f.evaluate_ensemble_flow(args.run, args.params)
     else:
         f.evaluate_flow(args.run, args.params)
 

@@ -25,10 +25,29 @@ def warmup_flow(params_path: str = "params.yaml") -> str:
 
 @flow(name="train", flow_run_name="train-{method}")
 def train_flow(method: str, params_path: str = "params.yaml") -> str:
-    load_params(params_path)
+    params = load_params(params_path)
+    if method == "dst_ensemble":
+        # Members are independent tasks (run one after another here: they share torch's
+        # global RNG while building their models).
+        outs = [t.train_member(params_path, i) for i in range(params.train.dst_ensemble.members)]
+        for i, out in enumerate(outs):
+            t.publish_summary(f"dst_ensemble-member-{i}", out)
+        return t.finish_dst_ensemble(params_path)
     out = t.train_run(params_path, method)
     t.publish_summary(method, out)
     return out
+
+
+@flow(name="collect", flow_run_name="collect-{name}")
+def collect_flow(name: str, params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.collect_ensemble(params_path, name)
+
+
+@flow(name="evaluate-ensemble", flow_run_name="evaluate-{name}")
+def evaluate_ensemble_flow(name: str, params_path: str = "params.yaml") -> dict:
+    load_params(params_path)
+    return t.evaluate_ensemble(params_path, name)
 
 
 @flow(name="retrain", flow_run_name="retrain-{run}")

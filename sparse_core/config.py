@@ -19,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 #: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 #: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
-METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "edst_ensemble")
+METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "dst_ensemble", "edst_ensemble")
+#: Methods of the dynamic-sparse-training family: sparse from scratch, so they start from their
+#: own seeded random init, never from the dense warmup.
+DST_METHODS = ("set", "rigl", "dst_ensemble", "edst_ensemble")
+#: Methods whose run folder holds several members or tickets, collected by the ``collect`` stage.
+ENSEMBLES = ("dst_ensemble", "edst_ensemble")
 
 
 class ConfigError(ValueError):
@@ -206,6 +211,14 @@ class EDSTSection(_Section):
         return v
 
 
+class DSTEnsembleSection(_Section):
+    """DST Ensemble (Liu et al. 2022, Sec. 4.1): ``members`` independent runs, seeds
+    ``base.seed + i``, each the full schedule of ``method``."""
+
+    members: int = Field(3, ge=1)
+    method: Literal["rigl", "set"] = "rigl"
+
+
 class TrainSection(_Section):
     methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
     epochs: int = Field(10, gt=0)
@@ -215,6 +228,7 @@ class TrainSection(_Section):
     pruning: PruningSection = PruningSection()
     dst: DSTSection = DSTSection()
     edst: EDSTSection = EDSTSection()
+    dst_ensemble: DSTEnsembleSection = DSTEnsembleSection()
 
     @model_validator(mode="after")
     def _edst_phases_fit(self) -> "TrainSection":
@@ -236,6 +250,13 @@ class RetrainSection(_Section):
     optim: OptimSection = OptimSection(lr=0.01)
 
 
+class CollectSection(_Section):
+    """Ensembles whose member probabilities are cached in ``ensembles/<name>/``."""
+
+    ensembles: list[Literal[ENSEMBLES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    batch_size: int = Field(1000, gt=0)
+
+
 class EvaluateSection(_Section):
     runs: list[str] = Field(default_factory=list)
     batch_size: int = Field(1000, gt=0)
@@ -251,6 +272,7 @@ class Params(_Section):
     warmup: WarmupSection
     train: TrainSection
     retrain: RetrainSection
+    collect: CollectSection = CollectSection()
     evaluate: EvaluateSection
 
     @model_validator(mode="after")
@@ -260,7 +282,14 @@ class Params(_Section):
                 raise ValueError(
                     f"retrain.runs names {run!r}, which is not in train.methods {list(self.train.methods)}"
                 )
-        produced = list(self.train.methods) + [retrain_run_name(r) for r in self.retrain.runs]
+        for name in self.collect.ensembles:
+            if name not in self.train.methods:
+                raise ValueError(f"collect.ensembles names {name!r}, which is not in train.methods {list(self.train.methods)}")
+        for run in self.retrain.runs:
+            if run in ENSEMBLES:
+                raise ValueError(f"retrain.runs: {run!r} is an ensemble; retrain single runs only")
+        produced = [m for m in self.train.methods if m not in ENSEMBLES]
+        produced += [retrain_run_name(r) for r in self.retrain.runs]
         for run in self.evaluate.runs:
             if run not in produced:
                 raise ValueError(f"evaluate.runs names {run!r}; runs produced by train/retrain are {produced}")

@@ -61,3 +61,30 @@ def inference_flops(model: nn.Module, input_shape: tuple[int, int, int], densiti
     dense = float(sum(per_layer.values()))
     sparse = float(sum(f * densities.get(n, 1.0) for n, f in per_layer.items()))
     return {"dense": dense, "sparse": sparse, "ratio": sparse / dense if dense else 1.0}
+
+
+def training_flops_per_example(
+    dense_flops: dict[str, int], densities: dict[str, float], method: str, update_period: int = 100
+) -> float:
+    """Training FLOPs per example seen, with the RigL convention (Evci et al. 2020, App. H).
+
+    A training step costs forward + backward ≈ 3× the forward FLOPs. With ``f_D`` the dense and
+    ``f_S`` the sparse forward FLOPs (per-layer density × dense FLOPs):
+
+    - ``dense``: ``3 f_D``;
+    - ``set`` (and any fixed or randomly regrown mask): ``3 f_S``;
+    - ``rigl`` / ``edst_ensemble`` (gradient growth): ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``,
+      since an update step also pays one dense weight gradient.
+
+    Raises:
+        ValueError: a method without a defined accounting.
+    """
+    f_d = float(sum(dense_flops.values()))
+    f_s = float(sum(f * densities.get(n, 1.0) for n, f in dense_flops.items()))
+    if method == "dense":
+        return 3 * f_d
+    if method in ("set", "retrain"):
+        return 3 * f_s
+    if method in ("rigl", "edst_ensemble", "dst_ensemble"):
+        return (3 * f_s * update_period + 2 * f_s + f_d) / (update_period + 1)
+    raise ValueError(f"no training-FLOPs accounting for method {method!r}")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sparse_core import artifacts
-from sparse_core.config import Params, retrain_run_name
+from sparse_core.config import DST_METHODS, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
 from sparse_core.engine import fit, predict, resolve_device, seed_everything
 from sparse_core.flops import inference_flops
@@ -40,23 +40,25 @@ WARMUP_RUN = "warmup"
 
 
 # ----- shared helpers ------------------------------------------------------------------------
-def _setup(params: Params) -> tuple[torch.device, PreparedData, nn.Module]:
+def _setup(params: Params, seed: int | None = None) -> tuple[torch.device, PreparedData, nn.Module]:
     """Seed, pick the device, load the prepared data and build the seeded model."""
-    seed_everything(params.base.seed, params.base.deterministic)
+    seed = params.base.seed if seed is None else seed
+    seed_everything(seed, params.base.deterministic)
     if params.base.num_threads:
         torch.set_num_threads(params.base.num_threads)
     device = resolve_device(params.base.device)
     data = load_data(params)
-    return device, data, build_model(params, data)
+    return device, data, build_model(params, data, seed)
 
 
 def load_data(params: Params) -> PreparedData:
     return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
 
 
-def build_model(params: Params, data: PreparedData) -> nn.Module:
-    """The configured model, initialised from ``base.seed`` (same init in every stage)."""
-    torch.manual_seed(params.base.seed)
+def build_model(params: Params, data: PreparedData, seed: int | None = None) -> nn.Module:
+    """The configured model, initialised from ``seed`` (default ``base.seed``: the same init in
+    every stage)."""
+    torch.manual_seed(params.base.seed if seed is None else seed)
     c, h, _ = data.shape
     return create_model(params.model.name, in_channels=c, num_classes=data.num_classes, image_size=h, **params.model.kwargs)
 
@@ -123,8 +125,8 @@ def _export(params: Params, run: str, model: nn.Module, method: Method, history:
         artifacts.write_json(manifest, folder / "tickets" / "tickets.json")
     if method.events:
         artifacts.write_parquet(pd.DataFrame(method.events), folder / "mask_updates.parquet")
-    plots = Path(params.base.plots_dir) / "history" / f"{run}.csv"
-    artifacts.write_csv(history, plots)
+    if "/" not in run:  # ensemble members are plotted together by their ensemble's stage
+        artifacts.write_csv(history, Path(params.base.plots_dir) / "history" / f"{run}.csv")
     artifacts.write_json(
         {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), **extra}, folder / "config.json"
     )
@@ -168,23 +170,25 @@ def stage_prepare(params: Params) -> Path:
 
 def _train_run(
     params: Params, run: str, method_name: str, model: nn.Module, data: PreparedData, device: torch.device,
-    optim, epochs: int, fingerprint: str, init: str, prepare_method=None,
+    optim, epochs: int, fingerprint: str, init: str, prepare_method=None, seed: int | None = None,
 ) -> Path:  # fmt: skip
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
     _fresh_run_dir(params, run, fingerprint)
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     t = params.train
-    method = create_method(method_name, model, steps, t.pruning, t.dst, params.base.seed, t.edst, epochs)
+    seed = params.base.seed if seed is None else seed
+    method = create_method(method_name, model, steps, t.pruning, t.dst, seed, t.edst, epochs)
     if prepare_method is not None:
         prepare_method(method)
     model.to(device)
     result = fit(
         model, method, data.splits["train"], data.splits["val"], transform_for(params, data), optim,
-        epochs=epochs, run_dir=run_dir(params, run), seed=params.base.seed, device=device,
+        epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress,
     )  # fmt: skip
     method.on_train_end()
-    return _export(params, run, model, method, result.history, {"method": method_name, "init": init, "fingerprint": fingerprint})
+    extra = {"method": method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
+    return _export(params, run, model, method, result.history, extra)
 
 
 def stage_warmup(params: Params) -> Path:
@@ -198,16 +202,50 @@ def stage_warmup(params: Params) -> Path:
 
 
 def stage_train(params: Params, method: str) -> Path:
-    """``train@<method>``: one run of ``method`` from the warmup weights (or the seeded init)."""
+    """``train@<method>``: one run of ``method`` from the warmup weights (or the seeded init).
+
+    Methods of the DST family start from their own seeded init (sparse from scratch);
+    ``dst_ensemble`` trains all its members (see :func:`stage_train_member`).
+    """
     if method not in params.train.methods:
         raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
+    if method == "dst_ensemble":
+        for i in range(params.train.dst_ensemble.members):
+            stage_train_member(params, i)
+        return finish_dst_ensemble(params)
     device, data, model = _setup(params)
     init = "seed"
-    if params.train.from_warmup:
+    if params.train.from_warmup and method not in DST_METHODS:
         load_exported(params, WARMUP_RUN, model)
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
     return _train_run(params, method, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+
+
+def finish_dst_ensemble(params: Params) -> Path:
+    """After all members: one training-curve file with a ``member`` column."""
+    frames = []
+    for i in range(params.train.dst_ensemble.members):
+        hist = pd.read_parquet(run_dir(params, member_run(i)) / "history.parquet")
+        frames.append(hist.assign(member=i))
+    artifacts.write_csv(pd.concat(frames, ignore_index=True), Path(params.base.plots_dir) / "history" / "dst_ensemble.csv")
+    return run_dir(params, "dst_ensemble")
+
+
+def member_run(i: int) -> str:
+    return f"dst_ensemble/member_{i}"
+
+
+def stage_train_member(params: Params, i: int) -> Path:
+    """Member ``i`` of the DST Ensemble: a full ``train.dst_ensemble.method`` run with seed
+    ``base.seed + i`` (init, masks and data order), in ``runs/dst_ensemble/member_<i>/``."""
+    seed = params.base.seed + i
+    device, data, model = _setup(params, seed)
+    fp = params.fingerprint("base", "data", "augment", "model", "train") + f"-dst_ensemble-{i}"
+    method = params.train.dst_ensemble.method
+    return _train_run(
+        params, member_run(i), method, model, data, device, params.train.optim, params.train.epochs, fp, "seed", seed=seed
+    )
 
 
 def stage_retrain(params: Params, run: str) -> Path:
@@ -273,4 +311,140 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     fl = inference_flops(model, data.shape, {n: nonzero[n] / weights[n].numel() for n in weights})
     out["flops"] = {"inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"]}
     artifacts.write_json(out, Path(params.base.metrics_dir) / f"{run}.json")
+    return out
+
+
+# ----- ensembles -----------------------------------------------------------------------------
+def ensemble_members(params: Params, name: str) -> list[dict[str, Any]]:
+    """Members of ensemble ``name``: ``[{"run", "ticket", "seed", "weights" (path)}]``.
+
+    ``dst_ensemble``: the exported model of every member run; ``edst_ensemble``: the tickets
+    of the one run.
+
+    Raises:
+        FileNotFoundError: a member's weights are missing (the train stage has not run).
+    """
+    if name == "dst_ensemble":
+        members = []
+        for i in range(params.train.dst_ensemble.members):
+            run = member_run(i)
+            members.append({"run": run, "ticket": None, "seed": params.base.seed + i, "weights": run_dir(params, run) / "model.safetensors"})
+    elif name == "edst_ensemble":
+        folder = run_dir(params, name) / "tickets"
+        members = [
+            {"run": name, "ticket": m, "seed": params.base.seed, "weights": folder / f"ticket_{m}.safetensors"}
+            for m in range(params.train.edst.tickets)
+        ]
+    else:
+        raise ValueError(f"{name!r} is not an ensemble method")
+    for m in members:
+        if not m["weights"].is_file():
+            raise FileNotFoundError(f"{m['weights']}: missing member of ensemble {name!r}; run train@{name} first")
+    return members
+
+
+def ensemble_dir(params: Params, name: str) -> Path:
+    return Path("ensembles") / name
+
+
+def stage_collect(params: Params, name: str) -> Path:
+    """``collect@<name>``: cache every member's softmax probabilities on val and test.
+
+    Writes ``ensembles/<name>/members.json`` (run, ticket, seed, density of the prunable set,
+    sha256 of the source weights) and ``probs.parquet`` (see
+    :func:`sparse_core.ensemble.probs_schema`), built in a temporary folder and swapped in whole.
+    """
+    import hashlib
+
+    from sparse_core.ensemble import probs_schema
+
+    device, data, model = _setup(params)
+    model.to(device)
+    transform = transform_for(params, data)
+    manifest, frames = [], []
+    for i, member in enumerate(ensemble_members(params, name)):
+        model.load_state_dict(artifacts.load_tensors(member["weights"]))
+        weights = _prunable_weights(params, model).values()
+        density = sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+        digest = hashlib.sha256(member["weights"].read_bytes()).hexdigest()
+        manifest.append({**{k: v for k, v in member.items() if k != "weights"}, "member": i, "density": density,
+                         "source": str(member["weights"]), "source_sha256": digest})  # fmt: skip
+        for split in ("val", "test"):
+            probs = torch.softmax(predict(model, data.splits[split], transform, params.collect.batch_size, device).double(), 1)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "member": i,
+                        "split": split,
+                        "index": range(len(probs)),
+                        "label": data.splits[split].labels.numpy(),
+                        "probs": list(probs.numpy()),
+                    }
+                )
+            )
+    df = pd.concat(frames, ignore_index=True).astype({"member": "int64", "index": "int64", "label": "int64"})
+    probs_schema(data.num_classes).validate(df)
+    out = ensemble_dir(params, name)
+    with artifacts.atomic_dir(out) as tmp:
+        artifacts.write_json(manifest, tmp / "members.json")
+        artifacts.write_parquet(df, tmp / "probs.parquet")
+    return out
+
+
+def _prunable_weights(params: Params, model: nn.Module) -> dict[str, torch.Tensor]:
+    p = params.train.pruning
+    return {n: w.detach() for n, w in prunable_parameters(model, p.keep_first_dense, p.keep_last_dense).items()}
+
+
+def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
+    """``evaluate_ensemble@<name>``: metrics of an ensemble from its cached probabilities only.
+
+    Writes ``<metrics_dir>/<name>.json``::
+
+        {"run", "method", "members", "test": {accuracy, nll, member_accuracy_mean/std,
+         member_nll_mean/std, disagreement, kl}, "val": {...}, "sparsity" (mean over members),
+         "params": {"nonzero" (sum over members)},
+         "flops": {"inference", "inference_ratio", "training_ratio"}}
+
+    FLOPs ratios are relative to one dense model (inference) and to one dense model trained
+    on the dense schedule, ``train.epochs`` epochs (training; RigL convention, see
+    :func:`sparse_core.flops.training_flops_per_example`).
+    """
+    from sparse_core.ensemble import ensemble_metrics, stack_probs
+    from sparse_core.flops import layer_flops, training_flops_per_example
+
+    folder = ensemble_dir(params, name)
+    df = pd.read_parquet(folder / "probs.parquet")
+    manifest = json.loads((folder / "members.json").read_text())
+    out: dict[str, Any] = {"run": name, "method": name, "members": len(manifest)}
+    for split in ("test", "val"):
+        probs, labels = stack_probs(df, split)
+        out[split] = ensemble_metrics(probs, labels)
+    _, data, model = _setup(params)
+    per_layer = layer_flops(model, data.shape)
+    dense_infer = float(sum(per_layer.values()))
+    infer, train_flops, nonzero, sparsities = 0.0, 0.0, 0, []
+    for member in manifest:
+        model.load_state_dict(artifacts.load_tensors(member["source"]))
+        weights = _prunable_weights(params, model)
+        dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
+        infer += inference_flops(model, data.shape, dens)["sparse"]
+        method = params.train.dst_ensemble.method if name == "dst_ensemble" else name
+        if name == "edst_ensemble" and params.train.edst.grow == "random":
+            method = "set"
+        # EDST's tickets come from one run: its training cost is counted once.
+        if name == "dst_ensemble" or member["member"] == 0:
+            train_flops += training_flops_per_example(per_layer, dens, method, params.train.dst.update_period)
+        nonzero += sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        sparsities.append(1.0 - member["density"])
+    out["sparsity"] = float(sum(sparsities) / len(sparsities))
+    out["target_sparsity"] = params.train.dst.sparsity
+    out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}
+    dense_train = training_flops_per_example(per_layer, {}, "dense")
+    out["flops"] = {
+        "inference": infer,
+        "inference_ratio": infer / dense_infer,
+        "training_ratio": train_flops / dense_train,
+    }
+    artifacts.write_json(out, Path(params.base.metrics_dir) / f"{name}.json")
     return out

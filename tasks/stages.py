@@ -27,6 +27,34 @@ def train_run(params_path: str, method: str) -> str:
     return str(stages.stage_train(load_params(params_path), method))
 
 
+@task(name="train-member", task_run_name="train-dst_ensemble-member-{member}")
+def train_member(params_path: str, member: int) -> str:
+    """Member ``member`` of the DST Ensemble -> ``runs/dst_ensemble/member_<i>/``."""
+    return str(stages.stage_train_member(load_params(params_path), member))
+
+
+@task(name="finish-dst-ensemble")
+def finish_dst_ensemble(params_path: str) -> str:
+    """Combined training curves of the DST Ensemble members -> ``plots/history/dst_ensemble.csv``."""
+    return str(stages.finish_dst_ensemble(load_params(params_path)))
+
+
+@task(name="collect-ensemble", task_run_name="collect-{name}")
+def collect_ensemble(params_path: str, name: str) -> str:
+    """Member probabilities of ensemble ``name`` -> ``ensembles/<name>/``."""
+    return str(stages.stage_collect(load_params(params_path), name))
+
+
+@task(name="evaluate-ensemble", task_run_name="evaluate-{name}")
+def evaluate_ensemble(params_path: str, name: str) -> dict:
+    """Ensemble metrics from the cached probabilities -> ``metrics/<name>.json``."""
+    metrics = stages.stage_evaluate_ensemble(load_params(params_path), name)
+    row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "member_accuracy_mean", "disagreement", "kl")}
+    row["training_flops_ratio"] = round(metrics["flops"]["training_ratio"], 4)
+    create_table_artifact(key=f"metrics-{name.replace('_', '-')}", table=[{"ensemble": name, **row}])
+    return metrics
+
+
 @task(name="retrain-run", task_run_name="retrain-{run}")
 def retrain_run(params_path: str, run: str) -> str:
     """Fine-tune ``run`` with its mask frozen -> ``runs/<run>_retrain/``."""

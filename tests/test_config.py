@@ -16,7 +16,8 @@ from sparse_core.config import ConfigError, load_params, parse_params
 def test_default_params_are_valid(default_params_dict):
     params = parse_params(default_params_dict)
     assert params.train.pruning.sparsity == pytest.approx(0.9)
-    assert set(params.train.methods) == {"dense", "dpf", "gmp", "oneshot"}
+    assert set(params.train.methods) == {"dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble"}
+    assert params.train.dst.sparsity == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(

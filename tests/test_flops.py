@@ -23,3 +23,18 @@ def test_resnet20_flops_match_published_count():
     model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32)
     dense = inference_flops(model, (3, 32, 32))["dense"]
     assert 40.5e6 < dense < 41.5e6
+
+
+def test_training_flops_match_hand_count_on_two_layers():
+    from sparse_core.flops import layer_flops, training_flops_per_example
+
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    per_layer = layer_flops(model, (10,))
+    assert per_layer == {"0.weight": 200, "2.weight": 100}
+    dens = {"0.weight": 0.1, "2.weight": 0.5}
+    f_d, f_s = 300, 200 * 0.1 + 100 * 0.5  # = 70
+    assert training_flops_per_example(per_layer, dens, "dense") == 3 * f_d
+    assert training_flops_per_example(per_layer, dens, "set") == pytest.approx(3 * f_s)
+    assert training_flops_per_example(per_layer, dens, "rigl", update_period=4) == pytest.approx(
+        (3 * f_s * 4 + 2 * f_s + f_d) / 5
+    )
