@@ -2,8 +2,8 @@
 
 Measured in one process with the engine's own ``train_one_epoch`` (augmentation, hooks and
 optimizer included) on synthetic images, so only the methods' overhead differs. Rounds
-interleave the methods to cancel drift (thermal, other load); the median per-step time of
-each method is reported. Each timed block is 32 steps, so it includes two mask updates
+interleave the methods, in an order rotated every round, to cancel drift (thermal, other
+load); the median per-step time of each method is reported. Each timed block is 32 steps, so it includes two mask updates
 (ΔT = 16) for dpf and gmp. For set and rigl the steps are timed without topology updates and
 the measured cost of one update (grow scores + drop/grow of every layer) is amortised over
 ``--dst-period`` steps (ΔT = 100 by default): ``step + update / ΔT``.
@@ -29,7 +29,7 @@ from sparse_core.models import create_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dst-period", type=int, default=100)
@@ -52,8 +52,11 @@ def main() -> None:
         setups[name][1].bind_optimizer(setups[name][2])
     times: dict[str, list[float]] = {k: [] for k in setups}
     step = {k: 0 for k in setups}
+    names = list(setups)
     for r in range(args.rounds + 1):  # round 0 warms up allocators and caches
-        for name, (model, method, opt) in setups.items():
+        # Rotate the order every round so no method always runs first (or after the same one).
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            model, method, opt = setups[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
