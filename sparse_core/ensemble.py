@@ -77,7 +77,8 @@ def ensemble_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     Returns:
         ``accuracy`` and ``nll`` of the mean prediction (NLL = ``-log`` of the mean
         probability of the true class), ``member_accuracy_mean/std``, ``member_nll_mean/std``,
-        and pair-averaged ``disagreement`` and ``kl`` (0 for one member).
+        pair-averaged ``disagreement`` and ``kl`` (0 for one member), and
+        ``member: {"m<i>": {"accuracy", "nll"}}`` for every member.
     """
     acc, nll = accuracy_nll(probs.mean(0), labels)
     members = [accuracy_nll(p, labels) for p in probs]
@@ -91,4 +92,5 @@ def ensemble_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "member_nll_std": float(np.std([n for _, n in members])),
         "disagreement": float(np.mean([disagreement(probs[i], probs[j]) for i, j in pairs])) if pairs else 0.0,
         "kl": float(np.mean([symmetric_kl(probs[i], probs[j]) for i, j in pairs])) if pairs else 0.0,
+        "member": {f"m{i}": {"accuracy": a, "nll": n} for i, (a, n) in enumerate(members)},
     }

@@ -280,7 +280,8 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
 
         {"run", "method", "test": {"accuracy", "nll"}, "val": {"accuracy", "nll"},
          "sparsity", "target_sparsity", "params": {"total", "nonzero"},
-         "flops": {"inference", "inference_dense", "inference_ratio"}}
+         "flops": {"inference", "inference_dense", "inference_ratio", "training_ratio" (dense,
+         set, rigl)}, "exploration_rate" (set, rigl)}
 
     ``sparsity`` is the fraction of exact zeros in the exported prunable weights (measured
     from the weights, independently of the stored masks); FLOPs are per example.
@@ -310,6 +311,19 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     }
     fl = inference_flops(model, data.shape, {n: nonzero[n] / weights[n].numel() for n in weights})
     out["flops"] = {"inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"]}
+    if cfg["method"] in ("dense", "set", "rigl"):
+        from sparse_core.flops import layer_flops, training_flops_per_example
+
+        per_layer = layer_flops(model, data.shape)
+        dens = {n: nonzero[n] / weights[n].numel() for n in weights}
+        ratio = training_flops_per_example(per_layer, dens, cfg["method"], params.train.dst.update_period)
+        out["flops"]["training_ratio"] = ratio / training_flops_per_example(per_layer, {}, "dense")
+    updates = run_dir(params, run) / "mask_updates.parquet"
+    if updates.is_file():
+        events = pd.read_parquet(updates)
+        if "exploration_rate" in events:
+            # In-time over-parameterization (Liu et al. 2021): fraction of weights ever active.
+            out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     artifacts.write_json(out, Path(params.base.metrics_dir) / f"{run}.json")
     return out
 
@@ -439,6 +453,9 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
         sparsities.append(1.0 - member["density"])
     out["sparsity"] = float(sum(sparsities) / len(sparsities))
     out["target_sparsity"] = params.train.dst.sparsity
+    if name == "edst_ensemble":
+        events = pd.read_parquet(run_dir(params, name) / "mask_updates.parquet")
+        out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}
     dense_train = training_flops_per_example(per_layer, {}, "dense")
     out["flops"] = {

@@ -133,3 +133,23 @@ def test_cosine_drop_fraction_and_stop():
     assert method.drop_fraction(250) == pytest.approx(0.1 + 0.4 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert method.drop_fraction(500) == pytest.approx(0.1)
     assert method.update_due(500) and not method.update_due(510)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_momentum_zeroes_buffer_at_regrown_positions(reset):
+    model, method, opt = _setup("rigl", period=1000, reset_momentum=reset)
+    _step(model, method, opt, 0)  # momentum buffers are nonzero at active positions
+    old = {k: m.clone() for k, m in method.masks.masks.items()}
+    # Scores that make the grow step pick exactly the just-dropped (previously active) weights.
+    scores = {k: m.float() for k, m in old.items()}
+    method.update_topology(1, 0.3, scores)
+    for k, p in method.masks.params.items():
+        assert torch.equal(method.masks.masks[k], old[k])  # same topology, but regrown at zero
+        buf = opt.state[p]["momentum_buffer"]
+        dropped_and_regrown = p.detach() == 0
+        dropped_and_regrown &= old[k]
+        assert dropped_and_regrown.any()
+        if reset:
+            assert torch.count_nonzero(buf[dropped_and_regrown]) == 0
+        else:
+            assert torch.count_nonzero(buf[dropped_and_regrown]) > 0
