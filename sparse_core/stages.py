@@ -31,7 +31,7 @@ from sparse_core import artifacts
 from sparse_core.config import DST_METHODS, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
 from sparse_core.engine import fit, predict, resolve_device, seed_everything
-from sparse_core.flops import inference_flops
+from sparse_core.flops import inference_flops, layer_flops, training_flops_per_example
 from sparse_core.methods import MaskedMethod, Method, create_method
 from sparse_core.models import create_model
 from sparse_core.sparsity import MaskSet, prunable_parameters
@@ -312,8 +312,6 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     fl = inference_flops(model, data.shape, {n: nonzero[n] / weights[n].numel() for n in weights})
     out["flops"] = {"inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"]}
     if cfg["method"] in ("dense", "set", "rigl"):
-        from sparse_core.flops import layer_flops, training_flops_per_example
-
         per_layer = layer_flops(model, data.shape)
         dens = {n: nonzero[n] / weights[n].numel() for n in weights}
         ratio = training_flops_per_example(per_layer, dens, cfg["method"], params.train.dst.update_period)
@@ -425,7 +423,6 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     :func:`sparse_core.flops.training_flops_per_example`).
     """
     from sparse_core.ensemble import ensemble_metrics, stack_probs
-    from sparse_core.flops import layer_flops, training_flops_per_example
 
     folder = ensemble_dir(params, name)
     df = pd.read_parquet(folder / "probs.parquet")
@@ -437,15 +434,15 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     _, data, model = _setup(params)
     per_layer = layer_flops(model, data.shape)
     dense_infer = float(sum(per_layer.values()))
+    method = params.train.dst_ensemble.method if name == "dst_ensemble" else name
+    if name == "edst_ensemble" and params.train.edst.grow == "random":
+        method = "set"
     infer, train_flops, nonzero, sparsities = 0.0, 0.0, 0, []
     for member in manifest:
         model.load_state_dict(artifacts.load_tensors(member["source"]))
         weights = _prunable_weights(params, model)
         dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
         infer += inference_flops(model, data.shape, dens)["sparse"]
-        method = params.train.dst_ensemble.method if name == "dst_ensemble" else name
-        if name == "edst_ensemble" and params.train.edst.grow == "random":
-            method = "set"
         # EDST's tickets come from one run: its training cost is counted once.
         if name == "dst_ensemble" or member["member"] == 0:
             train_flops += training_flops_per_example(per_layer, dens, method, params.train.dst.update_period)

@@ -67,16 +67,21 @@ class SET(MaskedMethod):
         """Fraction of prunable weights that have been active at some point (0-1)."""
         return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
 
+    def planned_update(self, step: int) -> tuple[float, str] | None:
+        """``(drop fraction, kind)`` of the topology update after step ``step``, or None."""
+        return (self.drop_fraction(step), "dst") if self.update_due(step) else None
+
     # ----- hooks ----------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
-        if self.update_due(step + 1):
-            self._grow_scores = self.grow_scores()
+        if self.planned_update(step + 1) is not None:
+            self._grow_scores = self.grow_scores()  # before masking: rigl needs the dense gradient
         self.masks.mask_grads_()
 
     def after_step(self, step: int) -> None:
         self.masks.apply_()
-        if self.update_due(step):
-            self.update_topology(step, self.drop_fraction(step))
+        plan = self.planned_update(step)
+        if plan is not None:
+            self.update_topology(step, plan[0], kind=plan[1])
         self._grow_scores = None
 
     def grow_scores(self) -> dict[str, torch.Tensor]:

@@ -69,18 +69,10 @@ class EDST(RigL):
     def grow_scores(self) -> dict[str, torch.Tensor]:
         return RigL.grow_scores(self) if self.edst.grow == "gradient" else SET.grow_scores(self)
 
-    def before_step(self, step: int) -> None:
-        if self.update_due(step + 1) or self._global_exploration_due(step + 1):
-            self._grow_scores = self.grow_scores()
-        self.masks.mask_grads_()
-
-    def after_step(self, step: int) -> None:
-        self.masks.apply_()
+    def planned_update(self, step: int) -> tuple[float, str] | None:
         if self._global_exploration_due(step):
-            self.update_topology(step, self.edst.exploration_rate, kind="global_exploration")
-        elif self.update_due(step):
-            self.update_topology(step, self.drop_fraction(step))
-        self._grow_scores = None
+            return self.edst.exploration_rate, "global_exploration"
+        return super().planned_update(step)
 
     def on_epoch_end(self, epoch: int, val: dict[str, float]) -> None:
         phase = self.phase_of_epoch(epoch)
@@ -97,7 +89,7 @@ class EDST(RigL):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["tickets"] = [t for t in self.tickets]
+        sd["tickets"] = list(self.tickets)
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
