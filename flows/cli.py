@@ -1,12 +1,13 @@
 """The ``sparseflow`` command.
 
     sparseflow validate [--params params.yaml]
-    sparseflow run prepare|warmup [--params P]
+    sparseflow run prepare|ood|corrupt|warmup|report [--params P]
     sparseflow run train --method dpf
     sparseflow run retrain --run dpf
     sparseflow run evaluate --run dpf_retrain
     sparseflow run collect --run edst_ensemble
     sparseflow run evaluate_ensemble --run edst_ensemble
+    sparseflow compare [REV_A] [REV_B]  # metric and params differences (default HEAD vs workspace)
     sparseflow pipeline [--force] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS
@@ -37,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble"])
+    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "report"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train: the method to run")
     r.add_argument("--run", help="retrain/evaluate: the run name")
+    from flows import compare
+
+    compare.add_parser(sub)
     pl = sub.add_parser("pipeline", help="dvc repro as a Prefect flow")
     pl.add_argument("targets", nargs="*")
     pl.add_argument("--force", action="store_true")
@@ -62,8 +66,9 @@ def _run_stage(args: argparse.Namespace) -> None:
         raise SystemExit("sparseflow run train: --method is required")
     if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
-    if args.stage == "prepare":
-        f.prepare_flow(args.params)
+    simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow}
+    if args.stage in simple:
+        simple[args.stage](args.params)
     elif args.stage == "warmup":
         f.warmup_flow(args.params)
     elif args.stage == "train":
@@ -101,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.command == "run":
             _run_stage(args)
+        elif args.command == "compare":
+            from flows import compare
+
+            return compare.run(args)
         elif args.command == "pipeline":
             from flows.pipeline import pipeline_flow
 
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sparseflow: invalid params\n{exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"sparseflow: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,6 +15,24 @@ def prepare_flow(params_path: str = "params.yaml") -> str:
     return t.prepare_dataset(params_path)
 
 
+@flow(name="ood")
+def ood_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.prepare_ood(params_path)
+
+
+@flow(name="corrupt")
+def corrupt_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.corrupt_test_set(params_path)
+
+
+@flow(name="report")
+def report_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.build_report(params_path)
+
+
 @flow(name="warmup")
 def warmup_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)

@@ -260,6 +260,85 @@ class CollectSection(_Section):
 class EvaluateSection(_Section):
     runs: list[str] = Field(default_factory=list)
     batch_size: int = Field(1000, gt=0)
+    #: Equal-width bins of the expected calibration error (Guo et al. 2017 use 15).
+    calibration_bins: int = Field(15, ge=1, le=1000)
+
+
+#: Synthetic OOD sets, always available: seeded noise images of the in-distribution shape.
+SYNTHETIC_OOD = ("gaussian", "uniform")
+_DEFAULT_OOD = {
+    "fashion_mnist": ["mnist", "gaussian", "uniform"],
+    "mnist": ["fashion_mnist", "gaussian", "uniform"],
+    "cifar10": ["svhn", "cifar100", "mnist", "fashion_mnist", "gaussian", "uniform"],
+    "cifar100": ["svhn", "cifar10", "gaussian", "uniform"],
+    "svhn": ["cifar10", "cifar100", "gaussian", "uniform"],
+    "imagefolder": ["gaussian", "uniform"],
+}
+
+
+class OODSection(_Section):
+    """Out-of-distribution test sets per in-distribution dataset (``ood`` stage).
+
+    Each set is converted to the in-distribution image shape (grayscale <-> RGB, bilinear
+    resize) and normalised with the in-distribution statistics. A dataset set whose archives
+    are not found (locally or in the mirror; downloads only when ``download``) is skipped
+    with a warning row in the report, unless it is listed in ``required``.
+    """
+
+    sets: dict[Literal[DATASETS], list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in _DEFAULT_OOD.items()})  # type: ignore[valid-type]
+    required: list[str] = Field(default_factory=list)
+    #: At most this many test images per OOD set (the first ones; noise sets have exactly this many).
+    max_examples: int = Field(2000, gt=0)
+    download: bool = False
+
+    @field_validator("sets")
+    @classmethod
+    def _known_sets(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        allowed = set(DATASETS) - {"imagefolder"} | set(SYNTHETIC_OOD)
+        for dataset, names in v.items():
+            for name in names:
+                if name not in allowed:
+                    raise ValueError(f"ood.sets.{dataset}: unknown OOD set {name!r}; allowed: {sorted(allowed)}")
+                if name == dataset:
+                    raise ValueError(f"ood.sets.{dataset}: a dataset cannot be its own OOD set")
+        return v
+
+
+class CorruptSection(_Section):
+    """Corruption robustness sets (``corrupt`` stage; Hendrycks & Dietterich 2019)."""
+
+    #: Corruption names (see :mod:`sparse_core.corruptions`); default: the 15 standard + 4 extra.
+    corruptions: list[str] | None = None
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    #: Corrupt the first N test images only; 0 corrupts the whole test split.
+    test_subset: int = Field(2000, ge=0)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known_corruptions(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        from sparse_core.corruptions import ALL_CORRUPTIONS
+
+        for name in v:
+            if name not in ALL_CORRUPTIONS:
+                raise ValueError(f"unknown corruption {name!r}; allowed: {list(ALL_CORRUPTIONS)}")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _severity_range(cls, v: list[int]) -> list[int]:
+        for s in v:
+            if s not in (1, 2, 3, 4, 5):
+                raise ValueError(f"severity {s} is outside 1..5")
+        if len(set(v)) != len(v):
+            raise ValueError(f"severities {v} repeat a value")
+        return sorted(v)
+
+    def names(self) -> list[str]:
+        from sparse_core.corruptions import ALL_CORRUPTIONS
+
+        return list(ALL_CORRUPTIONS) if self.corruptions is None else list(self.corruptions)
 
 
 class Params(_Section):
@@ -274,6 +353,8 @@ class Params(_Section):
     retrain: RetrainSection
     collect: CollectSection = CollectSection()
     evaluate: EvaluateSection
+    ood: OODSection = OODSection()
+    corrupt: CorruptSection = CorruptSection()
 
     @model_validator(mode="after")
     def _runs_exist(self) -> "Params":

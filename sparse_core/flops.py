@@ -88,3 +88,45 @@ def training_flops_per_example(
     if method in ("rigl", "edst_ensemble", "dst_ensemble"):
         return (3 * f_s * update_period + 2 * f_s + f_d) / (update_period + 1)
     raise ValueError(f"no training-FLOPs accounting for method {method!r}")
+
+
+def gradual_training_flops_per_example(
+    dense_flops: dict[str, int],
+    final_densities: dict[str, float],
+    method: str,
+    update_steps: list[int],
+    update_sparsities: list[float],
+    total_steps: int,
+) -> float:
+    """Mean training FLOPs per example seen of a gradual pruning run (``gmp``, ``dpf``, ``oneshot``).
+
+    The sparsity ``s(t)`` after each mask update is read from the run's mask-update log; between
+    updates it is constant, and before the first update the model is dense. The forward FLOPs
+    at step ``t`` are interpolated linearly in sparsity between dense and the final sparse
+    model: ``f(t) = f_D − (s(t) / s_T) (f_D − f_S)`` (exact at both ends; an approximation in
+    between, where per-layer densities are not logged). Per step (RigL convention, App. H):
+
+    - ``gmp`` and ``oneshot``: ``3 f(t)`` (pruned weights get no gradient);
+    - ``dpf``: ``2 f(t) + f_D``: forward and activation gradients at the pruned model, but the
+      weight gradient is needed for every weight, pruned or not (Lin et al. 2020, Alg. 1).
+
+    Args:
+        update_steps, update_sparsities: the mask-update log, in step order.
+        total_steps: optimizer steps of the run.
+
+    Raises:
+        ValueError: another method.
+    """
+    if method not in ("gmp", "dpf", "oneshot"):
+        raise ValueError(f"{method!r} is not a gradual pruning method")
+    f_d = float(sum(dense_flops.values()))
+    f_s = float(sum(f * final_densities.get(n, 1.0) for n, f in dense_flops.items()))
+    s_final = update_sparsities[-1] if update_sparsities else 0.0
+    bounds = [0, *[min(max(int(t), 0), total_steps) for t in update_steps], total_steps]
+    levels = [0.0, *update_sparsities]
+    total = 0.0
+    for lo, hi, s in zip(bounds[:-1], bounds[1:], levels):
+        f_t = f_d - (s / s_final) * (f_d - f_s) if s_final > 0 else f_d
+        per_step = 2 * f_t + f_d if method == "dpf" else 3 * f_t
+        total += per_step * max(hi - lo, 0)
+    return total / max(total_steps, 1)

@@ -23,15 +23,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from sparse_core import artifacts
+from sparse_core import artifacts, evalsets
 from sparse_core.config import DST_METHODS, Params, retrain_run_name
-from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
+from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
 from sparse_core.engine import fit, predict, resolve_device, seed_everything
-from sparse_core.flops import inference_flops, layer_flops, training_flops_per_example
+from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
+from sparse_core.flops import gradual_training_flops_per_example, inference_flops, layer_flops, training_flops_per_example
 from sparse_core.methods import MaskedMethod, Method, create_method
 from sparse_core.models import create_model
 from sparse_core.sparsity import MaskSet, prunable_parameters
@@ -273,34 +275,92 @@ def target_sparsity(params: Params, run: str) -> float:
     return params.train.pruning.sparsity if method in ("dpf", "gmp", "oneshot") else 0.0
 
 
+# ----- evaluation sets and evaluation --------------------------------------------------------
+def _run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int, int], n_train: int) -> float:
+    """Training FLOPs per training example of ``run`` and of what it was started from."""
+    cfg = json.loads((run_dir(params, run) / "config.json").read_text())
+    method, init = cfg["method"], cfg.get("init", "seed")
+    per_layer = layer_flops(model, shape)
+    weights = _prunable_weights(params, model)
+    dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
+    f_d = float(sum(per_layer.values()))
+    if method in ("gmp", "dpf", "oneshot"):
+        events = pd.read_parquet(run_dir(params, run) / "mask_updates.parquet")
+        steps = -(-n_train // params.train.optim.batch_size) * params.train.epochs
+        per_example = gradual_training_flops_per_example(
+            per_layer, dens, method, events["step"].tolist(), events["sparsity"].tolist(), steps
+        )
+    else:
+        per_example = training_flops_per_example(per_layer, dens, method, params.train.dst.update_period)
+    epochs = {"retrain": params.retrain.epochs}.get(method, params.train.epochs)
+    cost = per_example * epochs
+    if init == WARMUP_RUN:
+        cost += 3 * f_d * params.warmup.epochs
+    elif method == "retrain":  # fine-tuning pays for the run it started from
+        parent = build_model(params, load_data(params))
+        load_exported(params, init, parent)
+        cost += _run_cost(params, init, parent, shape, n_train)
+    return cost
+
+
+def dense_reference_cost(params: Params, model: nn.Module, shape: tuple[int, int, int]) -> float:
+    """Training FLOPs per example of the profile's dense baseline: ``train.epochs`` dense
+    epochs, plus the warmup when ``train.from_warmup`` (the dense run starts from it)."""
+    f_d = float(sum(layer_flops(model, shape).values()))
+    return 3 * f_d * (params.train.epochs + (params.warmup.epochs if params.train.from_warmup else 0))
+
+
+def _evaluation_inputs(params: Params, data: PreparedData) -> tuple[dict[str, Split], evalsets.EvalSets, dict[str, np.ndarray]]:
+    sets = evalsets.load_eval_sets(params)
+    splits = {s: data.splits[s] for s in ("val", "test")}
+    labels = {s: data.splits[s].labels.numpy() for s in splits}
+    if sets.corrupted_labels is not None:
+        labels["corrupted"] = sets.corrupted_labels.numpy()
+    return splits, sets, labels
+
+
+def _write_evaluation(params: Params, name: str, ev: Evaluation, out: dict[str, Any], sets: evalsets.EvalSets) -> dict[str, Any]:
+    """metrics JSON, reliability and corruption plot data of model ``name``."""
+    out.update({k: v for k, v in ev.metrics.items() if k not in out})
+    for split in ("test", "val"):
+        out[split] = {**ev.metrics[split], **out.get(split, {})}
+    plots = Path(params.base.plots_dir)
+    artifacts.write_csv(ev.reliability.assign(model=name), plots / "reliability" / f"{name}.csv")
+    artifacts.write_csv(ev.corruption.assign(model=name), plots / "corruption" / f"{name}.csv")
+    layers = run_dir(params, name) / "layers.parquet"
+    if layers.is_file():
+        table = pd.read_parquet(layers)[["name", "numel", "density"]]
+        artifacts.write_csv(table.assign(model=name), plots / "layers" / f"{name}.csv")
+    if sets.ood_missing:
+        out["ood_missing"] = len(sets.ood_missing)
+    artifacts.write_json(out, Path(params.base.metrics_dir) / f"{name}.json")
+    return out
+
+
 def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
-    """``evaluate@<run>``: test/val accuracy and NLL, sparsity, parameters, inference FLOPs.
+    """``evaluate@<run>``: every metric of one run (layout: :mod:`sparse_core.evaluation`).
 
-    Writes ``<metrics_dir>/<run>.json`` with the layout::
+    Writes ``<metrics_dir>/<run>.json`` with, besides the evaluation layout::
 
-        {"run", "method", "test": {"accuracy", "nll"}, "val": {"accuracy", "nll"},
-         "sparsity", "target_sparsity", "params": {"total", "nonzero"},
-         "flops": {"inference", "inference_dense", "inference_ratio", "training_ratio" (dense,
-         set, rigl)}, "exploration_rate" (set, rigl)}
+        {"run", "method", "sparsity", "target_sparsity", "params": {"total", "nonzero"},
+         "flops": {"inference", "inference_dense", "inference_ratio", "training_ratio"},
+         "exploration_rate" (set, rigl), "ood_missing" (count of skipped OOD sets, if any)}
 
+    and ``<plots_dir>/reliability/<run>.csv``, ``<plots_dir>/corruption/<run>.csv``.
     ``sparsity`` is the fraction of exact zeros in the exported prunable weights (measured
-    from the weights, independently of the stored masks); FLOPs are per example.
+    from the weights, independently of the stored masks); FLOPs are per example;
+    ``training_ratio`` is relative to the profile's dense run (:func:`dense_reference_cost`).
     """
     device, data, model = _setup(params)
     masks = load_exported(params, run, model)
     model.to(device)
     transform = transform_for(params, data)
-    out: dict[str, Any] = {"run": run}
+    splits, sets, labels = _evaluation_inputs(params, data)
+    probs = model_probs(model, splits, sets, transform, params.evaluate.batch_size, device)
+    ev = evaluate_probs({k: v[None] for k, v in probs.items()}, labels, params.evaluate.calibration_bins)
     cfg = json.loads((run_dir(params, run) / "config.json").read_text())
-    out["method"] = cfg["method"]
-    for split in ("test", "val"):
-        logits = predict(model, data.splits[split], transform, params.evaluate.batch_size, device)
-        labels = data.splits[split].labels
-        out[split] = {
-            "accuracy": float((logits.argmax(1) == labels).float().mean()),
-            "nll": float(torch.nn.functional.cross_entropy(logits, labels)),
-        }
-    weights = {n: p.detach() for n, p in masks.params.items()}
+    out: dict[str, Any] = {"run": run, "method": cfg["method"]}
+    weights = {n: p.detach().cpu() for n, p in masks.params.items()}
     nonzero = {n: int(torch.count_nonzero(w)) for n, w in weights.items()}
     prunable = sum(w.numel() for w in weights.values())
     out["sparsity"] = 1.0 - sum(nonzero.values()) / prunable
@@ -309,21 +369,20 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
         "total": sum(p.numel() for p in model.parameters()),
         "nonzero": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
     }
+    model.cpu()
     fl = inference_flops(model, data.shape, {n: nonzero[n] / weights[n].numel() for n in weights})
-    out["flops"] = {"inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"]}
-    if cfg["method"] in ("dense", "set", "rigl"):
-        per_layer = layer_flops(model, data.shape)
-        dens = {n: nonzero[n] / weights[n].numel() for n in weights}
-        ratio = training_flops_per_example(per_layer, dens, cfg["method"], params.train.dst.update_period)
-        out["flops"]["training_ratio"] = ratio / training_flops_per_example(per_layer, {}, "dense")
+    cost = _run_cost(params, run, model, data.shape, len(data.splits["train"]))
+    out["flops"] = {
+        "inference": fl["sparse"], "inference_dense": fl["dense"], "inference_ratio": fl["ratio"],
+        "training_ratio": cost / dense_reference_cost(params, model, data.shape),
+    }  # fmt: skip
     updates = run_dir(params, run) / "mask_updates.parquet"
     if updates.is_file():
         events = pd.read_parquet(updates)
         if "exploration_rate" in events:
             # In-time over-parameterization (Liu et al. 2021): fraction of weights ever active.
             out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
-    artifacts.write_json(out, Path(params.base.metrics_dir) / f"{run}.json")
-    return out
+    return _write_evaluation(params, run, ev, out, sets)
 
 
 # ----- ensembles -----------------------------------------------------------------------------
@@ -363,8 +422,10 @@ def stage_collect(params: Params, name: str) -> Path:
     """``collect@<name>``: cache every member's softmax probabilities on val and test.
 
     Writes ``ensembles/<name>/members.json`` (run, ticket, seed, density of the prunable set,
-    sha256 of the source weights) and ``probs.parquet`` (see
-    :func:`sparse_core.ensemble.probs_schema`), built in a temporary folder and swapped in whole.
+    sha256 of the source weights), ``probs.parquet`` (val and test, float64; see
+    :func:`sparse_core.ensemble.probs_schema`) and ``eval_probs.safetensors`` (float32
+    ``(M, N, C)`` per OOD and corrupted set, keys as in :mod:`sparse_core.evaluation`), built
+    in a temporary folder and swapped in whole.
     """
     import hashlib
 
@@ -373,7 +434,8 @@ def stage_collect(params: Params, name: str) -> Path:
     device, data, model = _setup(params)
     model.to(device)
     transform = transform_for(params, data)
-    manifest, frames = [], []
+    sets = evalsets.load_eval_sets(params)
+    manifest, frames, extra = [], [], []
     for i, member in enumerate(ensemble_members(params, name)):
         model.load_state_dict(artifacts.load_tensors(member["weights"]))
         weights = _prunable_weights(params, model).values()
@@ -381,6 +443,7 @@ def stage_collect(params: Params, name: str) -> Path:
         digest = hashlib.sha256(member["weights"].read_bytes()).hexdigest()
         manifest.append({**{k: v for k, v in member.items() if k != "weights"}, "member": i, "density": density,
                          "source": str(member["weights"]), "source_sha256": digest})  # fmt: skip
+        extra.append(model_probs(model, {}, sets, transform, params.collect.batch_size, device))
         for split in ("val", "test"):
             probs = torch.softmax(predict(model, data.splits[split], transform, params.collect.batch_size, device).double(), 1)
             frames.append(
@@ -400,6 +463,8 @@ def stage_collect(params: Params, name: str) -> Path:
     with artifacts.atomic_dir(out) as tmp:
         artifacts.write_json(manifest, tmp / "members.json")
         artifacts.write_parquet(df, tmp / "probs.parquet")
+        stacked = {k: torch.from_numpy(np.stack([member[k] for member in extra])) for k in extra[0]} if extra else {}
+        artifacts.save_tensors(stacked, tmp / "eval_probs.safetensors")
     return out
 
 
@@ -411,15 +476,16 @@ def _prunable_weights(params: Params, model: nn.Module) -> dict[str, torch.Tenso
 def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     """``evaluate_ensemble@<name>``: metrics of an ensemble from its cached probabilities only.
 
-    Writes ``<metrics_dir>/<name>.json``::
+    Writes ``<metrics_dir>/<name>.json`` with the layout of :mod:`sparse_core.evaluation`
+    (OOD scores include mutual information) plus::
 
-        {"run", "method", "members", "test": {accuracy, nll, member_accuracy_mean/std,
-         member_nll_mean/std, disagreement, kl}, "val": {...}, "sparsity" (mean over members),
-         "params": {"nonzero" (sum over members)},
+        {"run", "method", "members", "test"/"val": {member_accuracy_mean/std,
+         member_nll_mean/std, disagreement, kl, member: {m<i>: {accuracy, nll}}},
+         "sparsity" (mean over members), "params": {"nonzero" (sum over members)},
          "flops": {"inference", "inference_ratio", "training_ratio"}}
 
-    FLOPs ratios are relative to one dense model (inference) and to one dense model trained
-    on the dense schedule, ``train.epochs`` epochs (training; RigL convention, see
+    FLOPs ratios are relative to one dense model (inference) and to the profile's dense run
+    (training; :func:`dense_reference_cost`, RigL convention, see
     :func:`sparse_core.flops.training_flops_per_example`).
     """
     from sparse_core.ensemble import ensemble_metrics, stack_probs
@@ -428,10 +494,14 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     df = pd.read_parquet(folder / "probs.parquet")
     manifest = json.loads((folder / "members.json").read_text())
     out: dict[str, Any] = {"run": name, "method": name, "members": len(manifest)}
-    for split in ("test", "val"):
-        probs, labels = stack_probs(df, split)
-        out[split] = ensemble_metrics(probs, labels)
     _, data, model = _setup(params)
+    sets = evalsets.load_eval_sets(params)
+    probs = {k: v.numpy() for k, v in artifacts.load_tensors(folder / "eval_probs.safetensors").items()}
+    labels = {"corrupted": sets.corrupted_labels.numpy()} if sets.corrupted_labels is not None else {}
+    for split in ("test", "val"):
+        probs[split], labels[split] = stack_probs(df, split)
+        out[split] = ensemble_metrics(probs[split], labels[split])
+    ev = evaluate_probs(probs, labels, params.evaluate.calibration_bins)
     per_layer = layer_flops(model, data.shape)
     dense_infer = float(sum(per_layer.values()))
     method = params.train.dst_ensemble.method if name == "dst_ensemble" else name
@@ -454,11 +524,9 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
         events = pd.read_parquet(run_dir(params, name) / "mask_updates.parquet")
         out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}
-    dense_train = training_flops_per_example(per_layer, {}, "dense")
     out["flops"] = {
         "inference": infer,
         "inference_ratio": infer / dense_infer,
-        "training_ratio": train_flops / dense_train,
+        "training_ratio": train_flops * params.train.epochs / dense_reference_cost(params, model, data.shape),
     }
-    artifacts.write_json(out, Path(params.base.metrics_dir) / f"{name}.json")
-    return out
+    return _write_evaluation(params, name, ev, out, sets)

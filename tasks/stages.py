@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from sparse_core import stages
+from sparse_core import evalsets, stages
 from sparse_core.config import load_params
 
 
@@ -13,6 +13,35 @@ from sparse_core.config import load_params
 def prepare_dataset(params_path: str) -> str:
     """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
     return str(stages.stage_prepare(load_params(params_path)))
+
+
+@task(name="prepare-ood-sets")
+def prepare_ood(params_path: str) -> str:
+    """OOD sets of the dataset -> ``data/ood/<dataset>/`` (missing optional sets are warned)."""
+    return str(evalsets.stage_ood(load_params(params_path)))
+
+
+@task(name="corrupt-test-set")
+def corrupt_test_set(params_path: str) -> str:
+    """Corrupted test subset -> ``data/corrupted/<dataset>/``."""
+    return str(evalsets.stage_corrupt(load_params(params_path)))
+
+
+@task(name="build-report")
+def build_report(params_path: str) -> str:
+    """``reports/report.md``, ``reports/metrics.parquet`` and figures; publishes the results
+    table as the Prefect markdown artifact ``report``."""
+    from sparse_core import report
+
+    params = load_params(params_path)
+    out = report.stage_report(params)
+    summary = report.summary_table(report.tidy_metrics(params), [m for m, _ in report.models(params)])
+    create_markdown_artifact(
+        key="report",
+        markdown=f"## sparseflow results: {params.data.dataset}, {params.model.name}\n\n" + report.markdown_table(summary),
+        description="Results table of reports/report.md",
+    )
+    return str(out)
 
 
 @task(name="dense-warmup")
@@ -49,7 +78,7 @@ def collect_ensemble(params_path: str, name: str) -> str:
 def evaluate_ensemble(params_path: str, name: str) -> dict:
     """Ensemble metrics from the cached probabilities -> ``metrics/<name>.json``."""
     metrics = stages.stage_evaluate_ensemble(load_params(params_path), name)
-    row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "member_accuracy_mean", "disagreement", "kl")}
+    row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "ece", "member_accuracy_mean", "disagreement", "kl")}
     row["training_flops_ratio"] = round(metrics["flops"]["training_ratio"], 4)
     create_table_artifact(key=f"metrics-{name.replace('_', '-')}", table=[{"ensemble": name, **row}])
     return metrics
@@ -69,6 +98,7 @@ def evaluate_run(params_path: str, run: str) -> dict:
         "run": run,
         "test_accuracy": round(metrics["test"]["accuracy"], 4),
         "test_nll": round(metrics["test"]["nll"], 4),
+        "test_ece": round(metrics["test"]["ece"], 4),
         "sparsity": round(metrics["sparsity"], 4),
         "inference_flops_ratio": round(metrics["flops"]["inference_ratio"], 4),
     }

@@ -38,3 +38,22 @@ def test_training_flops_match_hand_count_on_two_layers():
     assert training_flops_per_example(per_layer, dens, "rigl", update_period=4) == pytest.approx(
         (3 * f_s * 4 + 2 * f_s + f_d) / 5
     )
+
+
+def test_gradual_training_flops_follow_the_sparsity_log():
+    from sparse_core.flops import gradual_training_flops_per_example
+
+    per_layer = {"a.weight": 100, "b.weight": 300}  # f_D = 400
+    final = {"a.weight": 0.5, "b.weight": 0.1}  # f_S = 50 + 30 = 80
+    # Never pruned: dense cost.
+    assert gradual_training_flops_per_example(per_layer, {}, "gmp", [], [], 10) == pytest.approx(1200)
+    # Pruned to the final sparsity at step 0: GMP pays 3 f_S, DPF 2 f_S + f_D.
+    assert gradual_training_flops_per_example(per_layer, final, "gmp", [0], [0.8], 10) == pytest.approx(240)
+    assert gradual_training_flops_per_example(per_layer, final, "dpf", [0], [0.8], 10) == pytest.approx(560)
+    # Dense for 4 of 10 steps, half the final sparsity for 3, final for 3 (f at half = 240).
+    expected = (4 * 1200 + 3 * 720 + 3 * 240) / 10
+    assert gradual_training_flops_per_example(per_layer, final, "gmp", [4, 7], [0.4, 0.8], 10) == pytest.approx(expected)
+    # oneshot: dense until its single update.
+    assert gradual_training_flops_per_example(per_layer, final, "oneshot", [5], [0.8], 10) == pytest.approx((5 * 1200 + 5 * 240) / 10)
+    with pytest.raises(ValueError, match="gradual"):
+        gradual_training_flops_per_example(per_layer, final, "rigl", [], [], 10)

@@ -13,6 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO
@@ -46,15 +47,20 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     dvc = str(Path(bindir) / "dvc")
     first = _sh([dvc, "repro"], work, env)
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble")
-    expected = ["prepare", "warmup"] + [f"train@{m}" for m in methods] + ["retrain@dpf"]
+    expected = ["prepare", "ood", "corrupt", "warmup"] + [f"train@{m}" for m in methods] + ["retrain@dpf"]
     expected += [f"{stage}@{e}" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
-    expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain")]
+    expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain")] + ["report"]
     for stage in expected:
         assert f"Running stage '{stage}'" in first.stdout, stage
 
     for run in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain"):
         m = json.loads((work / "metrics" / f"{run}.json").read_text())
         assert 0.0 <= m["test"]["accuracy"] <= 1.0
+        assert set(m["test"]) == {"accuracy", "nll", "ece", "mce", "brier"}
+        assert set(m["corruption"]["type"]) == {"gaussian_noise", "defocus_blur", "fog", "contrast", "saturate"}
+        assert set(m["corruption"]["severity"]) == {"s1", "s3", "s5"}
+        assert set(m["ood"]) == {"mnist", "gaussian", "uniform", "mean"} and m["ood_missing"] == 1
+        assert m["flops"]["training_ratio"] > 0
         n_prunable = 61_470  # LeNet-5 conv + linear weights on 28x28, 10 classes
         target = {"dense": 0.0, "rigl": 0.8}.get(run, 0.9)
         assert m["target_sparsity"] == target
@@ -65,6 +71,14 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     assert len(json.loads((work / "runs" / "edst_ensemble" / "tickets" / "tickets.json").read_text())) == 3
     dst = json.loads((work / "metrics" / "dst_ensemble.json").read_text())
     assert dst["members"] == 2 and dst["flops"]["training_ratio"] > edst["flops"]["training_ratio"]
+    assert set(dst["ood"]["mnist"]) == {"msp", "entropy", "mi"}  # ensembles add mutual information
+    report = (work / "reports" / "report.md").read_text()
+    assert "| ⚠ all models | cifar10 |" in report  # the missing optional OOD set is a visible warning row
+    assert "| dpf_retrain |" in report and "| edst_ensemble |" in report
+    tidy = pd.read_parquet(work / "reports" / "metrics.parquet")
+    assert {"test", "corrupted", "ood/mnist", "model"} <= set(tidy["dataset"])
+    for name in ("accuracy_vs_sparsity", "reliability", "corruption_accuracy", "layer_density"):
+        assert (work / "reports" / "figures" / f"{name}.png").stat().st_size > 1000
     assert (work / "runs" / "dpf" / "masks.safetensors").is_file()
     assert (work / "plots" / "history" / "dpf.csv").is_file()
     assert (work / "dvc.lock").is_file()
@@ -86,4 +100,5 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     completed = {flows[r["flow_id"]] for r in post("flow_runs/filter") if r["state_type"] == "COMPLETED"}
     keys = {a["key"] for a in post("artifacts/filter")}
     assert {"prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate-ensemble"} <= completed
-    assert {"metrics-dpf", "run-dpf-retrain"} <= keys
+    assert {"metrics-dpf", "run-dpf-retrain", "report"} <= keys
+    assert {"ood", "corrupt", "report"} <= completed

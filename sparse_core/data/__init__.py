@@ -2,7 +2,7 @@
 and in-memory loading with batched augmentation."""
 
 from sparse_core.data.fetch import MIRROR_ENV, DataError
-from sparse_core.data.loader import BatchTransform, PreparedData, iterate_batches, load_prepared
+from sparse_core.data.loader import BatchTransform, PreparedData, Split, iterate_batches, load_prepared
 from sparse_core.data.prepare import prepare_dataset, prepared_path
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "BatchTransform",
     "PreparedData",
+    "Split",
     "iterate_batches",
     "load_prepared",
     "prepare_dataset",

@@ -63,11 +63,15 @@ def verify_md5(path: Path, md5: str, origin: str) -> None:
         )
 
 
-def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".") -> Path:
+def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".", download: bool = True) -> Path:
     """Make ``dest_dir/raw.filename`` a verified copy and return its path.
 
+    Args:
+        download: try the official URL when neither a local nor a mirror copy exists.
+
     Raises:
-        DataError: the mirror copy fails its md5, or no copy exists and download fails.
+        DataError: the mirror copy fails its md5, or no copy exists and download fails (or is
+            not allowed).
     """
     dest = dest_dir / raw.filename
     if dest.is_file() and md5sum(dest) == raw.md5:
@@ -80,6 +84,9 @@ def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".") -> Path:
             with atomic_path(dest) as tmp:
                 shutil.copyfile(found, tmp)
             return dest
+    if not download:
+        where = f"the mirror {mirror}" if mirror else f"a mirror ({MIRROR_ENV} is unset)"
+        raise DataError(f"{raw.filename}: not in {dest_dir} nor in {where}, and downloading is off")
     try:
         from torchvision.datasets.utils import download_url
 

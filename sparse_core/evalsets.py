@@ -1,0 +1,225 @@
+"""Evaluation sets beyond the clean test split: out-of-distribution sets (``ood`` stage) and
+corrupted copies of the test split (``corrupt`` stage). Both are DVC outputs, so they are
+built once per dataset and cached.
+
+Layout (all written atomically, each folder swapped in whole)::
+
+    <data_dir>/ood/<dataset>/<set>.safetensors       images uint8 (N, C, H, W), in-distribution shape
+    <data_dir>/ood/<dataset>/manifest.json           [{"set", "status": "ok"|"missing", "examples",
+                                                       "source", "reason"}]
+    <data_dir>/corrupted/<dataset>/<name>.safetensors  images uint8 (S, N, C, H, W), labels int64 (N,),
+                                                       severities int64 (S,)
+    <data_dir>/corrupted/<dataset>/manifest.json     {"source", "examples", "corruptions", "severities", "seed"}
+
+OOD images are converted to the in-distribution shape (RGB -> grayscale with ITU-R 601
+luma, grayscale -> RGB by repeating the channel, then antialiased bilinear resize with
+torchvision), and later normalised with the in-distribution mean and std exactly like the
+test images. Noise sets (seeded by ``base.seed``): ``gaussian`` draws each pixel from
+N(0.5, 0.25²) in [0, 1] units, clipped; ``uniform`` from U[0, 1]; both quantised to uint8.
+
+Corrupted sets use :func:`sparse_core.corruptions.corrupt` on the first ``corrupt.test_subset``
+test images, seeded by ``base.seed``; when the in-distribution dataset is ``cifar10`` and
+genuine CIFAR-10-C files (``CIFAR-10-C/<name>.npy`` and ``labels.npy``, 50,000 images =
+5 severities × the 10,000 test images in original order) are found under
+``<data_dir>/raw`` or the mirror, those images are used instead (manifest ``source``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from sparse_core import artifacts
+from sparse_core.config import SYNTHETIC_OOD, DataSection, Params
+from sparse_core.data import PreparedData, load_prepared
+from sparse_core.data.fetch import DataError, fetch_file, mirror_dir
+from sparse_core.data.prepare import prepared_path
+from sparse_core.data.registry import REGISTRY
+
+
+def ood_dir(params: Params) -> Path:
+    return Path(params.base.data_dir) / "ood" / params.data.dataset
+
+
+def corrupted_dir(params: Params) -> Path:
+    return Path(params.base.data_dir) / "corrupted" / params.data.dataset
+
+
+def to_shape(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 ``(N, C', H', W')`` -> uint8 ``(N, C, H, W)`` of ``shape`` (module docstring)."""
+    c, h, w = shape
+    if images.shape[1] == 3 and c == 1:
+        images = TF.rgb_to_grayscale(images)
+    elif images.shape[1] == 1 and c == 3:
+        images = images.repeat(1, 3, 1, 1)
+    elif images.shape[1] != c:
+        raise ValueError(f"cannot convert {images.shape[1]} channels to {c}")
+    if images.shape[2:] != (h, w):
+        images = TF.resize(images, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return images.contiguous()
+
+
+def noise_images(kind: str, n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Seeded noise images uint8 ``(n, C, H, W)``; ``kind`` is ``gaussian`` or ``uniform``."""
+    rng = np.random.default_rng([seed, SYNTHETIC_OOD.index(kind)])
+    x = rng.normal(0.5, 0.25, (n, *shape)) if kind == "gaussian" else rng.random((n, *shape))
+    return torch.from_numpy(np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def _dataset_test_images(name: str, raw_dir: Path, download: bool, limit: int) -> torch.Tensor:
+    spec = REGISTRY[name]
+    dest = raw_dir / spec.subdir
+    dest.mkdir(parents=True, exist_ok=True)
+    for raw in spec.files:
+        fetch_file(raw, dest, spec.subdir, download=download)
+    try:
+        x, _, _ = spec.load(str(raw_dir), False)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{dest}: torchvision could not read {name} ({exc})") from None
+    return torch.from_numpy(np.ascontiguousarray(x[:limit])).permute(0, 3, 1, 2)
+
+
+def stage_ood(params: Params) -> Path:
+    """``ood``: every OOD set declared for ``data.dataset`` -> ``<data_dir>/ood/<dataset>/``.
+
+    A dataset set that cannot be found is recorded as ``missing`` with the reason and a
+    ``UserWarning`` (the report shows it as a warning row).
+
+    Raises:
+        DataError: a set listed in ``ood.required`` is missing.
+    """
+    cfg = params.ood
+    shape = _load(params).shape
+    names = cfg.sets.get(params.data.dataset, [])
+    manifest = []
+    out = ood_dir(params)
+    with artifacts.atomic_dir(out) as tmp:
+        for name in names:
+            entry = {"set": name, "status": "ok", "reason": ""}
+            try:
+                if name in SYNTHETIC_OOD:
+                    images, entry["source"] = noise_images(name, cfg.max_examples, shape, params.base.seed), "synthetic"
+                else:
+                    raw = _dataset_test_images(name, Path(params.base.data_dir) / "raw", cfg.download, cfg.max_examples)
+                    images, entry["source"] = to_shape(raw, shape), f"{name} test split"
+            except DataError as exc:
+                if name in cfg.required:
+                    raise DataError(f"ood.required lists {name!r}, which is missing: {exc}") from None
+                warnings.warn(f"OOD set {name!r} skipped: {exc}", stacklevel=2)
+                manifest.append({**entry, "status": "missing", "examples": 0, "source": "", "reason": str(exc)})
+                continue
+            artifacts.save_tensors({"images": images}, tmp / f"{name}.safetensors")
+            manifest.append({**entry, "examples": int(images.shape[0])})
+        artifacts.write_json(manifest, tmp / "manifest.json")
+    return out
+
+
+def _test_source_index(data_cfg: DataSection, data_dir: str) -> np.ndarray:
+    table = pq.read_table(prepared_path(data_dir, data_cfg.dataset), columns=["split", "source_index"])
+    split = table.column("split").to_numpy(zero_copy_only=False)
+    return table.column("source_index").to_numpy()[split == "test"]
+
+
+def _find_cifar10_c(params: Params) -> Path | None:
+    candidates = [Path(params.base.data_dir) / "raw" / "CIFAR-10-C"]
+    mirror = mirror_dir()
+    if mirror is not None:
+        candidates.append(mirror / "CIFAR-10-C")
+    return next((c for c in candidates if (c / "labels.npy").is_file()), None)
+
+
+def _load(params: Params) -> PreparedData:
+    return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
+
+
+def stage_corrupt(params: Params) -> Path:
+    """``corrupt``: corrupted copies of the first ``corrupt.test_subset`` test images.
+
+    Raises:
+        DataError: genuine CIFAR-10-C files are present but incomplete or inconsistent with
+            the test labels.
+    """
+    from sparse_core.corruptions import corrupt
+
+    cfg = params.corrupt
+    test = _load(params).splits["test"]
+    n = len(test) if not cfg.test_subset else min(cfg.test_subset, len(test))
+    clean, labels = test.images[:n], test.labels[:n]
+    names, sevs = cfg.names(), cfg.severities
+    genuine = _find_cifar10_c(params) if params.data.dataset == "cifar10" else None
+    source_index = _test_source_index(params.data, params.base.data_dir)[:n] if genuine is not None else None
+    out = corrupted_dir(params)
+    with artifacts.atomic_dir(out) as tmp:
+        if genuine is not None:
+            c_labels = np.load(genuine / "labels.npy")
+            if not np.array_equal(c_labels[source_index], labels.numpy()):
+                raise DataError(f"{genuine / 'labels.npy'}: labels differ from the CIFAR-10 test labels")
+        bar = tqdm(total=len(names) * len(sevs), desc="corrupt", unit="set", disable=not params.base.progress)
+        for name in names:
+            per_sev = []
+            for s in sevs:
+                if genuine is not None:
+                    path = genuine / f"{name}.npy"
+                    if not path.is_file():
+                        raise DataError(f"{path}: missing; genuine CIFAR-10-C needs every selected corruption")
+                    block = np.load(path, mmap_mode="r")[(s - 1) * 10000 + source_index]
+                    per_sev.append(torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2))
+                else:
+                    per_sev.append(corrupt(clean, name, s, seed=params.base.seed))
+                bar.update()
+            artifacts.save_tensors(
+                {"images": torch.stack(per_sev), "labels": labels, "severities": torch.tensor(sevs)},
+                tmp / f"{name}.safetensors",
+            )
+        bar.close()
+        source = f"genuine CIFAR-10-C ({genuine})" if genuine is not None else "generated (sparse_core.corruptions)"
+        artifacts.write_json(
+            {"source": source, "examples": n, "corruptions": names, "severities": sevs, "seed": params.base.seed},
+            tmp / "manifest.json",
+        )
+    return out
+
+
+@dataclass
+class EvalSets:
+    """OOD and corrupted sets of one dataset, loaded for evaluation."""
+
+    ood: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 (N, C, H, W)
+    ood_missing: list[dict] = field(default_factory=list)  # manifest rows with status "missing"
+    corrupted: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (name, severity) -> uint8 (N, C, H, W)
+    corrupted_labels: torch.Tensor | None = None  # int64 (N,)
+
+
+def load_eval_sets(params: Params) -> EvalSets:
+    """Read the ``ood`` and ``corrupt`` stage outputs.
+
+    Raises:
+        FileNotFoundError: a stage output is missing (run ``dvc repro`` for it first).
+    """
+    sets = EvalSets()
+    folder = ood_dir(params)
+    if not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"{folder / 'manifest.json'}: missing; run the ood stage first")
+    for row in json.loads((folder / "manifest.json").read_text()):
+        if row["status"] == "ok":
+            sets.ood[row["set"]] = artifacts.load_tensors(folder / f"{row['set']}.safetensors")["images"]
+        else:
+            sets.ood_missing.append(row)
+    folder = corrupted_dir(params)
+    if not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"{folder / 'manifest.json'}: missing; run the corrupt stage first")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in manifest["corruptions"]:
+        t = artifacts.load_tensors(folder / f"{name}.safetensors")
+        sets.corrupted_labels = t["labels"]
+        for i, s in enumerate(t["severities"].tolist()):
+            sets.corrupted[(name, s)] = t["images"][i]
+    return sets

@@ -1,0 +1,152 @@
+"""Report figures (matplotlib, PNG, written atomically): every axis labelled, every figure
+with more than one series has a legend."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sparse_core import artifacts  # noqa: E402
+from sparse_core.config import Params  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _scatter(summary: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = "osD^vP*Xh<>"
+    for i, (model, row) in enumerate(summary.iterrows()):
+        if not (pd.isna(row[x]) or pd.isna(row[y])):
+            ax.scatter(row[x], row[y], marker=markers[i % len(markers)], s=60, label=model)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def training_curves(params: Params, path: Path) -> None:
+    history = Path(params.base.plots_dir) / "history"
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for csv in sorted(history.glob("*.csv")):
+        df = pd.read_csv(csv)
+        if df.empty:
+            continue
+        if "member" in df:
+            for m, g in df.groupby("member"):
+                ax.plot(g["epoch"], g["val_accuracy"], lw=1, alpha=0.7, label=f"{csv.stem} m{m}")
+        else:
+            ax.plot(df["epoch"], df["val_accuracy"], lw=1.5, label=csv.stem)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    _save(fig, path)
+
+
+def reliability(params: Params, order: list[str], path: Path) -> None:
+    folder = Path(params.base.plots_dir) / "reliability"
+    frames = {m: pd.read_csv(folder / f"{m}.csv") for m in order if (folder / f"{m}.csv").is_file()}
+    cols = min(len(frames), 5) or 1
+    rows = math.ceil(max(len(frames), 1) / cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.2 * cols, 5.2 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1] * rows})  # fmt: skip
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for i, (model, df) in enumerate(frames.items()):
+        r, c = 2 * (i // cols), i % cols
+        top, bottom = axes[r, c], axes[r + 1, c]
+        top.set_visible(True), bottom.set_visible(True)
+        centers, width = (df["lower"] + df["upper"]) / 2, df["upper"] - df["lower"]
+        top.bar(centers, df["accuracy"].fillna(0), width=width, edgecolor="black", lw=0.5, label="accuracy")
+        top.bar(centers, (df["confidence"] - df["accuracy"]).fillna(0), bottom=df["accuracy"].fillna(0), width=width,
+                color="tab:red", alpha=0.3, label="gap")  # fmt: skip
+        top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        top.set_xlim(0, 1), top.set_ylim(0, 1)
+        top.set_title(model, fontsize=9)
+        top.set_xlabel("confidence")
+        top.set_ylabel("accuracy")
+        top.legend(fontsize=6, loc="upper left")
+        bottom.bar(centers, df["count"] / df["count"].sum(), width=width, color="tab:gray", edgecolor="black", lw=0.5)
+        bottom.set_xlim(0, 1)
+        bottom.set_xlabel("confidence")
+        bottom.set_ylabel("fraction")
+    fig.suptitle("Reliability diagrams (test) and confidence histograms")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def layer_density(params: Params, order: list[str], path: Path) -> None:
+    tables = {}
+    for model in order:
+        f = Path(params.base.plots_dir) / "layers" / f"{model}.csv"
+        if f.is_file():
+            tables[model] = pd.read_csv(f).set_index("name")["density"]
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    if tables:
+        df = pd.DataFrame(tables)
+        x = np.arange(len(df))
+        w = 0.8 / len(df.columns)
+        for i, model in enumerate(df.columns):
+            ax.bar(x + i * w - 0.4 + w / 2, df[model], width=w, label=model)
+        ax.set_xticks(x, df.index, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("density (fraction of weights kept)")
+    ax.set_title("Per-layer density of the exported masks")
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def corruption_accuracy(params: Params, order: list[str], path: Path) -> None:
+    folder = Path(params.base.plots_dir) / "corruption"
+    frames = [pd.read_csv(folder / f"{m}.csv") for m in order if (folder / f"{m}.csv").is_file()]
+    frames = [f for f in frames if not f.empty]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2.2, 1]})
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+        heat = df.pivot_table(index="model", columns="corruption", values="accuracy").reindex([m for m in order if m in set(df["model"])])
+        im = left.imshow(heat.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        left.set_xticks(range(heat.shape[1]), heat.columns, rotation=60, ha="right", fontsize=7)
+        left.set_yticks(range(heat.shape[0]), heat.index, fontsize=8)
+        fig.colorbar(im, ax=left, label="accuracy (mean over severities)")
+        sev = df.pivot_table(index="severity", columns="model", values="accuracy")
+        for model in heat.index:
+            right.plot(sev.index, sev[model], marker="o", label=model)
+        right.legend(fontsize=7)
+    left.set_xlabel("corruption")
+    left.set_ylabel("model")
+    left.set_title("Accuracy per corruption")
+    right.set_xlabel("severity")
+    right.set_ylabel("accuracy (mean over corruptions)")
+    right.set_title("Accuracy per severity")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def draw_all(params: Params, summary: pd.DataFrame, order: list[str], folder: Path) -> None:
+    """Every figure of :data:`sparse_core.report.FIGURES` into ``folder``."""
+    _scatter(summary, "Sparsity", "Accuracy", "sparsity (fraction of prunable weights = 0)", "test accuracy",
+             "Accuracy vs sparsity", folder / "accuracy_vs_sparsity.png")  # fmt: skip
+    _scatter(summary, "Training FLOPs ×", "NLL", "training FLOPs (× dense run)", "test NLL (nats)",
+             "NLL vs training FLOPs", folder / "nll_vs_training_flops.png")  # fmt: skip
+    training_curves(params, folder / "training_curves.png")
+    reliability(params, order, folder / "reliability.png")
+    layer_density(params, order, folder / "layer_density.png")
+    corruption_accuracy(params, order, folder / "corruption_accuracy.png")
