@@ -327,10 +327,6 @@ def _write_evaluation(params: Params, name: str, ev: Evaluation, out: dict[str, 
     plots = Path(params.base.plots_dir)
     artifacts.write_csv(ev.reliability.assign(model=name), plots / "reliability" / f"{name}.csv")
     artifacts.write_csv(ev.corruption.assign(model=name), plots / "corruption" / f"{name}.csv")
-    layers = run_dir(params, name) / "layers.parquet"
-    if layers.is_file():
-        table = pd.read_parquet(layers)[["name", "numel", "density"]]
-        artifacts.write_csv(table.assign(model=name), plots / "layers" / f"{name}.csv")
     if sets.ood_missing:
         out["ood_missing"] = len(sets.ood_missing)
     artifacts.write_json(out, Path(params.base.metrics_dir) / f"{name}.json")
@@ -365,6 +361,11 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     prunable = sum(w.numel() for w in weights.values())
     out["sparsity"] = 1.0 - sum(nonzero.values()) / prunable
     out["target_sparsity"] = target_sparsity(params, run)
+    layers = pd.DataFrame(
+        {"name": list(weights), "numel": [w.numel() for w in weights.values()],
+         "density": [nonzero[n] / weights[n].numel() for n in weights], "model": run}
+    )  # fmt: skip
+    artifacts.write_csv(layers, Path(params.base.plots_dir) / "layers" / f"{run}.csv")
     out["params"] = {
         "total": sum(p.numel() for p in model.parameters()),
         "nonzero": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
