@@ -171,3 +171,13 @@ def test_cli(base_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "| metrics/run.json | test.loss | 1.0 | 1.0 | 0 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown revision 'nope'"):
         run(parser.parse_args(["compare", "nope", "--root", str(base_repo)]))
+
+
+def test_sparseflow_command(base_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    assert main(["compare", "HEAD~1", "HEAD", "--root", str(base_repo)]) == 0
+    out = capsys.readouterr().out
+    assert "test.accuracy" in out and "train.lr" in out
+    assert main(["compare", "nope", "--root", str(base_repo)]) == 1  # clear error, exit status 1
+    assert "unknown revision 'nope'" in capsys.readouterr().err
