@@ -1,7 +1,7 @@
 """The ``sparseflow`` command.
 
     sparseflow validate [--params params.yaml]
-    sparseflow run prepare|ood|corrupt|warmup|report [--params P]
+    sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
     sparseflow run train --method dpf
     sparseflow run retrain --run dpf
     sparseflow run evaluate --run dpf_retrain
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "report"])
+    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "report", "local_analysis"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train: the method to run")
     r.add_argument("--run", help="retrain/evaluate: the run name")
@@ -66,7 +66,8 @@ def _run_stage(args: argparse.Namespace) -> None:
         raise SystemExit("sparseflow run train: --method is required")
     if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
-    simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow}
+    simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow,
+              "local_analysis": f.local_analysis_flow}  # fmt: skip
     if args.stage in simple:
         simple[args.stage](args.params)
     elif args.stage == "warmup":

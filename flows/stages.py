@@ -4,6 +4,7 @@ any task writes a file."""
 from __future__ import annotations
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from sparse_core.config import load_params
 from tasks import stages as t
@@ -31,6 +32,18 @@ def corrupt_flow(params_path: str = "params.yaml") -> str:
 def report_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     return t.build_report(params_path)
+
+
+@flow(name="local-analysis", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def local_analysis_flow(params_path: str = "params.yaml") -> str:
+    """The local-parallelism analyses; every (variant, batch size) sweep point is its own task.
+    Model construction is serialised (``sparse_core.local.analysis.BUILD_LOCK``), so the
+    results equal a sequential run."""
+    params = load_params(params_path)
+    a = params.local.analysis
+    futures = [t.local_sweep_point.submit(params_path, v, b) for v in a.variants for b in a.batch_sizes]
+    side = t.local_side_analyses.submit(params_path)
+    return t.local_write_analysis(params_path, [f.result() for f in futures], side.result())
 
 
 @flow(name="warmup")

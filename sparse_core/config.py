@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 #: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 #: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
-METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "dst_ensemble", "edst_ensemble")
+METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "dst_ensemble", "edst_ensemble",
+           "local_greedy", "local_overlap", "local_chunked")
+#: Local-parallelism methods (Laskin et al. 2020) and their window variant (sparse_core.local).
+LOCAL_METHODS = {"local_greedy": "greedy", "local_overlap": "overlapping", "local_chunked": "chunked"}
 #: Methods of the dynamic-sparse-training family: sparse from scratch, so they start from their
 #: own seeded random init, never from the dense warmup.
 DST_METHODS = ("set", "rigl", "dst_ensemble", "edst_ensemble")
@@ -242,6 +245,57 @@ class TrainSection(_Section):
         return self
 
 
+class LocalAnalysisSection(_Section):
+    """The optional ``local_analysis`` stage (``analysis/dvc.yaml``): the paper's analyses, small."""
+
+    variants: list[Literal["backprop", "greedy", "overlapping", "chunked"]] = Field(
+        default_factory=lambda: ["backprop", "greedy", "overlapping", "chunked"]
+    )
+    batch_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    #: Learning rate at batch size 128, scaled linearly with the batch size (Goyal et al. 2017), capped at max_lr.
+    lr: float = Field(0.05, gt=0)
+    max_lr: float = Field(0.2, gt=0)
+    target_loss: float = Field(0.6, gt=0)
+    max_steps: int = Field(600, gt=0)
+    #: Training images used by the sweep and the gradient-similarity batch (first N after the shuffle).
+    train_subset: int = Field(10000, gt=0)
+    random_label_examples: int = Field(512, gt=0)
+    random_label_epochs: int = Field(15, gt=0)
+
+
+class LocalSection(_Section):
+    """Local parallelism (Laskin et al. 2020): ``local_greedy``, ``local_overlap``, ``local_chunked``.
+
+    ``split_points`` (block indices or names where a chunk starts; see
+    :mod:`sparse_core.local.blocks` for the names) override ``chunks``. ``optimizer``:
+    ``shared`` (one SGD over everything) or ``per_chunk`` (one parameter group per chunk; SGD
+    updates each parameter independently, so both give the same numbers in the simulation,
+    and ``pipeline`` processes always hold their own). ``execution``: ``simulate`` (exact,
+    one process, checkpointed per epoch) or ``pipeline`` (one process per chunk,
+    torch.distributed; no per-epoch checkpoint). ``sparse_method`` composes a sparse
+    method's hooks with local training (simulation only).
+    """
+
+    chunks: int = Field(2, ge=1)
+    split_points: list[int | str] | None = None
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = Field(128, gt=0)
+    optimizer: Literal["shared", "per_chunk"] = "shared"
+    execution: Literal["simulate", "pipeline"] = "simulate"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sparse_method: Literal["dense", "dpf", "gmp", "oneshot", "set", "rigl"] = "dense"
+    analysis: LocalAnalysisSection = LocalAnalysisSection()
+
+    @model_validator(mode="after")
+    def _pipeline_is_dense(self) -> "LocalSection":
+        if self.execution == "pipeline" and self.sparse_method != "dense":
+            raise ValueError(
+                f"local.execution 'pipeline' trains dense chunks only; local.sparse_method {self.sparse_method!r} "
+                "needs execution 'simulate'"
+            )
+        return self
+
+
 class RetrainSection(_Section):
     """Fine-tuning with a frozen mask (masked gradients) of the listed train runs."""
 
@@ -354,6 +408,7 @@ class Params(_Section):
     collect: CollectSection = CollectSection()
     evaluate: EvaluateSection
     ood: OODSection = OODSection()
+    local: LocalSection = LocalSection()
     corrupt: CorruptSection = CorruptSection()
 
     @model_validator(mode="after")

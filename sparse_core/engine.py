@@ -67,10 +67,10 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, cfg: OptimSection) -> fl
 
 
 def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.SGD:
-    """SGD with momentum, optional Nesterov, weight decay on every parameter."""
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-    )
+    """SGD with momentum, optional Nesterov, weight decay on every parameter (one parameter
+    group per chunk when the model provides ``param_groups()``, as a per-chunk LocalNet does)."""
+    groups = model.param_groups() if hasattr(model, "param_groups") else model.parameters()
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
 def training_step(
@@ -78,14 +78,21 @@ def training_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step with the method's hooks around it; ``step`` = steps completed before it.
 
+    A model with ``local_losses`` (:class:`sparse_core.local.LocalNet`) is trained on the sum of
+    its window losses; the returned loss is then the network's own (last window's) loss.
+
     Returns:
         ``(loss, logits)``: scalar mean cross-entropy (nats) and logits (B, num_classes).
     """
     method.before_forward(step)
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    if hasattr(model, "local_losses"):
+        losses, logits = model.local_losses(x, y)
+        loss, objective = losses[-1], torch.stack(losses).sum()
+    else:
+        logits = model(x)
+        loss = objective = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     method.before_step(step)
     optimizer.step()
     method.after_step(step + 1)

@@ -105,7 +105,7 @@ def layer_density(params: Params, order: list[str], path: Path) -> None:
         for i, model in enumerate(df.columns):
             ax.bar(x + i * w - 0.4 + w / 2, df[model], width=w, label=model)
         ax.set_xticks(x, df.index, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("layer")
     ax.set_ylabel("density (fraction of weights kept)")
     ax.set_title("Per-layer density of the exported masks")

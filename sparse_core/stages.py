@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparse_core import artifacts, evalsets
-from sparse_core.config import DST_METHODS, Params, retrain_run_name
+from sparse_core.config import DST_METHODS, LOCAL_METHODS, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
 from sparse_core.engine import fit, predict, resolve_device, seed_everything
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
@@ -173,13 +173,17 @@ def stage_prepare(params: Params) -> Path:
 def _train_run(
     params: Params, run: str, method_name: str, model: nn.Module, data: PreparedData, device: torch.device,
     optim, epochs: int, fingerprint: str, init: str, prepare_method=None, seed: int | None = None,
+    recorded_method: str | None = None,
 ) -> Path:  # fmt: skip
+    """Train ``model`` (a registry network, or a LocalNet wrapping one: the sparse method then
+    acts on the network, and only the network is exported) and export the run."""
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
     _fresh_run_dir(params, run, fingerprint)
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     t = params.train
     seed = params.base.seed if seed is None else seed
-    method = create_method(method_name, model, steps, t.pruning, t.dst, seed, t.edst, epochs)
+    net = getattr(model, "net", model)
+    method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs)
     if prepare_method is not None:
         prepare_method(method)
     model.to(device)
@@ -189,8 +193,11 @@ def _train_run(
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress,
     )  # fmt: skip
     method.on_train_end()
-    extra = {"method": method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
-    return _export(params, run, model, method, result.history, extra)
+    extra = {"method": recorded_method or method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
+    if recorded_method in LOCAL_METHODS:
+        extra["local"] = {"variant": LOCAL_METHODS[recorded_method], "sparse_method": method_name,
+                          "windows": [[w.start, w.end] for w in model.windows], "blocks": [b.name for b in model.blocks]}  # fmt: skip
+    return _export(params, run, net, method, result.history, extra)
 
 
 def stage_warmup(params: Params) -> Path:
@@ -215,6 +222,8 @@ def stage_train(params: Params, method: str) -> Path:
         for i in range(params.train.dst_ensemble.members):
             stage_train_member(params, i)
         return finish_dst_ensemble(params)
+    if method in LOCAL_METHODS:
+        return stage_train_local(params, method)
     device, data, model = _setup(params)
     init = "seed"
     if params.train.from_warmup and method not in DST_METHODS:
@@ -222,6 +231,69 @@ def stage_train(params: Params, method: str) -> Path:
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
     return _train_run(params, method, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+
+
+def _local_net(params: Params, method: str, net: nn.Module, data: PreparedData):
+    from sparse_core.local import LocalNet
+
+    lc = params.local
+    return LocalNet(net, LOCAL_METHODS[method], data.shape, data.num_classes, lc.chunks, lc.split_points, lc.head,
+                    lc.head_hidden, per_chunk_optimizer=lc.optimizer == "per_chunk")  # fmt: skip
+
+
+def stage_train_local(params: Params, method: str) -> Path:
+    """``train@local_*``: local training (Laskin et al. 2020; :mod:`sparse_core.local`) from the
+    warmup weights (or the seeded init), simulated exactly in one process or, with
+    ``local.execution: pipeline``, one process per chunk. The auxiliary heads (seeded by
+    ``base.seed``) are training-only: ``model.safetensors`` holds the network alone."""
+    device, data, net = _setup(params)
+    init = "seed"
+    if params.train.from_warmup:
+        load_exported(params, WARMUP_RUN, net)
+        init = WARMUP_RUN
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "local") + f"-{method}"
+    if params.local.execution == "pipeline":
+        return _train_local_pipeline(params, method, net, data, init, fp)
+    torch.manual_seed(params.base.seed)
+    local = _local_net(params, method, net, data)
+    return _train_run(params, method, params.local.sparse_method, local, data, device, params.train.optim,
+                      params.train.epochs, fp, init, recorded_method=method)  # fmt: skip
+
+
+def _train_local_pipeline(params: Params, method: str, net: nn.Module, data: PreparedData, init: str, fp: str) -> Path:
+    import functools
+
+    from sparse_core.engine import evaluate
+    from sparse_core.local import build_local
+    from sparse_core.local.pipeline import PipelineSpec, run_pipeline
+
+    lc = params.local
+    fingerprint = f"{fp}-{code_fingerprint()}"
+    _fresh_run_dir(params, method, fingerprint)
+    build = functools.partial(
+        build_local, params.model.name, params.model.kwargs, data.shape, data.num_classes, LOCAL_METHODS[method],
+        lc.chunks, lc.split_points, lc.head, lc.head_hidden, params.base.seed,
+        {k: v.detach().clone() for k, v in net.state_dict().items()},
+    )  # fmt: skip
+    backend = lc.backend if lc.backend != "auto" else ("nccl" if resolve_device(params.base.device).type == "cuda" else "gloo")
+    spec = PipelineSpec(build=build, train=data.splits["train"], transform=transform_for(params, data),
+                        optim=params.train.optim, epochs=params.train.epochs, seed=params.base.seed, backend=backend)  # fmt: skip
+    local, info = run_pipeline(spec)
+    steps_per_epoch = -(-len(data.splits["train"]) // params.train.optim.batch_size)
+    last = info["losses"][-1]
+    val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"))
+    history = pd.DataFrame(
+        [{"epoch": e + 1, "step": (e + 1) * steps_per_epoch,
+          "train_loss": float(np.mean(last[e * steps_per_epoch : (e + 1) * steps_per_epoch])),
+          "val_loss": val["loss"] if e + 1 == params.train.epochs else float("nan"),
+          "val_accuracy": val["accuracy"] if e + 1 == params.train.epochs else float("nan"), "sparsity": 0.0}
+         for e in range(params.train.epochs)]
+    )  # fmt: skip
+    extra = {"method": method, "init": init, "seed": params.base.seed, "fingerprint": fingerprint,
+             "local": {"variant": LOCAL_METHODS[method], "execution": "pipeline", "backend": backend,
+                       "seconds_per_chunk": info["seconds"], "steps": info["steps"],
+                       "windows": [[w.start, w.end] for w in local.windows], "blocks": [b.name for b in local.blocks]}}  # fmt: skip
+    return _export(params, method, local.net, Method(local.net, 0), history, extra)
 
 
 def finish_dst_ensemble(params: Params) -> Path:
@@ -270,6 +342,7 @@ def stage_retrain(params: Params, run: str) -> Path:
 def target_sparsity(params: Params, run: str) -> float:
     """The sparsity a run was asked for (0 for dense runs)."""
     method = run.removesuffix("_retrain")
+    method = params.local.sparse_method if method in LOCAL_METHODS else method
     if method in ("set", "rigl", "edst_ensemble"):
         return params.train.dst.sparsity
     return params.train.pruning.sparsity if method in ("dpf", "gmp", "oneshot") else 0.0
@@ -284,7 +357,12 @@ def _run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int,
     weights = _prunable_weights(params, model)
     dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
     f_d = float(sum(per_layer.values()))
-    if method in ("gmp", "dpf", "oneshot"):
+    if method in LOCAL_METHODS:
+        from sparse_core.local.accounting import step_accounting
+
+        # Dense accounting of trunk + heads (a composed sparse method's savings are not counted).
+        per_example = step_accounting(_local_net(params, method, model, load_data(params)), shape)["training"]
+    elif method in ("gmp", "dpf", "oneshot"):
         events = pd.read_parquet(run_dir(params, run) / "mask_updates.parquet")
         steps = -(-n_train // params.train.optim.batch_size) * params.train.epochs
         per_example = gradual_training_flops_per_example(

@@ -44,6 +44,30 @@ def build_report(params_path: str) -> str:
     return str(out)
 
 
+@task(name="local-sweep-point", task_run_name="sweep-{variant}-b{batch_size}")
+def local_sweep_point(params_path: str, variant: str, batch_size: int) -> dict:
+    """One batch-size sweep point of the local-parallelism analysis."""
+    from sparse_core.local import study
+
+    return study.sweep_point(load_params(params_path), variant, batch_size)
+
+
+@task(name="local-side-analyses")
+def local_side_analyses(params_path: str) -> dict:
+    """Accounting, gradient cosine similarity and random-label capacity of every variant."""
+    from sparse_core.local import study
+
+    return study.side_analyses(load_params(params_path))
+
+
+@task(name="local-write-analysis")
+def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
+    """``reports/local/`` tables and figures, ``metrics/local_analysis.json``."""
+    from sparse_core.local import study
+
+    return str(study.write_analysis(load_params(params_path), sweep_rows, side))
+
+
 @task(name="dense-warmup")
 def dense_warmup(params_path: str) -> str:
     """Dense warmup run -> ``runs/warmup/``."""

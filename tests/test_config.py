@@ -16,7 +16,9 @@ from sparse_core.config import ConfigError, load_params, parse_params
 def test_default_params_are_valid(default_params_dict):
     params = parse_params(default_params_dict)
     assert params.train.pruning.sparsity == pytest.approx(0.9)
-    assert set(params.train.methods) == {"dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble"}
+    assert set(params.train.methods) == {"dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble",
+                                         "local_greedy", "local_overlap", "local_chunked"}  # fmt: skip
+    assert params.local.execution == "simulate" and params.local.chunks == 2
     assert params.train.dst.sparsity == pytest.approx(0.8)
 
 
@@ -87,3 +89,10 @@ def test_cli_rejects_bad_params_before_writing(tmp_path, default_params_dict):
     assert proc.returncode == 2, proc.stderr
     assert "train.pruning.sparsity = 1.2" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_local_pipeline_cannot_compose_with_a_sparse_method(default_params_dict):
+    raw = dict(default_params_dict)
+    raw["local"] = {"execution": "pipeline", "sparse_method": "dpf"}
+    with pytest.raises(ConfigError, match="execution 'pipeline' trains dense chunks only"):
+        parse_params(raw)

@@ -30,7 +30,7 @@ def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     work = tmp_path / "repo"
     work.mkdir()
-    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc"):
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item, **({"ignore": shutil.ignore_patterns("__pycache__", "cache", "tmp")} if src.is_dir() else {}))
     shutil.copy(REPO / "profiles" / "tiny.yaml", work / "params.yaml")
@@ -46,10 +46,10 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     _sh(["git", "init", "-q"], work, env)
     dvc = str(Path(bindir) / "dvc")
     first = _sh([dvc, "repro"], work, env)
-    methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble")
+    methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
     expected = ["prepare", "ood", "corrupt", "warmup"] + [f"train@{m}" for m in methods] + ["retrain@dpf"]
     expected += [f"{stage}@{e}" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
-    expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain")] + ["report"]
+    expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")] + ["report"]
     for stage in expected:
         assert f"Running stage '{stage}'" in first.stdout, stage
 
@@ -82,9 +82,21 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     assert (work / "runs" / "dpf" / "masks.safetensors").is_file()
     assert (work / "plots" / "history" / "dpf.csv").is_file()
     assert (work / "dvc.lock").is_file()
+    local = json.loads((work / "metrics" / "local_chunked.json").read_text())
+    assert local["method"] == "local_chunked" and local["sparsity"] == 0.0 and local["flops"]["training_ratio"] > 0
+    exported = (work / "runs" / "local_chunked" / "model.safetensors").read_bytes()
+    assert b"heads." not in exported  # auxiliary heads are training-only
 
     second = _sh([dvc, "repro"], work, env)
     assert "Running stage" not in second.stdout
+
+    # The optional local-parallelism analyses: only on demand, sweep points as Prefect tasks.
+    assert not (work / "reports" / "local").exists()
+    _sh([dvc, "repro", "analysis/dvc.yaml"], work, env)
+    sweep = pd.read_csv(work / "reports" / "local" / "sweep.csv")
+    assert len(sweep) == 4 and set(sweep["variant"]) == {"backprop", "chunked"}
+    analysis = json.loads((work / "metrics" / "local_analysis.json").read_text())
+    assert analysis["backprop"]["training_ratio"] == 1.0 and analysis["chunked"]["critical_path_ratio"] < 1.0
     shown = _sh([dvc, "metrics", "show"], work, env).stdout
     assert "metrics/dpf.json" in shown and "sparsity" in shown
 
@@ -101,4 +113,4 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     keys = {a["key"] for a in post("artifacts/filter")}
     assert {"prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate-ensemble"} <= completed
     assert {"metrics-dpf", "run-dpf-retrain", "report"} <= keys
-    assert {"ood", "corrupt", "report"} <= completed
+    assert {"ood", "corrupt", "report", "local-analysis"} <= completed
