@@ -10,6 +10,7 @@
     sparseflow compare [REV_A] [REV_B]  # metric and params differences (default HEAD vs workspace)
     sparseflow pipeline [--force] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
+    torchrun --nproc-per-node K --no-python sparseflow local-worker --method local_chunked
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS
 
 Exit status 2 on invalid params (message names the key, value and what is allowed), 1 on
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
+    lw = sub.add_parser("local-worker", help="one chunk of a local_* run under torchrun (one process per chunk)")
+    lw.add_argument("--method", required=True)
+    lw.add_argument("--params", default="params.yaml")
     s = sub.add_parser("serve", help="serve the pipeline flow on a schedule (needs a Prefect server)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--cron")
@@ -107,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.command == "run":
             _run_stage(args)
+        elif args.command == "local-worker":
+            from sparse_core.stages import stage_local_worker
+
+            out = stage_local_worker(load_params(args.params), args.method)
+            if out is not None:
+                print(f"sparseflow local-worker: {args.method} exported to {out}")
         elif args.command == "compare":
             from flows import compare
 

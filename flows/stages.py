@@ -42,8 +42,9 @@ def local_analysis_flow(params_path: str = "params.yaml") -> str:
     params = load_params(params_path)
     a = params.local.analysis
     futures = [t.local_sweep_point.submit(params_path, v, b) for v in a.variants for b in a.batch_sizes]
-    side = t.local_side_analyses.submit(params_path)
-    return t.local_write_analysis(params_path, [f.result() for f in futures], side.result())
+    rows = [f.result() for f in futures]
+    side = t.local_side_analyses(params_path)  # after the sweep: its step timings run alone
+    return t.local_write_analysis(params_path, rows, side)
 
 
 @flow(name="warmup")

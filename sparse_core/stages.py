@@ -260,25 +260,27 @@ def stage_train_local(params: Params, method: str) -> Path:
                       params.train.epochs, fp, init, recorded_method=method)  # fmt: skip
 
 
-def _train_local_pipeline(params: Params, method: str, net: nn.Module, data: PreparedData, init: str, fp: str) -> Path:
+def _local_pipeline_spec(params: Params, method: str, net: nn.Module, data: PreparedData):
     import functools
 
-    from sparse_core.engine import evaluate
     from sparse_core.local import build_local
-    from sparse_core.local.pipeline import PipelineSpec, run_pipeline
+    from sparse_core.local.pipeline import PipelineSpec
 
     lc = params.local
-    fingerprint = f"{fp}-{code_fingerprint()}"
-    _fresh_run_dir(params, method, fingerprint)
     build = functools.partial(
         build_local, params.model.name, params.model.kwargs, data.shape, data.num_classes, LOCAL_METHODS[method],
         lc.chunks, lc.split_points, lc.head, lc.head_hidden, params.base.seed,
         {k: v.detach().clone() for k, v in net.state_dict().items()},
     )  # fmt: skip
     backend = lc.backend if lc.backend != "auto" else ("nccl" if resolve_device(params.base.device).type == "cuda" else "gloo")
-    spec = PipelineSpec(build=build, train=data.splits["train"], transform=transform_for(params, data),
+    return PipelineSpec(build=build, train=data.splits["train"], transform=transform_for(params, data),
                         optim=params.train.optim, epochs=params.train.epochs, seed=params.base.seed, backend=backend)  # fmt: skip
-    local, info = run_pipeline(spec)
+
+
+def _export_local_pipeline(params: Params, method: str, local, info: dict, data: PreparedData, init: str, fingerprint: str,
+                           backend: str, launcher: str) -> Path:  # fmt: skip
+    from sparse_core.engine import evaluate
+
     steps_per_epoch = -(-len(data.splits["train"]) // params.train.optim.batch_size)
     last = info["losses"][-1]
     val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"))
@@ -290,10 +292,48 @@ def _train_local_pipeline(params: Params, method: str, net: nn.Module, data: Pre
          for e in range(params.train.epochs)]
     )  # fmt: skip
     extra = {"method": method, "init": init, "seed": params.base.seed, "fingerprint": fingerprint,
-             "local": {"variant": LOCAL_METHODS[method], "execution": "pipeline", "backend": backend,
+             "local": {"variant": LOCAL_METHODS[method], "execution": "pipeline", "launcher": launcher, "backend": backend,
                        "seconds_per_chunk": info["seconds"], "steps": info["steps"],
                        "windows": [[w.start, w.end] for w in local.windows], "blocks": [b.name for b in local.blocks]}}  # fmt: skip
     return _export(params, method, local.net, Method(local.net, 0), history, extra)
+
+
+def _train_local_pipeline(params: Params, method: str, net: nn.Module, data: PreparedData, init: str, fp: str) -> Path:
+    from sparse_core.local.pipeline import run_pipeline
+
+    fingerprint = f"{fp}-{code_fingerprint()}"
+    _fresh_run_dir(params, method, fingerprint)
+    spec = _local_pipeline_spec(params, method, net, data)
+    local, info = run_pipeline(spec)
+    return _export_local_pipeline(params, method, local, info, data, init, fingerprint, spec.backend, "spawn")
+
+
+def stage_local_worker(params: Params, method: str) -> Path | None:
+    """This process's chunk of ``train@<method>`` under ``torchrun`` (one process per chunk);
+    rank 0 merges the chunks and exports ``runs/<method>/`` (returned; None on other ranks)."""
+    import os
+
+    from sparse_core.local.pipeline import run_pipeline_torchrun
+
+    if method not in LOCAL_METHODS:
+        raise ValueError(f"local-worker runs local methods {list(LOCAL_METHODS)}, not {method!r}")
+    _, data, net = _setup(params)
+    init = "seed"
+    if params.train.from_warmup:
+        load_exported(params, WARMUP_RUN, net)
+        init = WARMUP_RUN
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "local") + f"-{method}"
+    fingerprint = f"{fp}-{code_fingerprint()}"
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        _fresh_run_dir(params, method, fingerprint)
+    spec = _local_pipeline_spec(params, method, net, data)
+    out = run_pipeline_torchrun(spec, run_dir(params, method) / "pipeline_parts")
+    if out is None:
+        return None
+    local, info = out
+    shutil.rmtree(run_dir(params, method) / "pipeline_parts", ignore_errors=True)
+    return _export_local_pipeline(params, method, local, info, data, init, fingerprint, spec.backend, "torchrun")
 
 
 def finish_dst_ensemble(params: Params) -> Path:

@@ -261,3 +261,22 @@ def test_local_chunked_composes_with_dpf(tmp_path):
     assert zeros / method.masks.numel() >= 0.8 - 1e-3
     assert any(not torch.equal(v, local.heads.state_dict()[k]) for k, v in head_before.items())  # heads trained
     assert len(local.param_groups()) == 2  # one optimizer group per chunk
+
+
+def test_torchrun_launch_matches_the_simulation(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "state.pt"
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(repo / "tests" / "_torchrun_local.py"), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = torch.load(out, weights_only=True)
+    reference = _simulate(_spec("chunked", steps=6)).state_dict()
+    for k, v in reference.items():
+        torch.testing.assert_close(trained[k], v, rtol=1e-5, atol=1e-6, msg=k)

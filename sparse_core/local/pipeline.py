@@ -22,6 +22,11 @@ gradient. The gradient from the next window is therefore one step late, evaluate
 one update newer; the last batch's gradient is dropped. The simulation has no delay, so the
 two differ for ``overlapping``.
 
+Launch. :func:`run_pipeline` spawns the processes itself (``sparseflow run train --method
+local_chunked`` with ``local.execution: pipeline``); under ``torchrun`` each process calls
+:func:`run_pipeline_torchrun` (``torchrun --nproc-per-node K --no-python sparseflow
+local-worker --method local_chunked``), and rank 0 merges and exports the run.
+
 Faults. The processes are started by :func:`torch.multiprocessing.start_processes` and joined
 in a polling loop; if one exits (an exception, a signal, an OOM kill), the others are
 terminated and :class:`PipelineError` names the chunk. The process group has a timeout
@@ -89,13 +94,20 @@ def _owned_keys(local: LocalNet, rank: int) -> set[str]:
     return keys | {k for k in local.state_dict() if k.startswith(f"heads.{rank}.")}
 
 
-def _worker(rank: int, spec: PipelineSpec, port: int, out_dir: str) -> None:
+def _worker(rank: int, spec: PipelineSpec, port: int | None, out_dir: str) -> None:
+    """Process ``rank`` = window ``rank``. ``port`` None: the process group comes from the
+    environment (``torchrun`` sets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``)."""
     world = spec.extra["world"]
-    dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=spec.timeout_s))  # fmt: skip
+    timeout = timedelta(seconds=spec.timeout_s)
+    if port is None:
+        dist.init_process_group(spec.backend, timeout=timeout)
+    else:
+        dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
+    # NCCL sends CUDA tensors: one GPU per process (untested here: no GPU on the development machine).
+    device = torch.device(f"cuda:{rank % max(torch.cuda.device_count(), 1)}") if spec.backend == "nccl" else torch.device("cpu")
     try:
         torch.set_num_threads(1)
-        local: LocalNet = spec.build()
+        local: LocalNet = spec.build().to(device)
         local.train()
         win = local.windows[rank]
         owned_blocks = [b for b in range(win.start, win.end + 1) if local.owner[b] == rank]
@@ -113,7 +125,8 @@ def _worker(rank: int, spec: PipelineSpec, port: int, out_dir: str) -> None:
         pending_input: torch.Tensor | None = None  # overlapping: input of our last block for batch t-1
         step, losses, seconds = 0, [], 0.0
         for epoch in range(spec.epochs):
-            for x, y in iterate_batches(spec.train, spec.optim.batch_size, spec.transform, train=True, seed=spec.seed, epoch=epoch):
+            for x, y in iterate_batches(spec.train, spec.optim.batch_size, spec.transform, train=True, seed=spec.seed,
+                                        epoch=epoch, device=device):  # fmt: skip
                 if step >= last:
                     break
                 if spec.fault and spec.fault["rank"] == rank and spec.fault["step"] == step:
@@ -125,14 +138,14 @@ def _worker(rank: int, spec: PipelineSpec, port: int, out_dir: str) -> None:
                 opt.zero_grad(set_to_none=True)
                 # Overlapping: the next window's gradient for our last block, batch t-1 (one step late).
                 if overlapping and rank < world - 1 and step > 0:
-                    grad = torch.empty(len(pending_label), *shapes[owned_blocks[-1]])
+                    grad = torch.empty(len(pending_label), *shapes[owned_blocks[-1]], device=device)
                     dist.recv(grad, src=rank + 1)
                     with frozen_bn_stats(local.blocks[owned_blocks[-1]]):
                         local.blocks[owned_blocks[-1]](pending_input).backward(grad)
                 if rank == 0:
                     h = x
                 else:
-                    h = torch.empty(len(y), *shapes[in_block] if not shared_first else shapes[win.start])
+                    h = torch.empty(len(y), *shapes[in_block] if not shared_first else shapes[win.start], device=device)
                     dist.recv(h, src=rank - 1)
                 if shared_first:
                     h.requires_grad_(True)
@@ -156,6 +169,7 @@ def _worker(rank: int, spec: PipelineSpec, port: int, out_dir: str) -> None:
                 step += 1
         state = {k: v.detach().cpu().clone() for k, v in local.state_dict().items() if k in _owned_keys(local, rank)}
         torch.save({"state": state, "losses": losses, "seconds": seconds, "steps": step}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # every rank's file is written before rank 0 merges (torchrun mode)
     finally:
         dist.destroy_process_group()
 
@@ -169,12 +183,8 @@ def run_pipeline(spec: PipelineSpec) -> tuple[LocalNet, dict[str, Any]]:
         PipelineError: a process died (message names the chunk and how it ended).
         ValueError: the variant is ``backprop`` (one window: nothing to parallelise).
     """
-    local = spec.build()
-    if local.variant == "backprop":
-        raise ValueError("execution 'pipeline' needs a local variant (greedy, overlapping, chunked), not backprop")
-    world = len(local.windows)
-    shapes = local._feature_shapes(tuple(spec.train.images.shape[1:]))
-    spec.extra = {**spec.extra, "world": world, "shapes": shapes}
+    local = prepare_spec(spec)
+    world = spec.extra["world"]
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="sparseflow-pipeline-") as out_dir:
         ctx = mp.start_processes(_worker, args=(spec, port, out_dir), nprocs=world, join=False, start_method="spawn")
@@ -191,18 +201,50 @@ def run_pipeline(spec: PipelineSpec) -> tuple[LocalNet, dict[str, Any]]:
             raise PipelineError(
                 f"local pipeline: chunk {exc.error_index} (blocks {_describe(local, exc.error_index)}) raised:\n{exc}"
             ) from None
-        merged, info = {}, {"losses": [], "seconds": [], "steps": 0}
-        for r in range(world):
-            part = torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True)
-            merged.update(part["state"])
-            info["losses"].append(part["losses"])
-            info["seconds"].append(part["seconds"])
-            info["steps"] = part["steps"]
+        return _merge(local, out_dir, world)
+
+
+def _merge(local: LocalNet, out_dir: str | Path, world: int) -> tuple[LocalNet, dict[str, Any]]:
+    merged, info = {}, {"losses": [], "seconds": [], "steps": 0}
+    for r in range(world):
+        part = torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True)
+        merged.update(part["state"])
+        info["losses"].append(part["losses"])
+        info["seconds"].append(part["seconds"])
+        info["steps"] = part["steps"]
     missing = set(local.state_dict()) - set(merged)
     if missing:
         raise PipelineError(f"local pipeline: no process owned {sorted(missing)[:5]}")
     local.load_state_dict(merged)
     return local, info
+
+
+def prepare_spec(spec: PipelineSpec) -> LocalNet:
+    """Fill in the world size and block shapes; returns a fresh network (for merging)."""
+    local = spec.build()
+    if local.variant == "backprop":
+        raise ValueError("execution 'pipeline' needs a local variant (greedy, overlapping, chunked), not backprop")
+    spec.extra = {**spec.extra, "world": len(local.windows), "shapes": local._feature_shapes(tuple(spec.train.images.shape[1:]))}
+    return local
+
+
+def run_pipeline_torchrun(spec: PipelineSpec, out_dir: str | Path) -> tuple[LocalNet, dict[str, Any]] | None:
+    """This process's part of a pipeline started by ``torchrun --nproc-per-node K`` (one
+    process per window; ``out_dir`` on a filesystem every rank sees). Returns the merged
+    network and info on rank 0, None on the other ranks.
+
+    Raises:
+        PipelineError: ``WORLD_SIZE`` differs from the number of windows.
+    """
+    local = prepare_spec(spec)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world != spec.extra["world"]:
+        raise PipelineError(
+            f"torchrun started {world} processes but the {local.variant} windows need {spec.extra['world']} (one per chunk)"
+        )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _worker(rank, spec, None, str(out_dir))
+    return _merge(local, out_dir, world) if rank == 0 else None
 
 
 def _describe(local: LocalNet, rank: int) -> str:

@@ -5,7 +5,9 @@ Outputs (atomic writes)::
 
     reports/local/sweep.csv          variant, batch_size, lr, steps (to target; empty if not reached),
                                      examples, training_flops, critical_path, pareto
-    reports/local/accounting.csv     variant, inference, training, critical_path (+ ratios), per example
+    reports/local/accounting.csv     variant, inference, training, critical_path (+ ratios), per example;
+                                     measured ms per step (simulation; pipeline: slowest chunk) and
+                                     the pipeline's wall time with process start-up
     reports/local/cosine.csv         variant, layer, block, window, cosine
     reports/local/random_labels.csv  variant, train_accuracy
     reports/local/*.png              steps_to_target, pareto, gradient_cosine, random_labels
@@ -72,9 +74,47 @@ def sweep_point(params: Params, variant: str, batch_size: int) -> dict[str, Any]
     return {"variant": variant, "batch_size": batch_size, "lr": lr_for(params, batch_size), **out}
 
 
+def measured_step_time(params: Params, variant: str, build, train: Split, tf: BatchTransform, steps: int = 20) -> dict[str, float]:
+    """Measured wall-clock per step at batch 128: the single-process simulation (median of
+    ``steps`` steps after 3 warm-up steps) and, for local variants, the pipeline (one process
+    per chunk; the slowest chunk's in-loop time per step, and the whole run's wall time with
+    process start-up)."""
+    import statistics
+    import time
+
+    from sparse_core.config import OptimSection
+    from sparse_core.data import iterate_batches
+    from sparse_core.local.analysis import _sgd, local_step
+    from sparse_core.local.pipeline import PipelineSpec, run_pipeline
+
+    local = build_seeded(build, params.base.seed)
+    local.train()
+    opt = _sgd(local, lr_for(params, 128))
+    times, i, epoch = [], 0, 0
+    while len(times) < steps:
+        for x, y in iterate_batches(train, 128, tf, train=True, seed=params.base.seed, epoch=epoch):
+            t0 = time.perf_counter()
+            local_step(local, opt, x, y)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+            i += 1
+            if len(times) >= steps:
+                break
+        epoch += 1
+    out = {"simulate_ms_per_step": 1000 * statistics.median(times)}
+    if variant != "backprop":
+        spec = PipelineSpec(build=build, train=train, transform=tf, optim=OptimSection(batch_size=128, lr=lr_for(params, 128)),
+                            epochs=-(-(3 + steps) * 128 // len(train)), seed=params.base.seed, max_steps=3 + steps)  # fmt: skip
+        t0 = time.perf_counter()
+        _, info = run_pipeline(spec)
+        out["pipeline_ms_per_step_slowest_chunk"] = 1000 * max(info["seconds"]) / info["steps"]
+        out["pipeline_wall_s"] = time.perf_counter() - t0
+    return out
+
+
 def side_analyses(params: Params) -> dict[str, pd.DataFrame]:
-    """Accounting, gradient cosine similarity (one batch of 256 at the seeded init) and
-    random-label capacity for every variant."""
+    """Accounting with measured step times, gradient cosine similarity (one batch of 256 at
+    the seeded init) and random-label capacity for every variant."""
     train, tf, shape, classes = _inputs(params)
     a = params.local.analysis
     x = tf.normalize(train.images[:256])
@@ -86,7 +126,8 @@ def side_analyses(params: Params) -> dict[str, pd.DataFrame]:
         build = _builder(params, variant, shape, classes)
         local = build_seeded(build, params.base.seed)
         acc = step_accounting(local, shape)
-        acc_rows.append({"variant": variant, **{k: v for k, v in acc.items() if k != "per_window"}})
+        acc_rows.append({"variant": variant, **{k: v for k, v in acc.items() if k != "per_window"},
+                         **measured_step_time(params, variant, build, train, tf)})  # fmt: skip
         cos.append(gradient_cosine(local, x, y).assign(variant=variant))
         rand.append({"variant": variant, "train_accuracy": random_label_accuracy(
             build, small, tf, 64, lr_for(params, 64), a.random_label_epochs, params.base.seed)})  # fmt: skip
