@@ -260,7 +260,7 @@ class LocalAnalysisSection(_Section):
     #: Training images used by the sweep and the gradient-similarity batch (first N after the shuffle).
     train_subset: int = Field(10000, gt=0)
     random_label_examples: int = Field(512, gt=0)
-    random_label_epochs: int = Field(15, gt=0)
+    random_label_epochs: int = Field(100, gt=0)
 
 
 class LocalSection(_Section):

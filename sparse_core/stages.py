@@ -328,11 +328,13 @@ def stage_local_worker(params: Params, method: str) -> Path | None:
     if rank == 0:
         _fresh_run_dir(params, method, fingerprint)
     spec = _local_pipeline_spec(params, method, net, data)
-    out = run_pipeline_torchrun(spec, run_dir(params, method) / "pipeline_parts")
+    # Outside the run folder: rank 0 may be clearing that folder while another rank starts.
+    parts = Path(params.base.runs_dir) / f".{method}.pipeline_parts"
+    out = run_pipeline_torchrun(spec, parts)
     if out is None:
         return None
     local, info = out
-    shutil.rmtree(run_dir(params, method) / "pipeline_parts", ignore_errors=True)
+    shutil.rmtree(parts, ignore_errors=True)
     return _export_local_pipeline(params, method, local, info, data, init, fingerprint, spec.backend, "torchrun")
 
 

@@ -62,7 +62,7 @@ def local_side_analyses(params_path: str) -> dict:
 
 @task(name="local-write-analysis")
 def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
-    """``reports/local/`` tables and figures, ``metrics/local_analysis.json``."""
+    """``reports/local/`` tables and figures, ``reports/local_analysis.json``."""
     from sparse_core.local import study
 
     return str(study.write_analysis(load_params(params_path), sweep_rows, side))

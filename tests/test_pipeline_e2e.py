@@ -95,7 +95,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     _sh([dvc, "repro", "analysis/dvc.yaml"], work, env)
     sweep = pd.read_csv(work / "reports" / "local" / "sweep.csv")
     assert len(sweep) == 4 and set(sweep["variant"]) == {"backprop", "chunked"}
-    analysis = json.loads((work / "metrics" / "local_analysis.json").read_text())
+    analysis = json.loads((work / "reports" / "local_analysis.json").read_text())
     assert analysis["backprop"]["training_ratio"] == 1.0 and analysis["chunked"]["critical_path_ratio"] < 1.0
     shown = _sh([dvc, "metrics", "show"], work, env).stdout
     assert "metrics/dpf.json" in shown and "sparsity" in shown

@@ -11,7 +11,8 @@ Outputs (atomic writes)::
     reports/local/cosine.csv         variant, layer, block, window, cosine
     reports/local/random_labels.csv  variant, train_accuracy
     reports/local/*.png              steps_to_target, pareto, gradient_cosine, random_labels
-    metrics/local_analysis.json      the same numbers, nested by variant
+    reports/local_analysis.json      the same numbers, nested by variant (a DVC metrics file; kept out
+                                     of metrics/, which the main pipeline's report stage reads)
 
 Every sweep point is independent and seeded (one Prefect task each in ``local_analysis_flow``).
 The learning rate at batch size ``B`` is ``min(lr · B / 128, max_lr)`` (linear scaling,
@@ -142,7 +143,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[str, pd.DataFrame]) -> Path:
-    """Tables, figures and ``metrics/local_analysis.json`` (module docstring)."""
+    """Tables, figures and ``reports/local_analysis.json`` (module docstring)."""
     sweep = pd.DataFrame(sweep_rows).sort_values(["variant", "batch_size"]).reset_index(drop=True)
     reached = sweep["steps"].notna()
     sweep["pareto"] = False
@@ -210,5 +211,5 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
             "steps_to_target": {f"b{int(r.batch_size)}": (int(r.steps) if pd.notna(r.steps) else -1)
                                 for r in sweep[sweep["variant"] == v].itertuples()},  # fmt: skip
         }
-    artifacts.write_json(metrics, Path(params.base.metrics_dir) / "local_analysis.json")
+    artifacts.write_json(metrics, Path("reports") / "local_analysis.json")
     return OUT
