@@ -281,15 +281,21 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
                            backend: str, launcher: str) -> Path:  # fmt: skip
     from sparse_core.engine import evaluate
 
-    steps_per_epoch = -(-len(data.splits["train"]) // params.train.optim.batch_size)
-    last = info["losses"][-1]
+    from sparse_core.engine import lr_at
+
+    optim, epochs = params.train.optim, params.train.epochs
+    steps_per_epoch = -(-len(data.splits["train"]) // optim.batch_size)
+    last = info["losses"][-1]  # the network's own loss (last chunk), per step
     val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"))
+    seconds = max(info["seconds"]) / epochs  # the slowest chunk's time in its step loop, per epoch
+    nan = float("nan")
+    # Same columns as every run's history; per-epoch validation happens once, at the end.
     history = pd.DataFrame(
-        [{"epoch": e + 1, "step": (e + 1) * steps_per_epoch,
-          "train_loss": float(np.mean(last[e * steps_per_epoch : (e + 1) * steps_per_epoch])),
-          "val_loss": val["loss"] if e + 1 == params.train.epochs else float("nan"),
-          "val_accuracy": val["accuracy"] if e + 1 == params.train.epochs else float("nan"), "sparsity": 0.0}
-         for e in range(params.train.epochs)]
+        [{"epoch": e + 1, "step": (e + 1) * steps_per_epoch, "lr": lr_at((e + 1) * steps_per_epoch - 1, steps_per_epoch, epochs, optim),
+          "train_loss": float(np.mean(last[e * steps_per_epoch : (e + 1) * steps_per_epoch])), "train_accuracy": nan,
+          "val_loss": val["loss"] if e + 1 == epochs else nan, "val_accuracy": val["accuracy"] if e + 1 == epochs else nan,
+          "sparsity": 0.0, "seconds": seconds, "images_per_s": len(data.splits["train"]) / seconds if seconds else nan}
+         for e in range(epochs)]
     )  # fmt: skip
     extra = {"method": method, "init": init, "seed": params.base.seed, "fingerprint": fingerprint,
              "local": {"variant": LOCAL_METHODS[method], "execution": "pipeline", "launcher": launcher, "backend": backend,

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pytest
 
 from tests.conftest import REPO
@@ -114,3 +115,16 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     assert {"prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate-ensemble"} <= completed
     assert {"metrics-dpf", "run-dpf-retrain", "report"} <= keys
     assert {"ood", "corrupt", "report", "local-analysis"} <= completed
+
+    # The same local run, one process per chunk (local.execution: pipeline), through the CLI flow.
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["local"]["execution"] = "pipeline"
+    (work / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    sparseflow = str(Path(bindir) / "sparseflow")
+    _sh([sparseflow, "run", "train", "--method", "local_chunked", "--params", "pipeline.yaml"], work, env)
+    cfg = json.loads((work / "runs" / "local_chunked" / "config.json").read_text())
+    assert cfg["local"]["execution"] == "pipeline" and cfg["local"]["launcher"] == "spawn"
+    assert len(cfg["local"]["seconds_per_chunk"]) == 2
+    hist = pd.read_parquet(work / "runs" / "local_chunked" / "history.parquet")
+    assert len(hist) == raw["train"]["epochs"] and hist["val_accuracy"].iloc[-1] > 0
+    assert b"heads." not in (work / "runs" / "local_chunked" / "model.safetensors").read_bytes()
