@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
-import yaml
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
