@@ -1,4 +1,5 @@
 # make repro : create .venv if missing, install, run `dvc repro` on params.yaml
+# make analysis : the optional local-parallelism analyses (analysis/dvc.yaml)
 # make test  : same set-up, then the test suite
 # Offline machines: SPARSEFLOW_DATA_MIRROR points at a folder of original dataset archives;
 # it defaults to ../shared/data when that folder exists.
@@ -17,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro test metrics bench clean-runs
+.PHONY: install repro analysis test metrics bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,10 @@ install: $(STAMP)
 repro: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+
+analysis: $(STAMP)
+	$(BIN)/dvc repro analysis/dvc.yaml
+	$(BIN)/dvc metrics show analysis/dvc.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
