@@ -10,7 +10,6 @@ from __future__ import annotations
 import colorsys
 import functools
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +26,6 @@ from sparse_core.corruptions import (
     parameters,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-FMNIST_TEST = REPO.parent / "shared" / "data" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
 
 #: Corruptions that draw random numbers (noise, random offsets/angles/fields/textures); the others are deterministic.
 RANDOM = {
@@ -186,9 +183,9 @@ def test_change_grows_strictly_with_severity(name, shape):
     assert all(a < b for a, b in zip(changes, changes[1:])), f"{name} {shape}: {[round(c, 3) for c in changes]}"
 
 
-@pytest.mark.skipif(not FMNIST_TEST.exists(), reason="Fashion-MNIST test images not in ../shared/data")
-def test_change_grows_with_severity_on_real_fashion_mnist():
-    with gzip.open(FMNIST_TEST) as f:
+def test_change_grows_with_severity_on_real_fashion_mnist(mirror):
+    """Real images from the data mirror (the ``mirror`` fixture fails, never skips, without it)."""
+    with gzip.open(mirror / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz") as f:
         raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
     images = torch.from_numpy(raw[:64].copy())
     for name in ALL_CORRUPTIONS:
