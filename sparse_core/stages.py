@@ -241,17 +241,24 @@ def _local_net(params: Params, method: str, net: nn.Module, data: PreparedData):
                     lc.head_hidden, per_chunk_optimizer=lc.optimizer == "per_chunk")  # fmt: skip
 
 
-def stage_train_local(params: Params, method: str) -> Path:
-    """``train@local_*``: local training (Laskin et al. 2020; :mod:`sparse_core.local`) from the
-    warmup weights (or the seeded init), simulated exactly in one process or, with
-    ``local.execution: pipeline``, one process per chunk. The auxiliary heads (seeded by
-    ``base.seed``) are training-only: ``model.safetensors`` holds the network alone."""
+def _local_setup(params: Params, method: str) -> tuple[torch.device, PreparedData, nn.Module, str, str]:
+    """Device, data, the network (warmup weights when ``train.from_warmup``), its init name and
+    the config fingerprint of a local run."""
     device, data, net = _setup(params)
     init = "seed"
     if params.train.from_warmup:
         load_exported(params, WARMUP_RUN, net)
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "local") + f"-{method}"
+    return device, data, net, init, fp
+
+
+def stage_train_local(params: Params, method: str) -> Path:
+    """``train@local_*``: local training (Laskin et al. 2020; :mod:`sparse_core.local`) from the
+    warmup weights (or the seeded init), simulated exactly in one process or, with
+    ``local.execution: pipeline``, one process per chunk. The auxiliary heads (seeded by
+    ``base.seed``) are training-only: ``model.safetensors`` holds the network alone."""
+    device, data, net, init, fp = _local_setup(params, method)
     if params.local.execution == "pipeline":
         return _train_local_pipeline(params, method, net, data, init, fp)
     torch.manual_seed(params.base.seed)
@@ -323,12 +330,7 @@ def stage_local_worker(params: Params, method: str) -> Path | None:
 
     if method not in LOCAL_METHODS:
         raise ValueError(f"local-worker runs local methods {list(LOCAL_METHODS)}, not {method!r}")
-    _, data, net = _setup(params)
-    init = "seed"
-    if params.train.from_warmup:
-        load_exported(params, WARMUP_RUN, net)
-        init = WARMUP_RUN
-    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "local") + f"-{method}"
+    _, data, net, init, fp = _local_setup(params, method)
     fingerprint = f"{fp}-{code_fingerprint()}"
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
