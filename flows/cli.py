@@ -8,10 +8,14 @@
     sparseflow run collect --run edst_ensemble
     sparseflow run evaluate_ensemble --run edst_ensemble
     sparseflow compare [REV_A] [REV_B]  # metric and params differences (default HEAD vs workspace)
-    sparseflow pipeline [--force] [TARGET ...]
+    sparseflow pipeline [--force] [--profile NAME] [--wait SECONDS] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
+    sparseflow sweep --method rigl --sparsity 0.8 0.9 --seeds 0 1   # fanned out (params.orchestration)
     torchrun --nproc-per-node K --no-python sparseflow local-worker --method local_chunked
-    sparseflow serve --cron "0 3 * * *" | --interval SECONDS
+    torchrun --standalone --nproc-per-node 2 --no-python sparseflow ddp-worker --method dpf   # data-parallel train@dpf
+    sparseflow server [--host 127.0.0.1] [--port 4200]   # a local Prefect server (SQLite)
+    sparseflow serve --cron "0 3 * * *" | --interval SECONDS [--profile NAME] [--target T ...]
+    sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
 
 Exit status 2 on invalid params (message names the key, value and what is allowed), 1 on
 data errors, 0 on success.
@@ -32,6 +36,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 from sparse_core.config import ConfigError, load_params  # noqa: E402
 from sparse_core.data import DataError  # noqa: E402
 
+from flows.workspace import WorkspaceBusy  # noqa: E402
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,23 +55,54 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="dvc repro as a Prefect flow")
     pl.add_argument("targets", nargs="*")
     pl.add_argument("--force", action="store_true")
+    pl.add_argument("--profile", help="switch params.yaml to profiles/NAME.yaml first")
+    pl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for another pipeline run on this workspace (default 0: refuse; -1: forever)")
+    sw = sub.add_parser("sweep", help="sparsity x seed sweep of one method, fanned out to the task runner")
+    sw.add_argument("--method", required=True)
+    sw.add_argument("--sparsity", type=float, nargs="+", required=True)
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sw.add_argument("--params", default="params.yaml")
+    sv = sub.add_parser("server", help="start a local Prefect server (embedded SQLite; loopback only by default)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; see README before exposing it)")
+    sv.add_argument("--port", type=int, default=4200)
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
     lw = sub.add_parser("local-worker", help="one chunk of a local_* run under torchrun (one process per chunk)")
     lw.add_argument("--method", required=True)
     lw.add_argument("--params", default="params.yaml")
-    s = sub.add_parser("serve", help="serve the pipeline flow on a schedule (needs a Prefect server)")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--cron")
-    g.add_argument("--interval", type=int, help="seconds")
+    dw = sub.add_parser("ddp-worker", help="one rank of a data-parallel (DDP) train run under torchrun")
+    dw.add_argument("--method", required=True)
+    dw.add_argument("--params", default="params.yaml")
+    s = sub.add_parser("serve", help="serve the pipeline flow as a deployment (needs a Prefect server)")
+    d = sub.add_parser("deploy", help="create a pipeline deployment for a process work pool")
+    d.add_argument("--pool", required=True, help="process work pool (created when missing)")
+    for cmd in (s, d):
+        g = cmd.add_mutually_exclusive_group(required=cmd is s)
+        g.add_argument("--cron")
+        g.add_argument("--interval", type=int, help="seconds")
+        cmd.add_argument("--name", default="sparseflow-pipeline", help="deployment name")
+        cmd.add_argument("--profile", help="default profile of the scheduled runs")
+        cmd.add_argument("--target", action="append", default=[], help="default DVC target (repeatable)")
+        cmd.add_argument("--wait", type=float, default=0.0, help="default wait_seconds for a busy workspace")
     return p
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    from flows import stages as f
+    from prefect import tags
+
+    from flows.pipeline import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX
 
     load_params(args.params)  # fail before Prefect starts
+    parent = os.environ.get(PIPELINE_RUN_ENV)  # set when a pipeline flow run started this stage
+    with tags(*([PIPELINE_TAG_PREFIX + parent] if parent else [])):
+        _dispatch_stage(args)
+
+
+def _dispatch_stage(args: argparse.Namespace) -> None:
+    from flows import stages as f
+
     if args.stage == "train" and not args.method:
         raise SystemExit("sparseflow run train: --method is required")
     if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble") and not args.run:
@@ -73,11 +110,11 @@ def _run_stage(args: argparse.Namespace) -> None:
     simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow,
               "local_analysis": f.local_analysis_flow}  # fmt: skip
     if args.stage in simple:
-        simple[args.stage](args.params)
+        f.with_task_runner(simple[args.stage], args.params)(args.params)
     elif args.stage == "warmup":
         f.warmup_flow(args.params)
     elif args.stage == "train":
-        f.train_flow(args.method, args.params)
+        f.with_task_runner(f.train_flow, args.params)(args.method, args.params)
     elif args.stage == "retrain":
         f.retrain_flow(args.run, args.params)
     elif args.stage == "collect":
@@ -117,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             out = stage_local_worker(load_params(args.params), args.method)
             if out is not None:
                 print(f"sparseflow local-worker: {args.method} exported to {out}")
+        elif args.command == "ddp-worker":
+            from sparse_core.distributed import MaskDivergenceError
+            from sparse_core.stages import stage_train_ddp
+
+            try:
+                out = stage_train_ddp(load_params(args.params), args.method)
+            except MaskDivergenceError as exc:
+                print(f"sparseflow ddp-worker: {exc}", file=sys.stderr)
+                return 1
+            if out is not None:
+                print(f"sparseflow ddp-worker: {args.method} exported to {out}")
         elif args.command == "compare":
             from flows import compare
 
@@ -124,20 +172,27 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             from flows.pipeline import pipeline_flow
 
-            pipeline_flow(targets=args.targets or None, force=args.force)
+            pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait)
+        elif args.command == "sweep":
+            from flows import stages as f
+
+            load_params(args.params)
+            out = f.with_task_runner(f.sweep_flow, args.params)(args.method, args.sparsity, args.seeds, args.params)
+            print(f"sparseflow sweep: {out}")
         elif args.command == "profile":
             _profile(args)
-        elif args.command == "serve":
-            from flows.pipeline import pipeline_flow
+        elif args.command == "server":
+            from flows import server
 
-            if args.cron:
-                pipeline_flow.serve(name="sparseflow-pipeline", cron=args.cron)
-            else:
-                pipeline_flow.serve(name="sparseflow-pipeline", interval=args.interval)
+            return server.start(args.host, args.port)
+        elif args.command in ("serve", "deploy"):
+            from flows import server
+
+            server.serve_or_deploy(args)
     except ConfigError as exc:
         print(f"sparseflow: invalid params\n{exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, FileNotFoundError, ValueError, WorkspaceBusy) as exc:
         print(f"sparseflow: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,22 +1,119 @@
 """The whole pipeline as one flow: ``dvc repro`` through DVC's Python API.
 
-DVC decides what is stale (its cache is the one cache); each stage's command starts its own
-stage flow. Servable on a schedule: ``sparseflow serve --cron "0 3 * * *"``.
+DVC decides what is stale (its cache is the one cache: unchanged stages are skipped); each
+stage's command (``sparseflow run <stage>``) starts its own stage flow run, tagged
+``pipeline-run:<id of this flow run>`` so the server links every stage run to the pipeline
+run that caused it. At the end this flow publishes the markdown artifact ``pipeline`` (stages
+reproduced, stage flow runs with their states).
+
+Only one pipeline run reproduces a workspace at a time (:mod:`flows.workspace`); a second
+waits up to ``wait_seconds`` and then fails before touching anything.
+
+Served on a schedule with ``sparseflow serve --cron "0 3 * * *"``, or deployed to a process
+work pool with ``sparseflow deploy`` (see README, "Schedule it on a Prefect server").
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.workspace import workspace_lock
+
+#: Environment variable through which stage commands learn the pipeline run that started them.
+PIPELINE_RUN_ENV = "SPARSEFLOW_PIPELINE_RUN_ID"
+PIPELINE_TAG_PREFIX = "pipeline-run:"
+
+
+def use_profile(repo: Path, profile: str) -> None:
+    """Copy ``profiles/<profile>.yaml`` over ``params.yaml`` (validated first, atomic rename).
+
+    Raises:
+        ConfigError: unknown profile (the message lists the available ones) or invalid params.
+    """
+    from sparse_core.artifacts import atomic_path
+    from sparse_core.config import ConfigError, load_params
+
+    src = repo / "profiles" / f"{profile}.yaml"
+    if not src.is_file():
+        known = sorted(p.stem for p in (repo / "profiles").glob("*.yaml"))
+        raise ConfigError(f"{src}: no such profile; available: {', '.join(known) or 'none'}")
+    load_params(src)
+    with atomic_path(repo / "params.yaml") as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:
+    """The ``pipeline`` artifact: stages reproduced and the stage flow runs tagged with this run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[PIPELINE_TAG_PREFIX + run_id])), limit=200
+        )
+    lines = [f"### Pipeline run `{run_id}`", "", f"Stages reproduced: {', '.join(stages) or 'none (all up to date)'}", ""]
+    lines += ["| stage flow run | state | id |", "|---|---|---|"]
+    lines += [f"| {r.name} | {r.state_name} | `{r.id}` |" for r in sorted(runs, key=lambda r: r.start_time or r.created)]
+    return "\n".join(lines) + "\n"
 
 
 @flow(name="pipeline")
-def pipeline_flow(targets: list[str] | None = None, force: bool = False, repo_dir: str = ".") -> list[str]:
-    """Reproduce ``targets`` (all stages when empty); returns the names of stages that ran."""
+def pipeline_flow(
+    targets: list[str] | None = None,
+    force: bool = False,
+    profile: str | None = None,
+    repo_dir: str = ".",
+    wait_seconds: float = 0.0,
+) -> list[str]:
+    """Reproduce the DVC pipeline of the checkout ``repo_dir``.
+
+    Args:
+        targets: stages to reproduce with their upstream stages (``["evaluate@dpf"]``); all
+            stages when empty.
+        force: re-run the targets even when DVC finds them up to date.
+        profile: switch ``params.yaml`` to ``profiles/<profile>.yaml`` first (under the lock).
+        repo_dir: the project checkout (absolute, or relative to the working directory).
+        wait_seconds: how long to wait for another pipeline run on the same workspace
+            (0: refuse at once; negative: wait forever).
+
+    Returns:
+        The addresses of the stages that ran.
+
+    Raises:
+        flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``.
+    """
     from dvc.repo import Repo
 
     logger = get_run_logger()
-    with Repo(repo_dir) as repo:
-        stages = repo.reproduce(targets=targets or None, force=force)
+    repo = Path(repo_dir).resolve()
+    run_id = str(flow_run.id) if flow_run.id else None
+    with workspace_lock(repo, wait_seconds, run_id):
+        if profile:
+            use_profile(repo, profile)
+            logger.info("params.yaml <- profiles/%s.yaml", profile)
+        previous = os.environ.get(PIPELINE_RUN_ENV)
+        if run_id:
+            os.environ[PIPELINE_RUN_ENV] = run_id  # inherited by DVC's stage commands
+        cwd = os.getcwd()
+        try:
+            os.chdir(repo)  # stage commands and relative paths resolve in the checkout
+            with Repo(str(repo)) as dvc_repo:
+                stages = dvc_repo.reproduce(targets=targets or None, force=force)
+        finally:
+            os.chdir(cwd)
+            if previous is None:
+                os.environ.pop(PIPELINE_RUN_ENV, None)
+            else:
+                os.environ[PIPELINE_RUN_ENV] = previous
     names = [s.addressing for s in stages]
     logger.info("stages reproduced: %s", ", ".join(names) or "none (everything up to date)")
+    if run_id:
+        create_markdown_artifact(key="pipeline", markdown=_stage_runs_markdown(run_id, names),
+                                 description="Stages reproduced by this pipeline run and their flow runs")  # fmt: skip
     return names

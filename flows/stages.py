@@ -7,7 +7,18 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from sparse_core.config import load_params
+from flows.runners import fan_out, make_task_runner, task_threads
 from tasks import stages as t
+
+#: Flows whose tasks fan out; :func:`with_task_runner` gives them the configured runner.
+FANOUT_FLOWS = ("train", "local-analysis", "sweep")
+
+
+def with_task_runner(stage_flow, params_path: str = "params.yaml"):
+    """``stage_flow`` with the task runner of ``params.orchestration`` (env overrides applied)."""
+    if stage_flow.name not in FANOUT_FLOWS:
+        return stage_flow
+    return stage_flow.with_options(task_runner=make_task_runner(load_params(params_path).orchestration))
 
 
 @flow(name="prepare")
@@ -34,15 +45,14 @@ def report_flow(params_path: str = "params.yaml") -> str:
     return t.build_report(params_path)
 
 
-@flow(name="local-analysis", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="local-analysis", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def local_analysis_flow(params_path: str = "params.yaml") -> str:
-    """The local-parallelism analyses; every (variant, batch size) sweep point is its own task.
-    Model construction is serialised (``sparse_core.local.analysis.BUILD_LOCK``), so the
-    results equal a sequential run."""
+    """The local-parallelism analyses; every (variant, batch size) sweep point is its own task,
+    fanned out to the ``params.orchestration`` task runner. Model construction is serialised
+    (``sparse_core.local.analysis.BUILD_LOCK``), so the results equal a sequential run."""
     params = load_params(params_path)
     a = params.local.analysis
-    futures = [t.local_sweep_point.submit(params_path, v, b) for v in a.variants for b in a.batch_sizes]
-    rows = [f.result() for f in futures]
+    rows = fan_out(t.local_sweep_point, [(params_path, v, b) for v in a.variants for b in a.batch_sizes])
     side = t.local_side_analyses(params_path)  # after the sweep: its step timings run alone
     return t.local_write_analysis(params_path, rows, side)
 
@@ -55,13 +65,14 @@ def warmup_flow(params_path: str = "params.yaml") -> str:
     return out
 
 
-@flow(name="train", flow_run_name="train-{method}")
+@flow(name="train", flow_run_name="train-{method}", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def train_flow(method: str, params_path: str = "params.yaml") -> str:
+    """One ``train@<method>`` stage; DST Ensemble members are independent tasks fanned out to
+    the ``params.orchestration`` task runner (byte-identical to one after another)."""
     params = load_params(params_path)
     if method == "dst_ensemble":
-        # Members are independent tasks (run one after another here: they share torch's
-        # global RNG while building their models).
-        outs = [t.train_member(params_path, i) for i in range(params.train.dst_ensemble.members)]
+        threads = task_threads(params)
+        outs = fan_out(t.train_member, [(params_path, i, threads) for i in range(params.train.dst_ensemble.members)])
         for i, out in enumerate(outs):
             t.publish_summary(f"dst_ensemble-member-{i}", out)
         return t.finish_dst_ensemble(params_path)
@@ -94,3 +105,14 @@ def retrain_flow(run: str, params_path: str = "params.yaml") -> str:
 def evaluate_flow(run: str, params_path: str = "params.yaml") -> dict:
     load_params(params_path)
     return t.evaluate_run(params_path, run)
+
+
+@flow(name="sweep", flow_run_name="sweep-{method}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def sweep_flow(method: str, sparsities: list[float], seeds: list[int], params_path: str = "params.yaml") -> str:
+    """A sparsity × seed sweep of ``method``: every point is an independent training task
+    (``runs/sweeps/<method>/``), fanned out to the ``params.orchestration`` task runner;
+    the table goes to ``reports/sweeps/<method>.csv`` and the Prefect artifact ``sweep-<method>``."""
+    params = load_params(params_path)
+    threads = task_threads(params)
+    rows = fan_out(t.sweep_point, [(params_path, method, s, seed, threads) for s in sparsities for seed in seeds])
+    return t.write_sweep(params_path, method, rows)

@@ -93,11 +93,27 @@ def write_csv(df: pd.DataFrame, dest: str | Path) -> None:
         df.to_csv(tmp, index=False)
 
 
+#: The one safetensors metadata key: a sorted JSON object. safetensors writes its metadata
+#: map in hash order, which varies between processes; one key keeps files byte-identical.
+TENSOR_METADATA_KEY = "sparseflow"
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], dest: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file of contiguous CPU tensors."""
+    """safetensors file of contiguous CPU tensors; ``metadata`` is read back by
+    :func:`load_tensor_metadata`. The same inputs give the same bytes in every process."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {TENSOR_METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(dest) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        save_file(flat, str(tmp), metadata=meta)
+
+
+def load_tensor_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata written by :func:`save_tensors` (files of older versions: the raw map)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[TENSOR_METADATA_KEY]) if TENSOR_METADATA_KEY in meta else dict(meta)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

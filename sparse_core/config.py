@@ -395,6 +395,27 @@ class CorruptSection(_Section):
         return list(ALL_CORRUPTIONS) if self.corruptions is None else list(self.corruptions)
 
 
+class OrchestrationSection(_Section):
+    """Where the independent units of work inside a stage run (DST Ensemble members, sweep
+    points, local-parallelism sweep points). Not a DVC params dependency: the results are the
+    same whichever runner executes them, so changing it never makes a stage stale.
+
+    ``task_runner``: ``sequential`` (one after another, the default), ``thread`` (Prefect's
+    ThreadPoolTaskRunner), ``process`` (ProcessPoolTaskRunner) or ``dask`` (prefect-dask's
+    DaskTaskRunner: a local cluster of ``dask_workers`` processes, or the scheduler at
+    ``dask_address``). The environment variables ``SPARSEFLOW_TASK_RUNNER`` and
+    ``SPARSEFLOW_DASK_ADDRESS`` override the file.
+    """
+
+    task_runner: Literal["sequential", "thread", "process", "dask"] = "sequential"
+    #: Concurrent tasks of the ``thread`` and ``process`` runners.
+    max_workers: int = Field(2, ge=1)
+    #: ``tcp://host:8786`` of an existing Dask scheduler; null starts a local cluster.
+    dask_address: str | None = None
+    #: Worker processes of the local Dask cluster (one thread each).
+    dask_workers: int = Field(2, ge=1)
+
+
 class Params(_Section):
     """The whole ``params.yaml``."""
 
@@ -410,6 +431,7 @@ class Params(_Section):
     ood: OODSection = OODSection()
     local: LocalSection = LocalSection()
     corrupt: CorruptSection = CorruptSection()
+    orchestration: OrchestrationSection = OrchestrationSection()
 
     @model_validator(mode="after")
     def _runs_exist(self) -> "Params":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from torch import nn
 from sparse_core import artifacts, evalsets
 from sparse_core.config import DST_METHODS, LOCAL_METHODS, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
-from sparse_core.engine import fit, predict, resolve_device, seed_everything
+from sparse_core.distributed import active_parallel
+from sparse_core.engine import evaluate, fit, predict, resolve_device, seed_everything
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
 from sparse_core.flops import gradual_training_flops_per_example, inference_flops, layer_flops, training_flops_per_example
 from sparse_core.methods import MaskedMethod, Method, create_method
@@ -39,15 +41,21 @@ from sparse_core.models import create_model
 from sparse_core.sparsity import MaskSet, prunable_parameters
 
 WARMUP_RUN = "warmup"
+_BUILD_LOCK = threading.Lock()
 
 
 # ----- shared helpers ------------------------------------------------------------------------
-def _setup(params: Params, seed: int | None = None) -> tuple[torch.device, PreparedData, nn.Module]:
-    """Seed, pick the device, load the prepared data and build the seeded model."""
+def _setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tuple[torch.device, PreparedData, nn.Module]:
+    """Seed, pick the device, load the prepared data and build the seeded model.
+
+    ``num_threads`` (else ``base.num_threads``; 0 keeps torch's default) sets torch's intra-op
+    threads. CPU results depend on it in the last bits, so a task fanned out to another
+    process gets the thread count of the process that would have run it sequentially.
+    """
     seed = params.base.seed if seed is None else seed
     seed_everything(seed, params.base.deterministic)
-    if params.base.num_threads:
-        torch.set_num_threads(params.base.num_threads)
+    if num_threads or params.base.num_threads:
+        torch.set_num_threads(num_threads or params.base.num_threads)
     device = resolve_device(params.base.device)
     data = load_data(params)
     return device, data, build_model(params, data, seed)
@@ -59,10 +67,12 @@ def load_data(params: Params) -> PreparedData:
 
 def build_model(params: Params, data: PreparedData, seed: int | None = None) -> nn.Module:
     """The configured model, initialised from ``seed`` (default ``base.seed``: the same init in
-    every stage)."""
-    torch.manual_seed(params.base.seed if seed is None else seed)
+    every stage). Thread-safe: seeding torch's global generator and drawing the init happen
+    under one lock, so concurrent tasks of a thread runner get the same init as sequential ones."""
     c, h, _ = data.shape
-    return create_model(params.model.name, in_channels=c, num_classes=data.num_classes, image_size=h, **params.model.kwargs)
+    with _BUILD_LOCK:
+        torch.manual_seed(params.base.seed if seed is None else seed)
+        return create_model(params.model.name, in_channels=c, num_classes=data.num_classes, image_size=h, **params.model.kwargs)
 
 
 def transform_for(params: Params, data: PreparedData) -> BatchTransform:
@@ -176,9 +186,17 @@ def _train_run(
     recorded_method: str | None = None,
 ) -> Path:  # fmt: skip
     """Train ``model`` (a registry network, or a LocalNet wrapping one: the sparse method then
-    acts on the network, and only the network is exported) and export the run."""
+    acts on the network, and only the network is exported) and export the run.
+
+    Inside :func:`stage_train_ddp` (a DDP rank, :func:`~sparse_core.distributed.active_parallel`)
+    every rank trains on its own device; rank 0 alone prepares the folder and exports, and every
+    rank returns once the export is complete."""
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
-    _fresh_run_dir(params, run, fingerprint)
+    parallel = active_parallel()
+    if parallel.is_main:
+        _fresh_run_dir(params, run, fingerprint)
+    parallel.barrier()  # no rank looks for a checkpoint while rank 0 may be clearing the folder
+    device = parallel.device or device
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     t = params.train
     seed = params.base.seed if seed is None else seed
@@ -190,14 +208,19 @@ def _train_run(
     result = fit(
         model, method, data.splits["train"], data.splits["val"], transform_for(params, data), optim,
         epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
-        fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress,
+        fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress and parallel.is_main,
+        parallel=parallel,
     )  # fmt: skip
     method.on_train_end()
+    parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one
     extra = {"method": recorded_method or method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
     if recorded_method in LOCAL_METHODS:
         extra["local"] = {"variant": LOCAL_METHODS[recorded_method], "sparse_method": method_name,
                           "windows": [[w.start, w.end] for w in model.windows], "blocks": [b.name for b in model.blocks]}  # fmt: skip
-    return _export(params, run, net, method, result.history, extra)
+    extra.update(parallel.describe())
+    out = _export(params, run, net, method, result.history, extra) if parallel.is_main else run_dir(params, run)
+    parallel.barrier()  # DDP: every rank returns after rank 0's export
+    return out
 
 
 def stage_warmup(params: Params) -> Path:
@@ -224,13 +247,68 @@ def stage_train(params: Params, method: str) -> Path:
         return finish_dst_ensemble(params)
     if method in LOCAL_METHODS:
         return stage_train_local(params, method)
-    device, data, model = _setup(params)
+    return _train_single(params, method, method)
+
+
+def _train_single(params: Params, method: str, run: str, num_threads: int = 0) -> Path:
+    """One run of a single-model method (from the warmup unless it is a DST method)."""
+    device, data, model = _setup(params, num_threads=num_threads)
     init = "seed"
     if params.train.from_warmup and method not in DST_METHODS:
         load_exported(params, WARMUP_RUN, model)
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
-    return _train_run(params, method, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+    return _train_run(params, run, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+
+
+#: Methods a sparsity × seed sweep can run, and the params key holding their target sparsity.
+SWEEP_SPARSITY_KEY = {"dpf": "pruning", "gmp": "pruning", "oneshot": "pruning", "set": "dst", "rigl": "dst"}
+
+
+def sweep_run(method: str, sparsity: float, seed: int) -> str:
+    """Run name of one sweep point: ``sweeps/<method>/s<sparsity>-seed<seed>``."""
+    return f"sweeps/{method}/s{sparsity:.4f}-seed{seed}"
+
+
+def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict[str, Any]:
+    """One point of a sparsity × seed sweep: ``method`` trained with its target sparsity set to
+    ``sparsity`` and ``base.seed`` set to ``seed`` (init, masks, data order), in
+    ``runs/sweeps/<method>/s<sparsity>-seed<seed>/``; points are independent tasks.
+
+    Returns:
+        ``{"method", "sparsity" (target), "seed", "realised_sparsity", "val_accuracy",
+        "test_accuracy", "test_nll", "run_dir"}`` (fractions; NLL in nats).
+
+    Raises:
+        ValueError: ``method`` has no target sparsity (see ``SWEEP_SPARSITY_KEY``).
+    """
+    if method not in SWEEP_SPARSITY_KEY:
+        raise ValueError(f"sweep: method {method!r} has no target sparsity; use one of {sorted(SWEEP_SPARSITY_KEY)}")
+    raw = params.model_dump(mode="json")
+    raw["base"]["seed"] = seed
+    raw["train"][SWEEP_SPARSITY_KEY[method]]["sparsity"] = sparsity
+    point = Params.model_validate(raw)
+    run = sweep_run(method, sparsity, seed)
+    out = _train_single(point, method, run, num_threads)
+    _, data, model = _setup(point, num_threads=num_threads)
+    masks = load_exported(point, run, model)
+    device = resolve_device(point.base.device)
+    model.to(device)
+    transform = transform_for(point, data)
+    row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed, "realised_sparsity": masks.sparsity()}
+    val = pd.read_parquet(out / "history.parquet")["val_accuracy"]
+    row["val_accuracy"] = float(val.iloc[-1]) if len(val) else float("nan")
+    test = evaluate(model, data.splits["test"], transform, point.evaluate.batch_size, device)
+    row.update(test_accuracy=test["accuracy"], test_nll=test["loss"], run_dir=str(out))
+    return row
+
+
+def write_sweep(params: Params, method: str, rows: list[dict[str, Any]]) -> Path:
+    """The sweep table ``reports/sweeps/<method>.csv`` (one row per point, sorted)."""
+    table = pd.DataFrame(rows).sort_values(["sparsity", "seed"], ignore_index=True)
+    out = Path("reports") / "sweeps" / f"{method}.csv"
+    artifacts.write_csv(table, out)
+    return out
 
 
 def _local_net(params: Params, method: str, net: nn.Module, data: PreparedData):
@@ -346,8 +424,36 @@ def stage_local_worker(params: Params, method: str) -> Path | None:
     return _export_local_pipeline(params, method, local, info, data, init, fingerprint, spec.backend, "torchrun")
 
 
+def stage_train_ddp(params: Params, method: str) -> Path | None:
+    """This rank of ``train@<method>`` trained data-parallel (DDP) under ``torchrun``: any
+    non-local method (``dst_ensemble`` trains its members one after another), with the same
+    ``runs/<method>/`` files as :func:`stage_train`, written by rank 0 (``config.json`` adds
+    ``distributed``). Global-batch semantics, mask verification and BN: :mod:`sparse_core.distributed`.
+
+    Returns:
+        The run folder on rank 0, None on the other ranks.
+
+    Raises:
+        ValueError: ``method`` is local (its chunks run with ``sparseflow local-worker``) or not
+            in ``train.methods``.
+        RuntimeError: not launched by torchrun.
+        sparse_core.distributed.MaskDivergenceError: the ranks' masks differ at a check.
+    """
+    from sparse_core.distributed import data_parallel
+
+    if method in LOCAL_METHODS:
+        raise ValueError(f"{method} is not data-parallel; its chunks run one per process with `sparseflow local-worker`")
+    if method not in params.train.methods:
+        raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
+    with data_parallel(params.base.device) as parallel:
+        out = stage_train(params, method)
+    return out if parallel.is_main else None
+
+
 def finish_dst_ensemble(params: Params) -> Path:
-    """After all members: one training-curve file with a ``member`` column."""
+    """After all members: one training-curve file with a ``member`` column (rank 0 under DDP)."""
+    if not active_parallel().is_main:
+        return run_dir(params, "dst_ensemble")
     frames = []
     for i in range(params.train.dst_ensemble.members):
         hist = pd.read_parquet(run_dir(params, member_run(i)) / "history.parquet")
@@ -360,11 +466,13 @@ def member_run(i: int) -> str:
     return f"dst_ensemble/member_{i}"
 
 
-def stage_train_member(params: Params, i: int) -> Path:
+def stage_train_member(params: Params, i: int, num_threads: int = 0) -> Path:
     """Member ``i`` of the DST Ensemble: a full ``train.dst_ensemble.method`` run with seed
-    ``base.seed + i`` (init, masks and data order), in ``runs/dst_ensemble/member_<i>/``."""
+    ``base.seed + i`` (init, masks and data order), in ``runs/dst_ensemble/member_<i>/``.
+    Members are independent: any task runner may train them concurrently (``num_threads``:
+    see :func:`_setup`)."""
     seed = params.base.seed + i
-    device, data, model = _setup(params, seed)
+    device, data, model = _setup(params, seed, num_threads)
     fp = params.fingerprint("base", "data", "augment", "model", "train") + f"-dst_ensemble-{i}"
     method = params.train.dst_ensemble.method
     return _train_run(

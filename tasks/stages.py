@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -81,9 +82,24 @@ def train_run(params_path: str, method: str) -> str:
 
 
 @task(name="train-member", task_run_name="train-dst_ensemble-member-{member}")
-def train_member(params_path: str, member: int) -> str:
+def train_member(params_path: str, member: int, num_threads: int = 0) -> str:
     """Member ``member`` of the DST Ensemble -> ``runs/dst_ensemble/member_<i>/``."""
-    return str(stages.stage_train_member(load_params(params_path), member))
+    return str(stages.stage_train_member(load_params(params_path), member, num_threads))
+
+
+@task(name="sweep-point", task_run_name="sweep-{method}-s{sparsity}-seed{seed}")
+def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict:
+    """One sparsity × seed point -> ``runs/sweeps/<method>/s<S>-seed<k>/``; returns its row."""
+    return stages.stage_sweep_point(load_params(params_path), method, sparsity, seed, num_threads)
+
+
+@task(name="write-sweep", task_run_name="write-sweep-{method}")
+def write_sweep(params_path: str, method: str, rows: list) -> str:
+    """``reports/sweeps/<method>.csv``; also the table artifact ``sweep-<method>``."""
+    out = stages.write_sweep(load_params(params_path), method, rows)
+    table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"} for r in rows]
+    create_table_artifact(key=f"sweep-{method.replace('_', '-')}", table=table, description=f"Sparsity × seed sweep of {method}")
+    return str(out)
 
 
 @task(name="finish-dst-ensemble")
@@ -126,15 +142,21 @@ def evaluate_run(params_path: str, run: str) -> dict:
         "sparsity": round(metrics["sparsity"], 4),
         "inference_flops_ratio": round(metrics["flops"]["inference_ratio"], 4),
     }
-    create_table_artifact(key=f"metrics-{run.replace('_', '-')}", table=[row], description=f"Metrics of run {run}")
+    key = run.replace("_", "-")
+    create_table_artifact(key=f"metrics-{key}", table=[row], description=f"Metrics of run {run}")
+    params = load_params(params_path)
+    layers = pd.read_csv(f"{params.base.plots_dir}/layers/{run}.csv")
+    create_table_artifact(
+        key=f"sparsity-{key}",
+        table=[{"layer": r.name, "numel": int(r.numel), "density": round(float(r.density), 4)} for r in layers.itertuples()],
+        description=f"Per-layer density of run {run} (fraction of nonzero weights)",
+    )
     return metrics
 
 
 @task(name="publish-run-summary")
 def publish_summary(run: str, run_dir: str) -> None:
     """Markdown artifact with the run's last history row (for the Prefect UI)."""
-    import pandas as pd
-
     hist = pd.read_parquet(f"{run_dir}/history.parquet")
     if hist.empty:
         return

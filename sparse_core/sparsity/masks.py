@@ -16,7 +16,7 @@ import pandera.pandas as pa
 import torch
 from torch import nn
 
-from sparse_core.artifacts import load_tensors, save_tensors, write_parquet
+from sparse_core.artifacts import load_tensor_metadata, load_tensors, save_tensors, write_parquet
 
 LAYER_TABLE_SCHEMA = pa.DataFrameSchema(
     {
@@ -147,11 +147,8 @@ class MaskSet:
         save_tensors(tensors, path, metadata={n: repr(d) for n, d in self.target_density.items()})
 
     def load(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         tensors = load_tensors(path)
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = load_tensor_metadata(path)
         sd = dict(tensors)
         sd.update({f"{n}:target": torch.tensor(float(v), dtype=torch.float64) for n, v in meta.items()})
         self.load_state_dict(sd)

@@ -1,0 +1,109 @@
+"""``sparseflow server``, ``serve`` and ``deploy``: the pipeline on a Prefect server.
+
+- ``server`` starts Prefect's own server (``prefect server start``) bound to 127.0.0.1 by
+  default, with its default embedded SQLite database under ``PREFECT_HOME``. PostgreSQL:
+  set ``PREFECT_API_DATABASE_CONNECTION_URL`` (README, "Schedule it on a Prefect server").
+- ``serve`` runs a long-lived process that serves the ``pipeline`` flow of this checkout as
+  a deployment (cron or interval schedule, or triggered by hand / through the API).
+- ``deploy`` registers the same flow, from this checkout's folder, as a deployment of a
+  *process* work pool (created when missing), so ``prefect worker start --pool NAME`` on a
+  machine that sees this folder picks the runs up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
+
+
+def _prefect_executable() -> str:
+    return shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect") or "prefect"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_command(host: str, port: int) -> list[str]:
+    """The ``prefect server start`` command line for ``host:port``."""
+    return [_prefect_executable(), "server", "start", "--host", host, "--port", str(port)]
+
+
+def start(host: str, port: int) -> int:
+    """Replace this process by a Prefect server on ``host:port`` (SIGTERM / Ctrl-C stop it)."""
+    if not _is_loopback(host):
+        print(
+            f"sparseflow server: WARNING: binding {host}, not a loopback address. The Prefect server has no "
+            "authentication of its own; put it behind an authenticating reverse proxy (README, "
+            "'Schedule it on a Prefect server').",
+            file=sys.stderr,
+        )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    print(f"sparseflow server: Prefect API at http://{host}:{port}/api (UI at http://{host}:{port}); in other shells:\n"
+          f"  export PREFECT_API_URL=http://{host}:{port}/api", flush=True)  # fmt: skip
+    cmd = server_command(host, port)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _parameters(args: argparse.Namespace, repo: Path) -> dict:
+    return {"targets": args.target or None, "profile": args.profile, "repo_dir": str(repo), "wait_seconds": args.wait}
+
+
+def _schedule(args: argparse.Namespace) -> dict:
+    if args.cron:
+        return {"cron": args.cron}
+    if args.interval:
+        return {"interval": args.interval}
+    return {}
+
+
+def ensure_process_pool(name: str) -> None:
+    """Create the process work pool ``name`` unless it exists.
+
+    Raises:
+        ValueError: a pool of that name exists with another type.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return
+    if pool.type != "process":
+        raise ValueError(f"work pool {name!r} exists with type {pool.type!r}; sparseflow deploy needs a 'process' pool")
+
+
+def serve_or_deploy(args: argparse.Namespace) -> None:
+    """``sparseflow serve`` (blocks, serving runs) or ``sparseflow deploy`` (registers and returns)."""
+    from flows.pipeline import pipeline_flow
+
+    repo = Path.cwd().resolve()
+    if not (repo / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{repo}: no dvc.yaml here; run this in the project checkout")
+    params = _parameters(args, repo)
+    if args.command == "serve":
+        pipeline_flow.serve(name=args.name, parameters=params, **_schedule(args))
+        return
+    ensure_process_pool(args.pool)
+    deployment_id = pipeline_flow.from_source(source=str(repo), entrypoint=ENTRYPOINT).deploy(
+        name=args.name, work_pool_name=args.pool, parameters=params, print_next_steps=False, **_schedule(args)
+    )
+    print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
+          f"Start a worker where this folder ({repo}) is visible:\n  prefect worker start --pool {args.pool}\n"
+          f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip
