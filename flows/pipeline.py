@@ -52,14 +52,16 @@ def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:
     """The ``pipeline`` artifact: stages reproduced and the stage flow runs tagged with this run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[PIPELINE_TAG_PREFIX + run_id])), limit=200
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[PIPELINE_TAG_PREFIX + run_id])),
+            sort=FlowRunSort.START_TIME_ASC, limit=200,
         )
     lines = [f"### Pipeline run `{run_id}`", "", f"Stages reproduced: {', '.join(stages) or 'none (all up to date)'}", ""]
     lines += ["| stage flow run | state | id |", "|---|---|---|"]
-    lines += [f"| {r.name} | {r.state_name} | `{r.id}` |" for r in sorted(runs, key=lambda r: r.start_time or r.created)]
+    lines += [f"| {r.name} | {r.state_name} | `{r.id}` |" for r in runs]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,8 @@ import argparse
 import ipaddress
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +43,10 @@ def server_command(host: str, port: int) -> list[str]:
 
 
 def start(host: str, port: int) -> int:
-    """Replace this process by a Prefect server on ``host:port`` (SIGTERM / Ctrl-C stop it)."""
+    """Run a Prefect server on ``host:port`` until Ctrl-C or SIGTERM; returns its exit status.
+
+    SIGTERM (a service manager's stop) is passed on as SIGINT, which Prefect's server handles
+    as a graceful shutdown (exit status 0) instead of dying mid-write."""
     if not _is_loopback(host):
         print(
             f"sparseflow server: WARNING: binding {host}, not a loopback address. The Prefect server has no "
@@ -52,9 +57,14 @@ def start(host: str, port: int) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     print(f"sparseflow server: Prefect API at http://{host}:{port}/api (UI at http://{host}:{port}); in other shells:\n"
           f"  export PREFECT_API_URL=http://{host}:{port}/api", flush=True)  # fmt: skip
-    cmd = server_command(host, port)
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
+    proc = subprocess.Popen(server_command(host, port))
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server itself (same process group)
+    while True:
+        try:
+            return proc.wait()
+        except InterruptedError:  # pragma: no cover - wait() is restarted by Python (PEP 475)
+            continue
 
 
 def _parameters(args: argparse.Namespace, repo: Path) -> dict:
@@ -101,9 +111,12 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
         pipeline_flow.serve(name=args.name, parameters=params, **_schedule(args))
         return
     ensure_process_pool(args.pool)
-    deployment_id = pipeline_flow.from_source(source=str(repo), entrypoint=ENTRYPOINT).deploy(
-        name=args.name, work_pool_name=args.pool, parameters=params, print_next_steps=False, **_schedule(args)
+    # to_deployment().apply() rather than Flow.deploy(): deploy() also lists the pool's online
+    # workers, a request Prefect 3.8's own server rejects with FastAPI < 0.155 (limit=null).
+    deployment = pipeline_flow.from_source(source=str(repo), entrypoint=ENTRYPOINT).to_deployment(
+        name=args.name, work_pool_name=args.pool, parameters=params, **_schedule(args)
     )
+    deployment_id = deployment.apply()
     print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
           f"Start a worker where this folder ({repo}) is visible:\n  prefect worker start --pool {args.pool}\n"
           f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip

@@ -1,0 +1,269 @@
+"""Scheduling and fan-out: the workspace lock, concurrent pipeline runs, the process work pool
+deployment, ``sparseflow server`` and DST Ensemble members on a 2-worker Dask cluster.
+
+Everything runs against real processes: a Prefect server on a loopback port (the session
+fixture ``prefect_server``), real DVC repos in temporary folders, a real LocalCluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.workspace import WorkspaceBusy, holder, workspace_lock
+from tests.conftest import REPO, _free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _env(prefect_server: str, tmp_path: Path, **extra: str) -> dict:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "DVC_NO_ANALYTICS": "1",
+        **extra,
+    }
+
+
+def _slow_repo(root: Path, seconds: float) -> Path:
+    """A git + DVC project whose one stage sleeps ``seconds`` and appends a line to ``runs.log``
+    (so the number of times the stage ran can be counted) before writing ``out.txt``."""
+    root.mkdir()
+    (root / "stage.py").write_text(textwrap.dedent(f"""
+        import time
+        with open("runs.log", "a") as log:
+            log.write("start\\n")
+        time.sleep({seconds})
+        with open("out.txt", "w") as out:
+            out.write("complete output\\n")
+    """))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"slow": {"cmd": "python stage.py", "deps": ["stage.py"], "outs": ["out.txt"]}}}))
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    return root
+
+
+def _post(api: str, path: str, body: dict | None = None) -> list[dict]:
+    req = urllib.request.Request(f"{api}/{path}", data=json.dumps(body or {"limit": 200}).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+# ----- the workspace lock, in-process ----------------------------------------------------------
+def test_workspace_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    with workspace_lock(tmp_path, flow_run_id="run-A"):
+        assert holder(tmp_path)["flow_run_id"] == "run-A" and holder(tmp_path)["pid"] == os.getpid()
+        t0 = time.monotonic()
+        with pytest.raises(WorkspaceBusy, match=r"another pipeline run .*flow run run-A.*waited 1 s") as err:
+            with workspace_lock(tmp_path, timeout=1.0):
+                pass
+        assert time.monotonic() - t0 >= 1.0
+        assert str(tmp_path.resolve()) in str(err.value)
+    with workspace_lock(tmp_path, timeout=0):  # released on exit
+        pass
+
+
+def test_workspace_lock_is_released_when_its_holder_is_killed(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    code = f"from flows.workspace import workspace_lock\nimport time\nwith workspace_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusy):
+            with workspace_lock(tmp_path, timeout=0):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        with workspace_lock(tmp_path, timeout=5):  # the kernel dropped the dead holder's lock
+            pass
+    finally:
+        proc.kill()
+
+
+def test_workspace_lock_needs_a_dvc_project(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a DVC project"):
+        with workspace_lock(tmp_path):
+            pass
+
+
+# ----- two pipeline runs on one workspace ------------------------------------------------------
+def _launch_pipelines(repo: Path, env: dict, wait: str) -> list[subprocess.CompletedProcess]:
+    cmd = [str(BIN / "sparseflow"), "pipeline", "--wait", wait]
+    procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        outs.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    return outs
+
+
+def test_two_pipeline_runs_on_one_workspace_one_is_refused(tmp_path, prefect_server):
+    repo = _slow_repo(tmp_path / "repo", seconds=12)
+    env = _env(prefect_server, tmp_path)
+    first, second = sorted(_launch_pipelines(repo, env, "0"), key=lambda p: p.returncode)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert "another pipeline run is reproducing this workspace" in second.stderr and "Nothing was changed" in second.stderr
+    # The winner's outputs are complete and recorded; the refused run touched nothing.
+    assert (repo / "out.txt").read_text() == "complete output\n"
+    assert (repo / "runs.log").read_text() == "start\n"
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout) == {}
+
+
+def test_two_pipeline_runs_on_one_workspace_the_second_waits(tmp_path, prefect_server):
+    repo = _slow_repo(tmp_path / "repo", seconds=6)
+    env = _env(prefect_server, tmp_path)
+    runs = _launch_pipelines(repo, env, "-1")
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+    # Serialised: the stage ran once; whoever came second found it up to date.
+    assert (repo / "runs.log").read_text() == "start\n"
+    assert (repo / "out.txt").read_text() == "complete output\n"
+
+
+# ----- a process work pool deployment, picked up by a real worker -------------------------------
+def test_deploy_to_a_process_pool_and_a_worker_runs_it(tmp_path, prefect_server):
+    repo = _slow_repo(tmp_path / "repo", seconds=0)
+    (repo / "flows").mkdir()
+    (repo / "flows" / "pipeline.py").write_text((REPO / "flows" / "pipeline.py").read_text())
+    env = _env(prefect_server, tmp_path)
+    pool = f"sf-test-{os.getpid()}"
+    done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--pool", pool, "--name", "nightly", "--cron", "0 3 * * *"],
+                          cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"prefect worker start --pool {pool}" in done.stdout
+    deployment = next(d for d in _post(prefect_server, "deployments/filter") if d["name"] == "nightly")
+    assert deployment["work_pool_name"] == pool and deployment["parameters"]["repo_dir"] == str(repo.resolve())
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    pools = {p["name"]: p["type"] for p in _post(prefect_server, "work_pools/filter", {})}
+    assert pools[pool] == "process"
+
+    run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "pipeline/nightly"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert (repo / "out.txt").read_text() == "complete output\n"  # the worker reproduced the checkout
+    runs = [r for r in _post(prefect_server, "flow_runs/filter") if r["deployment_id"] == deployment["id"]]
+    assert any(r["state_type"] == "COMPLETED" for r in runs)
+
+
+# ----- sparseflow server -----------------------------------------------------------------------
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_sparseflow_server_binds_loopback_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(BIN / "sparseflow"), "server", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        assert (tmp_path / "home" / "prefect.db").is_file()  # embedded SQLite under PREFECT_HOME
+        other = _non_loopback_address()
+        if other is not None:  # nothing answers on the machine's public interface
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
+    assert f"http://127.0.0.1:{port}/api" in out
+
+
+# ----- fan-out: DST Ensemble members on a local 2-worker Dask cluster --------------------------
+@pytest.fixture
+def tiny_project(tmp_path, mirror, monkeypatch):
+    """The tiny profile with its data prepared, in a temporary working directory; 2 DST members
+    of 1 epoch each."""
+    from sparse_core.config import load_params
+    from sparse_core.stages import stage_prepare
+
+    raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    raw["train"]["epochs"] = 1
+    raw["train"]["dst_ensemble"]["members"] = 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(mirror))
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    stage_prepare(load_params("params.yaml"))
+    return tmp_path
+
+
+def _member_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "runs" / "dst_ensemble").rglob("*.safetensors"))}
+
+
+def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_project, prefect_server, monkeypatch):
+    import shutil
+
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import task_threads
+    from flows.stages import train_flow
+    from sparse_core.config import load_params
+    from sparse_core.stages import stage_train_member
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    params = load_params("params.yaml")
+    threads = task_threads(params)
+    for i in range(2):  # sequential reference, in this process
+        stage_train_member(params, i, threads)
+    sequential = _member_files(tiny_project)
+    assert len(sequential) == 4  # model + masks of each member
+    shutil.rmtree(tiny_project / "runs" / "dst_ensemble")
+
+    runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                            cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})  # fmt: skip
+    train_flow.with_options(task_runner=runner)("dst_ensemble", str(tiny_project / "params.yaml"))
+    assert _member_files(tiny_project) == sequential
+
+
+def test_task_runner_selection_and_environment_override(monkeypatch):
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import make_task_runner
+    from sparse_core.config import ConfigError, OrchestrationSection
+
+    monkeypatch.delenv("SPARSEFLOW_TASK_RUNNER", raising=False)
+    monkeypatch.delenv("SPARSEFLOW_DASK_ADDRESS", raising=False)
+    seq = make_task_runner(OrchestrationSection())
+    assert isinstance(seq, ThreadPoolTaskRunner) and seq._max_workers == 1
+    assert isinstance(make_task_runner(OrchestrationSection(task_runner="process", max_workers=3)), ProcessPoolTaskRunner)
+    monkeypatch.setenv("SPARSEFLOW_DASK_ADDRESS", "tcp://10.0.0.5:8786")
+    dask = make_task_runner(OrchestrationSection())
+    assert isinstance(dask, DaskTaskRunner) and dask.address == "tcp://10.0.0.5:8786"
+    monkeypatch.setenv("SPARSEFLOW_TASK_RUNNER", "spark")
+    with pytest.raises(ConfigError, match="SPARSEFLOW_TASK_RUNNER='spark'"):
+        make_task_runner(OrchestrationSection())
