@@ -205,13 +205,12 @@ def test_sparseflow_server_binds_loopback_and_stops_cleanly(tmp_path):
 # ----- fan-out: DST Ensemble members on a local 2-worker Dask cluster --------------------------
 @pytest.fixture
 def tiny_project(tmp_path, mirror, monkeypatch):
-    """The tiny profile with its data prepared, in a temporary working directory; 2 DST members
-    of 1 epoch each."""
+    """The tiny profile (2 DST Ensemble members) with its data prepared, in a temporary working
+    directory."""
     from sparse_core.config import load_params
     from sparse_core.stages import stage_prepare
 
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
-    raw["train"]["epochs"] = 1
     raw["train"]["dst_ensemble"]["members"] = 2
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(mirror))
@@ -234,7 +233,9 @@ def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_projec
     from sparse_core.config import load_params
     from sparse_core.stages import stage_train_member
 
-    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)  # for the Dask worker processes
     params = load_params("params.yaml")
     threads = task_threads(params)
     for i in range(2):  # sequential reference, in this process
@@ -245,7 +246,8 @@ def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_projec
 
     runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
                             cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})  # fmt: skip
-    train_flow.with_options(task_runner=runner)("dst_ensemble", str(tiny_project / "params.yaml"))
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        train_flow.with_options(task_runner=runner)("dst_ensemble", str(tiny_project / "params.yaml"))
     assert _member_files(tiny_project) == sequential
 
 
