@@ -82,13 +82,12 @@ def prefect_server(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    sparseflow = shutil.which("sparseflow", path=str(Path(sys.executable).parent)) or "sparseflow"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    # The project's own command: a Prefect server on loopback with embedded SQLite.
+    proc = subprocess.Popen([sparseflow, "server", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 90

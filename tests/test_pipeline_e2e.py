@@ -1,6 +1,7 @@
-"""`dvc repro` of the tiny profile in a temporary copy of the repo runs every stage once.
-
-Each stage runs its Prefect flow through the ``sparseflow`` command, exactly as ``make repro``.
+"""The tiny profile in a temporary copy of the repo, end to end: ``sparseflow serve`` serves
+the pipeline flow on the session's Prefect server, one run is triggered through the Prefect
+client and awaited; it reproduces every stage once (through DVC's Python API), each stage's
+flow run is linked to the pipeline run, and a second ``dvc repro`` finds nothing to do.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import urllib.request
 from pathlib import Path
 
@@ -28,13 +30,52 @@ def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
+def _serve_and_trigger(work: Path, env: dict, api: str) -> tuple[str, list[str]]:
+    """``sparseflow serve`` in ``work``, one run triggered through the Prefect client and
+    awaited; returns the flow run id and the stages it reproduced (its ``pipeline`` artifact)."""
+    import time
+
+    serve = subprocess.Popen([str(Path(sys.executable).parent / "sparseflow"), "serve", "--interval", "86400", "--name", "e2e",
+                              "--profile", "tiny"],
+                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    code = textwrap.dedent("""
+        import sys, time
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+        for _ in range(120):  # until the served deployment is registered
+            try:
+                run = run_deployment("pipeline/e2e", timeout=900, poll_interval=2)
+                break
+            except ObjectNotFound:
+                time.sleep(1)
+        print(run.id, run.state.type.value)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+    finally:
+        serve.terminate()
+        serve_log = serve.communicate(timeout=60)[0]
+    assert done.returncode == 0, done.stderr[-3000:] + serve_log[-3000:]
+    run_id, state = done.stdout.split()[-2:]
+    assert state == "COMPLETED", serve_log[-5000:]
+    art = next(a for a in _post(api, "artifacts/filter") if a["key"] == "pipeline" and a["flow_run_id"] == run_id)
+    stages = art["data"].split("Stages reproduced: ")[1].split("\n")[0]
+    return run_id, [s.strip() for s in stages.split(",")]
+
+
+def _post(api: str, path: str) -> list[dict]:
+    req = urllib.request.Request(f"{api}/{path}", data=b'{"limit": 200}', headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
 def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     work = tmp_path / "repo"
     work.mkdir()
-    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis"):
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis", "profiles"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item, **({"ignore": shutil.ignore_patterns("__pycache__", "cache", "tmp")} if src.is_dir() else {}))
-    shutil.copy(REPO / "profiles" / "tiny.yaml", work / "params.yaml")
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")  # the served run switches it to the tiny profile
     bindir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -46,13 +87,13 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     }
     _sh(["git", "init", "-q"], work, env)
     dvc = str(Path(bindir) / "dvc")
-    first = _sh([dvc, "repro"], work, env)
+    # The whole pipeline as a served deployment, triggered through the Prefect client.
+    run_id, reproduced = _serve_and_trigger(work, env, prefect_server)
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
     expected = ["prepare", "ood", "corrupt", "warmup"] + [f"train@{m}" for m in methods] + ["retrain@dpf"]
     expected += [f"{stage}@{e}" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
     expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")] + ["report"]
-    for stage in expected:
-        assert f"Running stage '{stage}'" in first.stdout, stage
+    assert sorted(reproduced) == sorted(expected)
 
     for run in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain"):
         m = json.loads((work / "metrics" / f"{run}.json").read_text())
@@ -103,18 +144,20 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
 
     # The stage flows reported to the server, with their artifacts (read over its REST API).
     def post(path: str) -> list[dict]:
-        req = urllib.request.Request(
-            f"{prefect_server}/{path}", data=b'{"limit": 200}', headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+        return _post(prefect_server, path)
 
     flows = {f["id"]: f["name"] for f in post("flows/filter")}
-    completed = {flows[r["flow_id"]] for r in post("flow_runs/filter") if r["state_type"] == "COMPLETED"}
+    runs = post("flow_runs/filter")
+    completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED"}
     keys = {a["key"] for a in post("artifacts/filter")}
     assert {"prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate-ensemble"} <= completed
-    assert {"metrics-dpf", "run-dpf-retrain", "report"} <= keys
+    assert {"metrics-dpf", "sparsity-dpf", "run-dpf-retrain", "report", "pipeline"} <= keys
     assert {"ood", "corrupt", "report", "local-analysis"} <= completed
+    # Every stage flow run of the served pipeline run is linked to it by its tag.
+    linked = [r for r in runs if f"pipeline-run:{run_id}" in r["tags"]]
+    assert len(linked) == len(expected) and all(r["state_type"] == "COMPLETED" for r in linked)
+    assert {flows[r["flow_id"]] for r in linked} == {"prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect",
+                                                     "evaluate-ensemble", "evaluate", "report"}  # fmt: skip
 
     # The same local run, one process per chunk (local.execution: pipeline), through the CLI flow.
     raw = yaml.safe_load((work / "params.yaml").read_text())
