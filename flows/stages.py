@@ -21,31 +21,31 @@ def with_task_runner(stage_flow, params_path: str = "params.yaml"):
     return stage_flow.with_options(task_runner=make_task_runner(load_params(params_path).orchestration))
 
 
-@flow(name="prepare")
+@flow(name="prepare", flow_run_name="prepare")
 def prepare_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     return t.prepare_dataset(params_path)
 
 
-@flow(name="ood")
+@flow(name="ood", flow_run_name="ood")
 def ood_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     return t.prepare_ood(params_path)
 
 
-@flow(name="corrupt")
+@flow(name="corrupt", flow_run_name="corrupt")
 def corrupt_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     return t.corrupt_test_set(params_path)
 
 
-@flow(name="report")
+@flow(name="report", flow_run_name="report")
 def report_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     return t.build_report(params_path)
 
 
-@flow(name="local-analysis", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="local-analysis", flow_run_name="local-analysis", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def local_analysis_flow(params_path: str = "params.yaml") -> str:
     """The local-parallelism analyses; every (variant, batch size) sweep point is its own task,
     fanned out to the ``params.orchestration`` task runner. Model construction is serialised
@@ -57,7 +57,7 @@ def local_analysis_flow(params_path: str = "params.yaml") -> str:
     return t.local_write_analysis(params_path, rows, side)
 
 
-@flow(name="warmup")
+@flow(name="warmup", flow_run_name="warmup")
 def warmup_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)
     out = t.dense_warmup(params_path)

@@ -269,3 +269,25 @@ def test_task_runner_selection_and_environment_override(monkeypatch):
     monkeypatch.setenv("SPARSEFLOW_TASK_RUNNER", "spark")
     with pytest.raises(ConfigError, match="SPARSEFLOW_TASK_RUNNER='spark'"):
         make_task_runner(OrchestrationSection())
+
+
+def test_sweep_points_train_at_their_sparsity_and_seed(tiny_project, prefect_server):
+    import pandas as pd
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.stages import sweep_flow
+    from sparse_core.artifacts import load_tensors
+    from sparse_core.config import load_params
+    from sparse_core.stages import stage_sweep_point
+
+    with pytest.raises(ValueError, match="sweep: method 'dense' has no target sparsity"):
+        stage_sweep_point(load_params("params.yaml"), "dense", 0.5, 0)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        out = sweep_flow("rigl", [0.5, 0.7], [1, 2], str(tiny_project / "params.yaml"))
+    table = pd.read_csv(out)
+    assert list(zip(table["sparsity"], table["seed"])) == [(0.5, 1), (0.5, 2), (0.7, 1), (0.7, 2)]
+    assert (table["realised_sparsity"] - table["sparsity"]).abs().max() < 1e-3  # ERK counts round per layer
+    assert table["test_accuracy"].between(0, 1).all()
+    masks = {(s, k): load_tensors(tiny_project / "runs" / "sweeps" / "rigl" / f"s{s:.4f}-seed{k}" / "masks.safetensors")
+             for s in (0.5, 0.7) for k in (1, 2)}  # fmt: skip
+    assert any(not (masks[0.5, 1][n] == masks[0.5, 2][n]).all() for n in masks[0.5, 1])  # the seed reaches the masks
