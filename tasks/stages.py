@@ -1,34 +1,69 @@
-"""Tasks wrapping the stage functions of :mod:`sparse_core.stages`."""
+"""Tasks wrapping the stage functions of :mod:`sparse_core.stages`.
+
+Every task retries transient I/O failures (:func:`transient_io`: a flaky network file system,
+a busy file, a timeout) twice, 5 s apart; a stage function resumes from its last checkpoint,
+so a retried training task continues instead of starting over. Deterministic failures (bad
+params, missing or corrupt data, a diverged run) are never retried: a retry would fail the
+same way.
+"""
 
 from __future__ import annotations
+
+import errno
 
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sparse_core import evalsets, stages
-from sparse_core.config import load_params
+from sparse_core.config import ConfigError, load_params
+from sparse_core.data import DataError
+
+#: errno values of failures that can pass by themselves.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR})
 
 
-@task(name="prepare-dataset")
+def is_transient(exc: BaseException) -> bool:
+    """True for I/O failures worth retrying; false for everything deterministic."""
+    if isinstance(exc, (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def transient_io(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only when the task failed with :func:`is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classified, not swallowed
+        return is_transient(exc)
+    return False
+
+
+#: Options shared by every task of this module.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient_io}
+
+
+@task(name="prepare-dataset", **IO_RETRIES)
 def prepare_dataset(params_path: str) -> str:
     """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
     return str(stages.stage_prepare(load_params(params_path)))
 
 
-@task(name="prepare-ood-sets")
+@task(name="prepare-ood-sets", **IO_RETRIES)
 def prepare_ood(params_path: str) -> str:
     """OOD sets of the dataset -> ``data/ood/<dataset>/`` (missing optional sets are warned)."""
     return str(evalsets.stage_ood(load_params(params_path)))
 
 
-@task(name="corrupt-test-set")
+@task(name="corrupt-test-set", **IO_RETRIES)
 def corrupt_test_set(params_path: str) -> str:
     """Corrupted test subset -> ``data/corrupted/<dataset>/``."""
     return str(evalsets.stage_corrupt(load_params(params_path)))
 
 
-@task(name="build-report")
+@task(name="build-report", **IO_RETRIES)
 def build_report(params_path: str) -> str:
     """``reports/report.md``, ``reports/metrics.parquet`` and figures; publishes the results
     table as the Prefect markdown artifact ``report``."""
@@ -45,7 +80,7 @@ def build_report(params_path: str) -> str:
     return str(out)
 
 
-@task(name="local-sweep-point", task_run_name="sweep-{variant}-b{batch_size}")
+@task(name="local-sweep-point", **IO_RETRIES, task_run_name="sweep-{variant}-b{batch_size}")
 def local_sweep_point(params_path: str, variant: str, batch_size: int) -> dict:
     """One batch-size sweep point of the local-parallelism analysis."""
     from sparse_core.local import study
@@ -53,7 +88,7 @@ def local_sweep_point(params_path: str, variant: str, batch_size: int) -> dict:
     return study.sweep_point(load_params(params_path), variant, batch_size)
 
 
-@task(name="local-side-analyses")
+@task(name="local-side-analyses", **IO_RETRIES)
 def local_side_analyses(params_path: str) -> dict:
     """Accounting, gradient cosine similarity and random-label capacity of every variant."""
     from sparse_core.local import study
@@ -61,7 +96,7 @@ def local_side_analyses(params_path: str) -> dict:
     return study.side_analyses(load_params(params_path))
 
 
-@task(name="local-write-analysis")
+@task(name="local-write-analysis", **IO_RETRIES)
 def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
     """``reports/local/`` tables and figures, ``reports/local_analysis.json``."""
     from sparse_core.local import study
@@ -69,31 +104,31 @@ def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
     return str(study.write_analysis(load_params(params_path), sweep_rows, side))
 
 
-@task(name="dense-warmup")
+@task(name="dense-warmup", **IO_RETRIES)
 def dense_warmup(params_path: str) -> str:
     """Dense warmup run -> ``runs/warmup/``."""
     return str(stages.stage_warmup(load_params(params_path)))
 
 
-@task(name="train-run", task_run_name="train-{method}")
+@task(name="train-run", **IO_RETRIES, task_run_name="train-{method}")
 def train_run(params_path: str, method: str) -> str:
     """One training run of ``method`` -> ``runs/<method>/``."""
     return str(stages.stage_train(load_params(params_path), method))
 
 
-@task(name="train-member", task_run_name="train-dst_ensemble-member-{member}")
+@task(name="train-member", **IO_RETRIES, task_run_name="train-dst_ensemble-member-{member}")
 def train_member(params_path: str, member: int, num_threads: int = 0) -> str:
     """Member ``member`` of the DST Ensemble -> ``runs/dst_ensemble/member_<i>/``."""
     return str(stages.stage_train_member(load_params(params_path), member, num_threads))
 
 
-@task(name="sweep-point", task_run_name="sweep-{method}-s{sparsity}-seed{seed}")
+@task(name="sweep-point", **IO_RETRIES, task_run_name="sweep-{method}-s{sparsity}-seed{seed}")
 def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict:
     """One sparsity × seed point -> ``runs/sweeps/<method>/s<S>-seed<k>/``; returns its row."""
     return stages.stage_sweep_point(load_params(params_path), method, sparsity, seed, num_threads)
 
 
-@task(name="write-sweep", task_run_name="write-sweep-{method}")
+@task(name="write-sweep", **IO_RETRIES, task_run_name="write-sweep-{method}")
 def write_sweep(params_path: str, method: str, rows: list) -> str:
     """``reports/sweeps/<method>.csv``; also the table artifact ``sweep-<method>``."""
     out = stages.write_sweep(load_params(params_path), method, rows)
@@ -102,19 +137,19 @@ def write_sweep(params_path: str, method: str, rows: list) -> str:
     return str(out)
 
 
-@task(name="finish-dst-ensemble")
+@task(name="finish-dst-ensemble", **IO_RETRIES)
 def finish_dst_ensemble(params_path: str) -> str:
     """Combined training curves of the DST Ensemble members -> ``plots/history/dst_ensemble.csv``."""
     return str(stages.finish_dst_ensemble(load_params(params_path)))
 
 
-@task(name="collect-ensemble", task_run_name="collect-{name}")
+@task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}")
 def collect_ensemble(params_path: str, name: str) -> str:
     """Member probabilities of ensemble ``name`` -> ``ensembles/<name>/``."""
     return str(stages.stage_collect(load_params(params_path), name))
 
 
-@task(name="evaluate-ensemble", task_run_name="evaluate-{name}")
+@task(name="evaluate-ensemble", **IO_RETRIES, task_run_name="evaluate-{name}")
 def evaluate_ensemble(params_path: str, name: str) -> dict:
     """Ensemble metrics from the cached probabilities -> ``metrics/<name>.json``."""
     metrics = stages.stage_evaluate_ensemble(load_params(params_path), name)
@@ -124,13 +159,13 @@ def evaluate_ensemble(params_path: str, name: str) -> dict:
     return metrics
 
 
-@task(name="retrain-run", task_run_name="retrain-{run}")
+@task(name="retrain-run", **IO_RETRIES, task_run_name="retrain-{run}")
 def retrain_run(params_path: str, run: str) -> str:
     """Fine-tune ``run`` with its mask frozen -> ``runs/<run>_retrain/``."""
     return str(stages.stage_retrain(load_params(params_path), run))
 
 
-@task(name="evaluate-run", task_run_name="evaluate-{run}")
+@task(name="evaluate-run", **IO_RETRIES, task_run_name="evaluate-{run}")
 def evaluate_run(params_path: str, run: str) -> dict:
     """Metrics of ``run`` -> ``metrics/<run>.json``; also published as a Prefect table artifact."""
     metrics = stages.stage_evaluate(load_params(params_path), run)
@@ -154,7 +189,7 @@ def evaluate_run(params_path: str, run: str) -> dict:
     return metrics
 
 
-@task(name="publish-run-summary")
+@task(name="publish-run-summary", **IO_RETRIES)
 def publish_summary(run: str, run_dir: str) -> None:
     """Markdown artifact with the run's last history row (for the Prefect UI)."""
     hist = pd.read_parquet(f"{run_dir}/history.parquet")
