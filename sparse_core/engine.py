@@ -5,6 +5,11 @@
 restarted with ``resume`` continues from the last checkpoint and ends with the same weights as
 an uninterrupted run, because every epoch's data order and augmentation are seeded by
 ``(seed, epoch)`` and the checkpoint carries model, optimizer, method state and RNG state.
+
+Data-parallel runs pass ``parallel`` (a :class:`~sparse_core.distributed.DataParallel`): the loop
+is the same, and the few places where ranks differ (sharding the global batch, verifying masks,
+summing metrics, who writes the checkpoint) are its hooks; the default
+:class:`~sparse_core.distributed.SingleProcess` makes them identities and no-ops.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 from sparse_core.artifacts import load_checkpoint, save_checkpoint
 from sparse_core.config import OptimSection
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches
+from sparse_core.distributed import SINGLE_PROCESS, SingleProcess
 from sparse_core.methods import Method
 
 CHECKPOINT_VERSION = 1
@@ -74,12 +80,15 @@ def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.SGD:
 
 
 def training_step(
-    model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int
+    model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int,
+    loss_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step with the method's hooks around it; ``step`` = steps completed before it.
 
     A model with ``local_losses`` (:class:`sparse_core.local.LocalNet`) is trained on the sum of
     its window losses; the returned loss is then the network's own (last window's) loss.
+    ``loss_weight`` multiplies the objective before ``backward`` (DDP: the rank's share of the
+    global batch, see :mod:`sparse_core.distributed`); the returned loss is unweighted.
 
     Returns:
         ``(loss, logits)``: scalar mean cross-entropy (nats) and logits (B, num_classes).
@@ -92,7 +101,7 @@ def training_step(
         logits = model(x)
         loss = objective = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    objective.backward()
+    (objective if loss_weight is None else objective * loss_weight).backward()
     method.before_step(step)
     optimizer.step()
     method.after_step(step + 1)
@@ -113,8 +122,10 @@ def train_one_epoch(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    parallel: SingleProcess = SINGLE_PROCESS,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``."""
+    """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``, summed over
+    ranks under DDP (``parallel``)."""
     model.train()
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -125,15 +136,18 @@ def train_one_epoch(
         lr = method.learning_rate(step, lr_at(step, steps_per_epoch, epochs, cfg), cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, logits = training_step(model, method, optimizer, x, y, step)
+        x, y, weight = parallel.shard(x, y)  # DDP: this rank's slice of the global batch
+        loss, logits = training_step(model, method, optimizer, x, y, step, weight)
         step += 1
+        parallel.after_step(method, step)  # DDP: masks verified across ranks every ΔT steps
         # .item() syncs with the device once per step; acceptable for the readability it buys.
-        loss_sum += loss.item() * len(y)
+        loss_sum += loss.item() * len(y) if len(y) else 0.0  # an empty DDP slice has a NaN mean
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         bar.update(len(y))
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.4g}")
+        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", lr=f"{lr:.4g}")
     bar.close()
+    loss_sum, correct, seen = parallel.sum_over_ranks(loss_sum, correct, seen)
     return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen}, step
 
 
@@ -176,6 +190,7 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    parallel: SingleProcess = SINGLE_PROCESS,
 ) -> FitResult:
     """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing to ``run_dir/last.pt``.
 
@@ -184,6 +199,9 @@ def fit(
             ignored (training starts over) so stale state never leaks into a changed run.
         resume: continue from ``run_dir/last.pt`` when it exists and matches.
         stop_after_epoch: stop after this many epochs (used to simulate a killed run).
+        parallel: a :class:`~sparse_core.distributed.DataParallel` rank of a DDP run: ``model``
+            is trained through its DDP wrapper while the method, validation and the checkpoint
+            (rank 0 writes it) use ``model`` itself; every rank resumes from the same checkpoint.
 
     Returns:
         The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
@@ -205,15 +223,17 @@ def fit(
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
     resumed_from = start_epoch
+    trained = parallel.wrap(model)  # DDP wrapper; the method's hooks act on model's own parameters
     for epoch in range(start_epoch, epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         t0 = time.perf_counter()
         stats, step = train_one_epoch(
-            model, method, optimizer, train, transform, cfg,
-            epoch=epoch, epochs=epochs, step=step, seed=seed, device=device, progress=progress,
+            trained, method, optimizer, train, transform, cfg,
+            epoch=epoch, epochs=epochs, step=step, seed=seed, device=device, progress=progress, parallel=parallel,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
+        parallel.end_epoch(model, method, step)  # DDP: rank 0's BN statistics everywhere; masks verified
         with method.eval_weights():
             val_stats = evaluate(model, val, transform, 1000, device)
             method.on_epoch_end(epoch, val_stats)
@@ -237,21 +257,23 @@ def fit(
                 f"val_acc {val_stats['accuracy']:.4f} sparsity {history[-1]['sparsity']:.4f} "
                 f"{history[-1]['images_per_s']:.0f} img/s"
             )
-        save_checkpoint(
-            {
-                "version": CHECKPOINT_VERSION,
-                "fingerprint": fingerprint,
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step, "steps_per_epoch": steps_per_epoch, "epochs": epochs},
-                "method": method.state_dict(),
-                "rng": _rng_state(),
-                "history": history,
-            },
-            ckpt_path,
-        )
+        if parallel.is_main:
+            save_checkpoint(
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "fingerprint": fingerprint,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"step": step, "steps_per_epoch": steps_per_epoch, "epochs": epochs},
+                    "method": method.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                },
+                ckpt_path,
+            )
+        parallel.barrier()  # DDP: the checkpoint is complete before any rank moves on
     return FitResult(pd.DataFrame(history), resumed_from)
 
 
