@@ -14,6 +14,7 @@ summing metrics, who writes the checkpoint) are its hooks; the default
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -29,13 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparse_core.artifacts import load_checkpoint, save_checkpoint
+from sparse_core.checkpoint import CHECKPOINT_VERSION, CheckpointStore
 from sparse_core.config import OptimSection
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches
 from sparse_core.distributed import SINGLE_PROCESS, SingleProcess
 from sparse_core.methods import Method
 
-CHECKPOINT_VERSION = 1
+__all__ = ["CHECKPOINT_VERSION", "NonFiniteError", "fit", "train_one_epoch", "training_step", "evaluate", "predict"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN or infinite; the message names epoch, step and method."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -102,10 +107,22 @@ def training_step(
         loss = objective = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     (objective if loss_weight is None else objective * loss_weight).backward()
+    _check_finite(objective, model)  # before the weights move: the last good state stays good
     method.before_step(step)
     optimizer.step()
     method.after_step(step + 1)
     return loss, logits
+
+
+def _check_finite(objective: torch.Tensor, model: nn.Module) -> None:
+    """Raise :class:`NonFiniteError` when the objective or the gradient norm is not finite
+    (one device sync per step, which the loss's ``.item()`` pays anyway)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    finite = torch.stack([torch.isfinite(objective.detach()).all(), torch.isfinite(norm)])
+    if not bool(finite.all()):
+        what = "loss" if not bool(finite[0]) else "gradient"
+        raise NonFiniteError(f"non-finite {what} (loss {float(objective.detach()):.4g}, gradient norm {float(norm):.4g})")
 
 
 def train_one_epoch(
@@ -123,6 +140,7 @@ def train_one_epoch(
     device: torch.device,
     progress: bool = True,
     parallel: SingleProcess = SINGLE_PROCESS,
+    lr_scale: float = 1.0,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``, summed over
     ranks under DDP (``parallel``)."""
@@ -133,11 +151,14 @@ def train_one_epoch(
         total=len(split), desc=f"{method.name} epoch {epoch + 1}/{epochs}", unit="img", disable=not progress, leave=False, mininterval=1.0
     )
     for x, y in iterate_batches(split, cfg.batch_size, transform, train=True, seed=seed, epoch=epoch, device=device):
-        lr = method.learning_rate(step, lr_at(step, steps_per_epoch, epochs, cfg), cfg.lr)
+        lr = method.learning_rate(step, lr_at(step, steps_per_epoch, epochs, cfg), cfg.lr) * lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, weight = parallel.shard(x, y)  # DDP: this rank's slice of the global batch
-        loss, logits = training_step(model, method, optimizer, x, y, step, weight)
+        try:
+            loss, logits = training_step(model, method, optimizer, x, y, step, weight)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err} at epoch {epoch + 1}, step {step + 1} of method {method.name}") from None
         step += 1
         parallel.after_step(method, step)  # DDP: masks verified across ranks every ΔT steps
         # .item() syncs with the device once per step; acceptable for the readability it buys.
@@ -191,46 +212,90 @@ def fit(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     parallel: SingleProcess = SINGLE_PROCESS,
+    nonfinite_retries: int = 0,
+    nonfinite_lr_factor: float = 0.5,
 ) -> FitResult:
-    """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing to ``run_dir/last.pt``.
+    """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing every epoch to
+    ``run_dir/last.pt`` (the previous one kept as ``prev.pt``; see :mod:`sparse_core.checkpoint`).
 
     Args:
         fingerprint: identifies the configuration; a checkpoint with another fingerprint is
             ignored (training starts over) so stale state never leaks into a changed run.
-        resume: continue from ``run_dir/last.pt`` when it exists and matches.
+        resume: continue from the newest usable checkpoint (``last.pt``, else ``prev.pt``).
         stop_after_epoch: stop after this many epochs (used to simulate a killed run).
         parallel: a :class:`~sparse_core.distributed.DataParallel` rank of a DDP run: ``model``
             is trained through its DDP wrapper while the method, validation and the checkpoint
             (rank 0 writes it) use ``model`` itself; every rank resumes from the same checkpoint.
+        nonfinite_retries: after a non-finite loss or gradient, restart this many times from the
+            last good checkpoint (or the initial state) with the learning rate multiplied by
+            ``nonfinite_lr_factor`` each time; the scale is stored in the checkpoints.
 
     Returns:
         The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
+
+    Raises:
+        NonFiniteError: non-finite loss or gradient and no retry left; names epoch, step and
+            method; the checkpoints of the last good epoch are kept.
     """
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / "last.pt"
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    store = CheckpointStore(run_dir)
     optimizer = make_optimizer(model, cfg)
     method.bind_optimizer(optimizer)
-    start_epoch, step, history = 0, 0, []
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("version") == CHECKPOINT_VERSION and ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            method.load_state_dict(ckpt["method"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
-    resumed_from = start_epoch
+    initial = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict()})
+
+    def restore() -> None:
+        model.load_state_dict(initial["model"])
+        optimizer.load_state_dict(initial["optimizer"])
+        method.load_state_dict(copy.deepcopy(initial["method"]))
+
+    retries, lr_scale = 0, None  # None: the checkpoint's scale (1 for a fresh run)
+    while True:
+        ckpt = store.load(fingerprint, lambda c: _apply_checkpoint(c, model, optimizer, method), restore) if resume else None
+        state = {"epoch": 0, "step": 0, "history": [], "lr_scale": 1.0}
+        if ckpt is not None:
+            state = {"epoch": ckpt["epoch"], "step": ckpt["step"], "history": list(ckpt["history"]),
+                     "lr_scale": ckpt.get("lr_scale", 1.0)}  # fmt: skip
+        if lr_scale is not None:
+            state["lr_scale"] = lr_scale
+        try:
+            history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
+                                    fingerprint, progress, stop_after_epoch, parallel, store, state)  # fmt: skip
+            return FitResult(pd.DataFrame(history), ckpt["epoch"] if ckpt else 0)
+        except NonFiniteError as err:
+            kept = f"the last good checkpoint {store.last} is kept" if store.last.is_file() else "no checkpoint had been written"
+            if retries >= nonfinite_retries:
+                raise NonFiniteError(f"{err}; {kept}") from None
+            retries += 1
+            lr_scale = state["lr_scale"] * nonfinite_lr_factor
+            tqdm.write(f"[{method.name}] {err}; retry {retries}/{nonfinite_retries} from the last good state "
+                       f"with the learning rate x{lr_scale:g}")  # fmt: skip
+            restore()
+            resume = True
+
+
+def _apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, method: Method) -> None:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    method.load_state_dict(ckpt["method"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+def _train_epochs(
+    model, method, optimizer, train, val, transform, cfg, epochs, seed, device, fingerprint, progress,
+    stop_after_epoch, parallel, store: CheckpointStore, state: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The epochs of :func:`fit` from ``state`` (``epoch``, ``step``, ``history``, ``lr_scale``)."""
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    step, history, lr_scale = state["step"], state["history"], state["lr_scale"]
     trained = parallel.wrap(model)  # DDP wrapper; the method's hooks act on model's own parameters
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(state["epoch"], epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         t0 = time.perf_counter()
         stats, step = train_one_epoch(
-            trained, method, optimizer, train, transform, cfg,
-            epoch=epoch, epochs=epochs, step=step, seed=seed, device=device, progress=progress, parallel=parallel,
+            trained, method, optimizer, train, transform, cfg, epoch=epoch, epochs=epochs, step=step, seed=seed,
+            device=device, progress=progress, parallel=parallel, lr_scale=lr_scale,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         parallel.end_epoch(model, method, step)  # DDP: rank 0's BN statistics everywhere; masks verified
@@ -241,7 +306,7 @@ def fit(
             {
                 "epoch": epoch + 1,
                 "step": step,
-                "lr": lr_at(step - 1, steps_per_epoch, epochs, cfg),
+                "lr": lr_at(step - 1, steps_per_epoch, epochs, cfg) * lr_scale,
                 "train_loss": stats["loss"],
                 "train_accuracy": stats["accuracy"],
                 "val_loss": val_stats["loss"],
@@ -258,9 +323,8 @@ def fit(
                 f"{history[-1]['images_per_s']:.0f} img/s"
             )
         if parallel.is_main:
-            save_checkpoint(
+            store.save(
                 {
-                    "version": CHECKPOINT_VERSION,
                     "fingerprint": fingerprint,
                     "epoch": epoch + 1,
                     "step": step,
@@ -270,11 +334,11 @@ def fit(
                     "method": method.state_dict(),
                     "rng": _rng_state(),
                     "history": history,
-                },
-                ckpt_path,
+                    "lr_scale": lr_scale,
+                }
             )
         parallel.barrier()  # DDP: the checkpoint is complete before any rank moves on
-    return FitResult(pd.DataFrame(history), resumed_from)
+    return history
 
 
 def _rng_state() -> dict[str, Any]:

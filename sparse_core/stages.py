@@ -33,6 +33,7 @@ from sparse_core import artifacts, evalsets
 from sparse_core.config import DST_METHODS, LOCAL_METHODS, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
 from sparse_core.distributed import active_parallel
+from sparse_core.checkpoint import CheckpointStore
 from sparse_core.engine import evaluate, fit, predict, resolve_device, seed_everything
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
 from sparse_core.flops import gradual_training_flops_per_example, inference_flops, layer_flops, training_flops_per_example
@@ -159,15 +160,10 @@ def code_fingerprint() -> str:
 
 
 def _fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
-    """Keep a matching checkpoint for resume; otherwise start from an empty folder."""
+    """Keep the folder when it holds a checkpoint to resume (``last.pt``, else ``prev.pt``, of
+    this configuration); otherwise start from an empty folder."""
     folder = run_dir(params, run)
-    ckpt = folder / "last.pt"
-    keep = False
-    if params.base.resume and ckpt.is_file():
-        try:
-            keep = artifacts.load_checkpoint(ckpt).get("fingerprint") == fingerprint
-        except Exception:  # unreadable checkpoint: start over rather than crash
-            keep = False
+    keep = params.base.resume and CheckpointStore(folder).resumable(fingerprint)
     if not keep and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)

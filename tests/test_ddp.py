@@ -241,7 +241,7 @@ def test_ddp_worker_cli_trains_dpf_on_the_tiny_profile(tmp_path, mirror, monkeyp
     assert proc.returncode == 0, proc.stderr[-4000:]
     folder = tmp_path / "runs" / "dpf"
     assert proc.stdout.count("sparseflow ddp-worker: dpf exported to") == 1  # rank 0 only
-    files = {"last.pt", "model.safetensors", "masks.safetensors", "layers.parquet", "history.parquet", "mask_updates.parquet", "config.json"}
+    files = {"last.pt", "prev.pt", "model.safetensors", "masks.safetensors", "layers.parquet", "history.parquet", "mask_updates.parquet", "config.json"}
     assert {p.name for p in folder.iterdir()} == files  # no temporary leftovers
     assert (tmp_path / "plots" / "history" / "dpf.csv").is_file()
     cfg = json.loads((folder / "config.json").read_text())
