@@ -16,6 +16,7 @@ tested in-process. Layout of a run folder ``<runs_dir>/<run>/``:
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -99,6 +100,27 @@ def _versions() -> dict[str, str]:
     }
 
 
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_version(params: Params) -> dict[str, str]:
+    """The prepared data a run trained on: ``{"dataset", "file", "sha256"}`` (sha256 of the
+    prepared Parquet, which fixes the images, labels, split and normalisation)."""
+    path = prepared_path(params.base.data_dir, params.data.dataset)
+    if not path.is_file():
+        return {"dataset": params.data.dataset, "file": str(path), "sha256": "missing"}
+    st = path.stat()
+    return {"dataset": params.data.dataset, "file": str(path), "sha256": _file_sha256(str(path), st.st_mtime_ns, st.st_size)}
+
+
 def load_exported(params: Params, run: str, model: nn.Module) -> MaskSet:
     """Load ``model.safetensors`` (and masks when present) of ``run`` into ``model``.
 
@@ -141,7 +163,8 @@ def _export(params: Params, run: str, model: nn.Module, method: Method, history:
     if "/" not in run:  # ensemble members are plotted together by their ensemble's stage
         artifacts.write_csv(history, Path(params.base.plots_dir) / "history" / f"{run}.csv")
     artifacts.write_json(
-        {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), **extra}, folder / "config.json"
+        {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), "data": data_version(params), **extra},
+        folder / "config.json",
     )
     return folder
 

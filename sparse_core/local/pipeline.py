@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from sparse_core.artifacts import load_checkpoint, save_checkpoint
 from sparse_core.config import OptimSection
 from sparse_core.data import BatchTransform, Split, iterate_batches
 from sparse_core.engine import lr_at
@@ -168,7 +169,7 @@ def _worker(rank: int, spec: PipelineSpec, port: int | None, out_dir: str) -> No
                 losses.append(loss.item())
                 step += 1
         state = {k: v.detach().cpu().clone() for k, v in local.state_dict().items() if k in _owned_keys(local, rank)}
-        torch.save({"state": state, "losses": losses, "seconds": seconds, "steps": step}, Path(out_dir) / f"rank{rank}.pt")
+        save_checkpoint({"state": state, "losses": losses, "seconds": seconds, "steps": step}, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # every rank's file is written before rank 0 merges (torchrun mode)
     finally:
         dist.destroy_process_group()
@@ -207,7 +208,7 @@ def run_pipeline(spec: PipelineSpec) -> tuple[LocalNet, dict[str, Any]]:
 def _merge(local: LocalNet, out_dir: str | Path, world: int) -> tuple[LocalNet, dict[str, Any]]:
     merged, info = {}, {"losses": [], "seconds": [], "steps": 0}
     for r in range(world):
-        part = torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True)
+        part = load_checkpoint(Path(out_dir) / f"rank{r}.pt")
         merged.update(part["state"])
         info["losses"].append(part["losses"])
         info["seconds"].append(part["seconds"])
