@@ -4,6 +4,11 @@ Every writer goes through :func:`atomic_path`: the bytes land in a temporary fil
 destination folder and are renamed into place only when complete, so a crash never leaves a
 half-written file under its final name (``os.replace`` is atomic on POSIX within one
 filesystem). Checkpoints are read with ``torch.load(weights_only=True)``: no pickle code runs.
+
+Readers refuse broken or hostile files with one :class:`ArtifactError` (a ``ValueError``) whose
+message starts with the file's path and says what is wrong: a checkpoint that holds pickled
+Python objects (:class:`CheckpointError`), a truncated or non-safetensors tensor file, a corrupt
+Parquet file. A missing file stays a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +28,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
+
+
+class ArtifactError(ValueError):
+    """An artifact file exists but is corrupt, truncated or not in the format its reader expects."""
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint cannot be loaded safely: not a torch checkpoint, truncated, or holding pickled
+    Python objects beyond tensors and plain containers (refused, never executed)."""
 
 
 @contextlib.contextmanager
@@ -84,8 +100,54 @@ def write_parquet(df: pd.DataFrame, dest: str | Path, metadata: dict[str, str] |
 
 
 def parquet_metadata(path: str | Path) -> dict[str, str]:
-    meta = pq.read_schema(path).metadata or {}
-    return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"pandas")}
+    """Key/value metadata written by :func:`write_parquet` (pandas' own key left out).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is not a readable Parquet file or its metadata is not UTF-8.
+    """
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"pandas")}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise ArtifactError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+
+
+def read_parquet_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file (optionally only ``columns``) into an Arrow table.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is truncated, corrupt, not Parquet, or lacks a requested column.
+    """
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, KeyError, ... for damaged files
+        raise ArtifactError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """:func:`read_parquet_table` as a pandas DataFrame (the reader for every Parquet artifact).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is truncated, corrupt, not Parquet, or lacks a requested column.
+    """
+    table = read_parquet_table(path, columns)
+    try:
+        return table.to_pandas()
+    except Exception as exc:
+        raise ArtifactError(f"{path}: Parquet data cannot be converted to a table ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """One-line description of ``exc`` for an error message."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def write_csv(df: pd.DataFrame, dest: str | Path) -> None:
@@ -108,16 +170,45 @@ def save_tensors(tensors: dict[str, torch.Tensor], dest: str | Path, metadata: d
 
 
 def load_tensor_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata written by :func:`save_tensors` (files of older versions: the raw map)."""
+    """The metadata written by :func:`save_tensors` (files of older versions: the raw map).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: not a safetensors file, truncated, or its metadata is not valid JSON.
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[TENSOR_METADATA_KEY]) if TENSOR_METADATA_KEY in meta else dict(meta)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError for damaged headers
+        raise ArtifactError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
+    if TENSOR_METADATA_KEY not in meta:
+        return dict(meta)
+    try:
+        decoded = json.loads(meta[TENSOR_METADATA_KEY])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: metadata {TENSOR_METADATA_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(decoded, dict):
+        raise ArtifactError(f"{path}: metadata {TENSOR_METADATA_KEY!r} is not a JSON object")
+    return decoded
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """All tensors of a safetensors file, on the CPU (safetensors never runs code).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: not a safetensors file, truncated, or with an inconsistent header.
+    """
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError for damaged headers
+        raise ArtifactError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
 
 
 def save_checkpoint(obj: dict[str, Any], dest: str | Path) -> None:
@@ -126,5 +217,45 @@ def save_checkpoint(obj: dict[str, Any], dest: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` without running pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` without running pickled code.
+
+    ``torch.load(weights_only=True)`` rebuilds tensors, numbers, strings and plain containers
+    only; any other pickled global (``os.system``, a class with ``__reduce__``) is refused
+    before it is called.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file holds pickled objects beyond weights (refused, not run), is
+            truncated or is not a torch checkpoint holding a mapping.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        reason = _weights_only_reason(exc)
+        what = "holds pickled Python objects that are not weights" if "global" in reason.lower() else (
+            "is not a pickle of plain weights (corrupt, or not written by save_checkpoint)")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: refused to load: the file {what} ({reason}); only tensors and plain containers are loaded, "
+            "no pickled code is run. Delete the file if you did not write it."
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError, ... for damaged files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt ({_reason(exc)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: a checkpoint holds a mapping, this file holds a {type(obj).__name__}")
+    return obj
+
+
+def _weights_only_reason(exc: pickle.UnpicklingError) -> str:
+    """The part of torch's weights-only refusal that names the problem (the offending global),
+    without its advice to retry with ``weights_only=False`` or to allowlist the global (either
+    would run the pickled code)."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL \S+[^.]*", text)
+    if found:
+        return found.group(0).strip()
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if found and found.group(1).strip():
+        return found.group(1).strip()
+    return "pickled data beyond plain weights"

@@ -4,12 +4,19 @@ Every section forbids unknown keys, so a typo (``sparisty: 0.9``) is an error ra
 silently ignored setting. :func:`load_params` turns any validation problem into one
 :class:`ConfigError` whose message names the file, the dotted key, the offending value and
 what is allowed, and it runs before any stage writes a file.
+
+Hostile or broken files are refused the same way: YAML is read with a safe loader (no Python
+tags, no duplicate keys), numbers must be finite and booleans are not numbers, and every path
+a params value names (:data:`PATH_KEYS`) must stay inside the project folder unless
+``base.allow_external_paths`` is true.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,13 +42,26 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: ``lr: .inf`` or ``sparsity: .nan`` pass every ``gt``/``lt`` bound
+    # check (nan compares false, inf is greater than any bound), so they are refused outright.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: Any) -> Any:
+        # pydantic's lax mode reads True as 1; in YAML ``epochs: yes`` or ``on`` is a boolean, so
+        # a boolean where a number belongs is a mistake, not a 1.
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(v, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError(f"expected a number, got the boolean {v} (YAML reads yes/no/on/off/true/false as booleans)")
+        return v
 
 
 class BaseSection(_Section):
     """Settings shared by every stage."""
 
-    seed: int = Field(0, ge=0)
+    #: Below 2**32: seeds feed numpy and torch generators (``seed * 100003 + epoch`` must fit 64 bits).
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
     #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
@@ -53,15 +73,21 @@ class BaseSection(_Section):
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
     progress: bool = True
+    #: Let path values (:data:`PATH_KEYS`) be absolute or lead outside the project folder with
+    #: ``..``. Off by default so that a params file (or ``dvc exp run -S``) cannot make a stage
+    #: write, or ``rmtree`` a run folder, elsewhere on the machine. Not part of any fingerprint.
+    allow_external_paths: bool = False
 
 
 class ImageFolderSection(_Section):
     """An ``<root>/{train,test}/<class>/*`` tree, optionally inside a ``.tar.gz`` archive."""
 
-    #: Archive path relative to the mirror folder (``SPARSEFLOW_DATA_MIRROR``) or absolute.
+    #: Archive path relative to the mirror folder (``SPARSEFLOW_DATA_MIRROR``); absolute or
+    #: leaving the mirror only with ``base.allow_external_paths``.
     archive: str | None = None
     archive_md5: str | None = None
-    #: Folder holding ``train/`` and ``test/`` (inside the extracted archive, when one is given).
+    #: Folder holding ``train/`` and ``test/``: inside the extracted archive when one is given
+    #: (always relative then), else relative to the project folder.
     root: str
 
 
@@ -91,6 +117,20 @@ class AugmentSection(_Section):
 class ModelSection(_Section):
     name: str = "lenet5"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _plain_values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Fingerprints and config.json serialise kwargs as JSON, so they must survive a JSON
+        # round trip unchanged: a YAML date, binary or set would only fail there, after a stage
+        # has started, and a nested key 1 would be fingerprinted like the key "1".
+        try:
+            same = json.loads(json.dumps(v, allow_nan=False)) == v
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must hold plain JSON values (numbers, strings, booleans, lists, mappings): {exc}") from None
+        if not same:
+            raise ValueError("must hold plain JSON values (mapping keys strings, lists not tuples)")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -453,15 +493,94 @@ class Params(_Section):
                 raise ValueError(f"evaluate.runs names {run!r}; runs produced by train/retrain are {produced}")
         return self
 
+    @model_validator(mode="after")
+    def _paths_stay_inside_project(self) -> "Params":
+        problems = []
+        spec = self.data.imagefolder
+        if spec is not None and spec.archive:
+            # The root names a folder inside the extracted archive, whatever the setting.
+            problem = path_escape(spec.root)
+            if problem:
+                problems.append(f"data.imagefolder.root = {spec.root!r}: {problem}; with an archive, root is a folder "
+                                "inside the extracted archive")  # fmt: skip
+        for key in PATH_KEYS:
+            value = self._get(key)
+            if value is None or (key == "data.imagefolder.root" and spec is not None and spec.archive):
+                continue  # unset, or checked above
+            if "\x00" in value:  # no file system takes it, whatever the setting
+                problems.append(f"{key} = {value!r}: contains a NUL byte")
+                continue
+            problem = None if self.base.allow_external_paths else path_escape(value)
+            if problem:
+                where = "the mirror folder" if key == "data.imagefolder.archive" else "the project folder"
+                problems.append(f"{key} = {value!r}: {problem}; paths in params must stay inside {where} "
+                                "(set base.allow_external_paths: true to allow it)")  # fmt: skip
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
+
+    def _get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                return None
+        return node
+
     def fingerprint(self, *sections: str) -> str:
-        """sha256 (hex, first 16 chars) of the named sections, to tell whether a checkpoint fits."""
-        blob = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
+        """sha256 (hex, first 16 chars) of the named sections, to tell whether a checkpoint fits.
+
+        Settings that cannot change results (:data:`NOT_FINGERPRINTED`) are left out, so adding
+        one never invalidates existing checkpoints.
+        """
+        blob = json.dumps(
+            {s: getattr(self, s).model_dump(mode="json", exclude=NOT_FINGERPRINTED.get(s)) for s in sections},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: Params values that name files or folders; checked by :func:`path_escape` unless
+#: ``base.allow_external_paths``. ``data.imagefolder.archive`` is relative to the mirror folder,
+#: the others to the project folder (the working directory of every stage).
+PATH_KEYS = (
+    "base.data_dir",
+    "base.runs_dir",
+    "base.metrics_dir",
+    "base.plots_dir",
+    "data.imagefolder.archive",
+    "data.imagefolder.root",
+)
+#: Per section, settings excluded from :meth:`Params.fingerprint`.
+NOT_FINGERPRINTED: dict[str, set[str]] = {"base": {"allow_external_paths"}}
+
+
+def path_escape(value: str) -> str | None:
+    """Why ``value`` would leave the folder it is relative to, or None when it stays inside.
+
+    The check is lexical (``os.path.normpath``), independent of the working directory and of
+    what exists on disk: absolute paths and paths whose ``..`` climb above their starting
+    folder are refused. A symlink already inside the project is the user's own choice and is
+    followed as usual.
+    """
+    if "\x00" in value:
+        return "contains a NUL byte"
+    if os.path.isabs(value):
+        return "absolute path"
+    norm = os.path.normpath(value)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return f"resolves outside ({norm!r}) through '..'"
+    return None
 
 
 def retrain_run_name(run: str) -> str:
     """Name of the fine-tuned copy of ``run`` (``dpf`` -> ``dpf_retrain``)."""
     return f"{run}_retrain"
+
+
+#: Short reprs of offending values: a junk value (a huge list, a deep mapping) stays one line.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
 
 
 def _format_error(path: Path, err: ValidationError, raw: dict) -> str:
@@ -473,8 +592,53 @@ def _format_error(path: Path, err: ValidationError, raw: dict) -> str:
             continue
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {key} = {value!r}: {msg}")
+        if e["type"] == "value_error" and isinstance(value, dict):
+            # A whole-section (or whole-file) check: its message names the keys; the section
+            # itself would be a screenful.
+            lines.append(f"  - {key + ': ' if key else ''}{msg}")
+        else:
+            lines.append(f"  - {key} = {_REPR.repr(value)}: {msg}")
     return "\n".join(lines)
+
+
+#: Values a params file may hold after YAML aliases are expanded: an alias "bomb" (a few lines
+#: that expand to billions of items) would otherwise exhaust memory when serialised.
+MAX_PARAMS_VALUES = 100_000
+
+
+def _check_size(raw: Any, path: Path) -> None:
+    """Refuse recursive structures and ones that expand to more than :data:`MAX_PARAMS_VALUES`.
+
+    Sizes are memoised by object identity, so shared (aliased) sub-trees cost one visit.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list, tuple, set)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{path}: a value contains itself (recursive YAML alias)")
+        active.add(key)
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else list(node)
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_PARAMS_VALUES:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        total = size(raw)
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
+    if total > MAX_PARAMS_VALUES:
+        raise ConfigError(f"{path}: more than {MAX_PARAMS_VALUES} values once YAML aliases are expanded")
 
 
 def parse_params(raw: Any, source: str | Path = "<params>") -> Params:
@@ -486,25 +650,65 @@ def parse_params(raw: Any, source: str | Path = "<params>") -> Params:
     path = Path(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    _check_size(raw, path)
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(path, err, raw)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, no Python tags) that also refuses duplicate keys.
+
+    PyYAML keeps the last of two equal keys silently, so ``sparsity: 0.9`` written twice would
+    train with whichever comes second.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml`` (YAML safe loader: no Python tags).
+    """Read and validate ``params.yaml`` (YAML safe loader: no Python tags, no duplicate keys).
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML, or fails validation.
+        ConfigError: the file is missing, is not UTF-8 text, is not valid YAML (an unsafe tag
+            such as ``!!python/object/apply`` included: nothing is constructed or run), or
+            fails validation. The message starts with the file's path.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        loader = _ParamsLoader(text)  # a SafeLoader subclass
+        loader.name = str(path)  # error marks name the file, not "<unicode string>"
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.constructor.ConstructorError as exc:
+        hint = ""
+        if "python/" in str(exc.problem):
+            hint = " (Python tags are refused: a params file holds plain data only)"
+        raise ConfigError(f"{path}: not valid YAML{hint}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: values nested too deeply") from None
     return parse_params(raw, path)

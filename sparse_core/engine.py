@@ -107,7 +107,9 @@ def training_step(
         loss = objective = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     (objective if loss_weight is None else objective * loss_weight).backward()
-    _check_finite(objective, model)  # before the weights move: the last good state stays good
+    # Before the weights move, so the last good state stays good. (An empty DDP slice has a
+    # NaN mean loss by definition; only its zero-weighted gradient counts.)
+    _check_finite(objective if len(y) else torch.zeros(()), model)
     method.before_step(step)
     optimizer.step()
     method.after_step(step + 1)

@@ -184,11 +184,22 @@ def code_fingerprint() -> str:
 
 def _fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
     """Keep the folder when it holds a checkpoint to resume (``last.pt``, else ``prev.pt``, of
-    this configuration); otherwise start from an empty folder."""
+    this configuration), less the temporary files of writes a killed process left behind;
+    otherwise start from an empty folder."""
     folder = run_dir(params, run)
     keep = params.base.resume and CheckpointStore(folder).resumable(fingerprint)
     if not keep and folder.exists():
         shutil.rmtree(folder)
+    elif keep:
+        # A process killed during an atomic write leaves its temporary file behind, and nothing
+        # would ever rename or remove it: ``.<name>.*.tmp`` (artifacts.atomic_path) and
+        # ``.tmp`` + 6 characters (safetensors' save_file stages its own file beside the target).
+        leftovers = [*folder.rglob(".*.tmp"), *folder.rglob(".tmp??????")]
+        for tmp in leftovers:  # listed first: removing a folder mid-walk
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

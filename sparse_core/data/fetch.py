@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
-from sparse_core.artifacts import atomic_path
+from sparse_core.artifacts import atomic_dir, atomic_path
 from sparse_core.data.registry import RawFile
 
 MIRROR_ENV = "SPARSEFLOW_DATA_MIRROR"
@@ -54,11 +55,20 @@ def find_in_mirror(mirror: Path, filename: str, subdir: str = ".") -> Path | Non
     return next((p for p in sorted(mirror.rglob(filename)) if p.is_file()), None)
 
 
-def verify_md5(path: Path, md5: str, origin: str) -> None:
+def verify_md5(path: Path, md5: str, origin: str, name: Path | None = None) -> None:
+    """Check ``path`` against ``md5``.
+
+    Args:
+        origin: where the expected md5 or the file comes from, for the message.
+        name: the path to name in the message when ``path`` is a temporary copy of it.
+
+    Raises:
+        DataError: the md5 differs; the message names the file, both md5s and ``origin``.
+    """
     actual = md5sum(path)
     if actual != md5:
         raise DataError(
-            f"{path}: md5 {actual} does not match the expected {md5} ({origin}); "
+            f"{name or path}: md5 {actual} does not match the expected {md5} ({origin}); "
             "the file is corrupt, truncated or a different version. Replace it with the original archive."
         )
 
@@ -66,16 +76,24 @@ def verify_md5(path: Path, md5: str, origin: str) -> None:
 def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".", download: bool = True) -> Path:
     """Make ``dest_dir/raw.filename`` a verified copy and return its path.
 
+    A copy already in ``dest_dir`` is kept only when its md5 matches. A mirror copy or a
+    download is verified *before* it replaces ``dest``, through a temporary file, so a bad
+    copy never lands under the final name.
+
     Args:
         download: try the official URL when neither a local nor a mirror copy exists.
 
     Raises:
         DataError: the mirror copy fails its md5, or no copy exists and download fails (or is
-            not allowed).
+            not allowed, or the download fails its md5); the message names the file.
     """
     dest = dest_dir / raw.filename
-    if dest.is_file() and md5sum(dest) == raw.md5:
-        return dest
+    stale = ""
+    if dest.is_file():
+        actual = md5sum(dest)
+        if actual == raw.md5:
+            return dest
+        stale = f" (the copy in {dest_dir} has md5 {actual}, expected {raw.md5}: corrupt or truncated)"
     mirror = mirror_dir()
     if mirror is not None:
         found = find_in_mirror(mirror, raw.filename, subdir)
@@ -83,18 +101,68 @@ def fetch_file(raw: RawFile, dest_dir: Path, subdir: str = ".", download: bool =
             verify_md5(found, raw.md5, f"mirror {MIRROR_ENV}")
             with atomic_path(dest) as tmp:
                 shutil.copyfile(found, tmp)
+                verify_md5(tmp, raw.md5, f"copied from {found}", name=dest)  # the copy itself, not just the source
             return dest
+    where = f"the mirror {mirror}" if mirror else f"a mirror ({MIRROR_ENV} is unset)"
     if not download:
-        where = f"the mirror {mirror}" if mirror else f"a mirror ({MIRROR_ENV} is unset)"
-        raise DataError(f"{raw.filename}: not in {dest_dir} nor in {where}, and downloading is off")
+        raise DataError(f"{raw.filename}: not in {dest_dir}{stale} nor in {where}, and downloading is off")
     try:
         from torchvision.datasets.utils import download_url
 
-        download_url(raw.url, str(dest_dir), filename=raw.filename, md5=raw.md5)
+        with atomic_path(dest) as tmp:
+            tmp.unlink()  # download_url would take an existing (empty) file for a finished download
+            download_url(raw.url, str(tmp.parent), filename=tmp.name, md5=raw.md5)
+            verify_md5(tmp, raw.md5, f"downloaded from {raw.url}", name=dest)
+    except DataError:
+        raise
     except Exception as exc:  # network errors come in many types
-        where = f"the mirror {mirror}" if mirror else f"a mirror ({MIRROR_ENV} is unset)"
         raise DataError(
-            f"{raw.filename}: not in {dest_dir}, not in {where}, and download from {raw.url} failed: {exc}"
+            f"{raw.filename}: not in {dest_dir}{stale}, not in {where}, and download from {raw.url} failed: {exc}"
         ) from None
-    verify_md5(dest, raw.md5, f"downloaded from {raw.url}")
     return dest
+
+
+def safe_extract(tar: tarfile.TarFile, dest: Path, archive: Path) -> None:
+    """Extract regular files and folders only, never outside ``dest`` (no absolute paths,
+    ``..``, links or devices), on every Python (the ``data`` filter exists from 3.11.4).
+
+    Raises:
+        DataError: an archive member is unsafe (names the archive and the member).
+    """
+    if hasattr(tarfile, "data_filter"):
+        try:
+            tar.extractall(dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise DataError(f"{archive}: refusing unsafe archive member ({exc})") from None
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise DataError(f"{archive}: refusing unsafe archive member {member.name!r}")
+    tar.extractall(dest)
+
+
+def extract_archive(archive: Path, dest: Path, inner: str = ".") -> None:
+    """Extract the ``inner`` folder of the tar ``archive`` (any compression) to ``dest``.
+
+    Extraction happens in a temporary sibling of ``dest`` that replaces it only when complete,
+    so a corrupt archive leaves an existing ``dest`` untouched.
+
+    Raises:
+        DataError: the archive is corrupt or truncated, holds an unsafe member, or lacks
+            ``inner``; the message names the archive.
+    """
+    with atomic_dir(dest) as tmp:
+        try:
+            with tarfile.open(archive) as tar:
+                safe_extract(tar, tmp, archive)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # zlib/lzma errors included
+            raise DataError(f"{archive}: cannot extract ({exc}); the archive is corrupt or truncated") from None
+        if inner not in (".", ""):
+            src = tmp / inner
+            if not src.is_dir():
+                raise DataError(f"{archive}: has no folder {inner!r}; is it the right archive?")
+            for child in list(src.iterdir()):
+                os.replace(child, tmp / child.name)
+            src.rmdir()

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
-from sparse_core.artifacts import parquet_metadata
+from sparse_core.artifacts import parquet_metadata, read_parquet_table
 from sparse_core.data.fetch import DataError
 
 
@@ -50,36 +50,67 @@ class PreparedData:
 def load_prepared(path: str | Path) -> PreparedData:
     """Read ``data.parquet`` written by :func:`sparse_core.data.prepare.prepare_dataset`.
 
+    The file is checked before use: it must be readable Parquet with the prepared metadata,
+    every image exactly ``height * width * channels`` bytes, labels in ``[0, len(classes))``
+    and split names ``train``/``val``/``test``.
+
     Raises:
-        DataError: the file is missing, unreadable or lacks the prepared metadata.
+        DataError: the file is missing, truncated or corrupt, or its content does not match the
+            prepared layout; the message names the file and the problem.
     """
     path = Path(path)
+    hint = "run the prepare stage again (dvc repro prepare)"
     try:
         meta = parquet_metadata(path)
-        table = pq.read_table(path, columns=["image", "label", "split"])
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read prepared dataset ({exc}); run the prepare stage") from None
+        table = read_parquet_table(path, columns=["image", "label", "split"])
+    except (OSError, ValueError) as exc:  # ArtifactError is a ValueError and names the file
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise DataError(f"{path}: cannot read prepared dataset ({reason}); {hint}") from None
     try:
         c, h, w = int(meta["channels"]), int(meta["height"]), int(meta["width"])
+        info = {k: json.loads(meta[k]) for k in ("classes", "mean", "std", "flip")}
+        name = meta["name"]
     except KeyError as exc:
         raise DataError(f"{path}: missing metadata key {exc}; was it written by the prepare stage?") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: malformed prepared metadata ({exc}); {hint}") from None
+    classes = info["classes"]
+    if min(c, h, w) <= 0 or not isinstance(classes, list) or not classes:
+        raise DataError(f"{path}: malformed prepared metadata (shape {(c, h, w)}, classes {classes!r}); {hint}")
+    for key in ("mean", "std"):
+        if not (isinstance(info[key], list) and len(info[key]) == c):
+            raise DataError(f"{path}: metadata {key!r} must list one value per channel ({c}), got {info[key]!r}")
+    schema = table.schema
+    if not (pa.types.is_binary(schema.field("image").type) and pa.types.is_integer(schema.field("label").type)):
+        raise DataError(f"{path}: columns image/label must be binary/integer, got {schema.field('image').type}/"
+                        f"{schema.field('label').type}; {hint}")  # fmt: skip
     split_col = table.column("split").to_numpy(zero_copy_only=False)
-    labels = table.column("label").to_numpy()
+    labels = table.column("label").to_numpy(zero_copy_only=False)
     images = table.column("image").to_pylist()
+    size = h * w * c
+    bad = next((i for i, b in enumerate(images) if b is None or len(b) != size), None)
+    if bad is not None:
+        got = "null" if images[bad] is None else f"{len(images[bad])} bytes"
+        raise DataError(f"{path}: row {bad}: image is {got}, expected {size} (= {h}x{w}x{c}); {hint}")
+    if table.column("label").null_count or (len(labels) and (labels.min() < 0 or labels.max() >= len(classes))):
+        raise DataError(f"{path}: labels must lie in [0, {len(classes) - 1}]; {hint}")
+    unknown = set(split_col.tolist()) - {"train", "val", "test"}
+    if unknown:
+        raise DataError(f"{path}: unknown split names {sorted(map(str, unknown))}; {hint}")
     splits = {}
-    for name in ("train", "val", "test"):
-        idx = np.flatnonzero(split_col == name)
+    for split in ("train", "val", "test"):
+        idx = np.flatnonzero(split_col == split)
         buf = np.frombuffer(b"".join(images[i] for i in idx), dtype=np.uint8).reshape(len(idx), h, w, c)
-        splits[name] = Split(
+        splits[split] = Split(
             torch.from_numpy(buf.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels[idx].astype(np.int64))
         )
     return PreparedData(
-        name=meta["name"],
-        classes=json.loads(meta["classes"]),
+        name=name,
+        classes=classes,
         shape=(c, h, w),
-        mean=json.loads(meta["mean"]),
-        std=json.loads(meta["std"]),
-        flip=json.loads(meta["flip"]),
+        mean=info["mean"],
+        std=info["std"],
+        flip=info["flip"],
         splits=splits,
     )
 

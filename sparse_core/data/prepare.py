@@ -22,7 +22,6 @@ leaves no partial output.
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import pandera.pandas as pa
 
 from sparse_core.artifacts import atomic_dir, write_parquet
 from sparse_core.config import DataSection
-from sparse_core.data.fetch import DataError, fetch_file, mirror_dir, verify_md5
+from sparse_core.data.fetch import DataError, extract_archive, fetch_file, mirror_dir, verify_md5
 from sparse_core.data.registry import REGISTRY
 
 SPLITS = ("train", "val", "test")
@@ -80,20 +79,6 @@ def prepared_schema(num_classes: int, image_bytes: int, split_sizes: dict[str, i
     )
 
 
-def _safe_extract(tar: tarfile.TarFile, dest: Path, archive: Path) -> None:
-    """Extract regular files and folders only, never outside ``dest`` (no absolute paths,
-    ``..``, links or devices), on every Python (the ``data`` filter exists from 3.11.4)."""
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(dest, filter="data")
-        return
-    root = dest.resolve()
-    for member in tar.getmembers():
-        target = (dest / member.name).resolve()
-        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
-            raise DataError(f"{archive}: refusing unsafe archive member {member.name!r}")
-    tar.extractall(dest)
-
-
 def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Read ``<root>/{train,test}/<class>/*`` (extracting the archive first when one is set)."""
     from PIL import Image, UnidentifiedImageError
@@ -115,14 +100,12 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
         extract_to = raw_dir / "imagefolder" / cfg.dataset
         marker = extract_to / ".extracted"
         if not marker.is_file() or marker.read_text() != str(archive):
-            with atomic_dir(extract_to) as tmp:
-                try:
-                    with tarfile.open(archive) as tar:
-                        _safe_extract(tar, tmp, archive)
-                except (tarfile.TarError, EOFError, OSError) as exc:
-                    raise DataError(f"{archive}: cannot extract ({exc}); the archive is corrupt or truncated") from None
-                (tmp / ".extracted").write_text(str(archive))
+            extract_archive(archive, extract_to)
+            marker.write_text(str(archive))
         root = extract_to / spec.root
+        # The params check refuses such roots; DataSection objects built in code reach here too.
+        if not root.resolve().is_relative_to(extract_to.resolve()):
+            raise DataError(f"data.imagefolder.root={spec.root!r} leads outside the extracted archive {extract_to}")
     else:
         root = Path(spec.root)
     out: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
@@ -138,15 +121,19 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
         if classes is None:
             classes = ds.classes
         elif ds.classes != classes:
-            missing = sorted(set(classes) ^ set(ds.classes))
-            raise DataError(f"{folder}: class folders {ds.classes} differ from train's {classes} (mismatch: {missing})")
+            missing, extra = sorted(set(classes) - set(ds.classes)), sorted(set(ds.classes) - set(classes))
+            raise DataError(
+                f"{folder}: class folders {ds.classes} differ from train's {classes} (mismatch: {missing + extra}; "
+                f"missing here: {missing}, unexpected here: {extra})"
+            )
         images = []
         for path, _ in ds.samples:
             try:
                 with Image.open(path) as im:
                     images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path}: unreadable image ({exc})") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                # Decoders of damaged files raise any of these (PIL's own errors included).
+                raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
             raise DataError(f"{folder}: images have different shapes {sorted(shapes)[:5]}; resize them first")
@@ -170,6 +157,8 @@ def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarr
     for train in (True, False):
         try:
             x, y, classes = spec.load(str(raw_dir), train)
+        except DataError:
+            raise  # already names the file
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             raise DataError(f"{dest}: torchvision could not read {cfg.dataset} ({exc})") from None
         arrays[train] = (x, y)

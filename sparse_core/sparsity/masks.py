@@ -16,7 +16,7 @@ import pandera.pandas as pa
 import torch
 from torch import nn
 
-from sparse_core.artifacts import load_tensor_metadata, load_tensors, save_tensors, write_parquet
+from sparse_core.artifacts import ArtifactError, load_tensor_metadata, load_tensors, save_tensors, write_parquet
 
 LAYER_TABLE_SCHEMA = pa.DataFrameSchema(
     {
@@ -147,11 +147,31 @@ class MaskSet:
         save_tensors(tensors, path, metadata={n: repr(d) for n, d in self.target_density.items()})
 
     def load(self, path: str | Path) -> None:
+        """Load ``masks.safetensors`` written by :meth:`save` (safetensors: no code is run).
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ArtifactError: the file is not valid safetensors (truncated, another format), or its
+                masks do not fit this model (names, shapes, non-binary values, bad target
+                densities); the message names the file.
+        """
         tensors = load_tensors(path)
         meta = load_tensor_metadata(path)
-        sd = dict(tensors)
-        sd.update({f"{n}:target": torch.tensor(float(v), dtype=torch.float64) for n, v in meta.items()})
-        self.load_state_dict(sd)
+        try:
+            sd = dict(tensors)
+            for n, t in tensors.items():
+                binary = t.dtype in (torch.bool, torch.uint8) and (t.numel() == 0 or int(t.max()) <= 1)
+                if not binary:
+                    raise ValueError(f"mask {n!r} is not binary 0/1 (dtype {t.dtype})")
+            targets = {n: float(v) for n, v in meta.items()}
+            bad = {n: d for n, d in targets.items() if not 0.0 <= d <= 1.0}
+            if bad:
+                raise ValueError(f"target densities outside [0, 1]: {bad}")
+            sd.update({f"{n}:target": torch.tensor(d, dtype=torch.float64) for n, d in targets.items()})
+            self.load_state_dict(sd)
+        except (KeyError, ValueError, TypeError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ArtifactError(f"{path}: masks do not fit this model: {reason}") from None
 
     def write_layer_table(self, path: str | Path) -> None:
         write_parquet(self.layer_table(), path)
