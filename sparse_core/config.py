@@ -77,6 +77,10 @@ class BaseSection(_Section):
     #: ``..``. Off by default so that a params file (or ``dvc exp run -S``) cannot make a stage
     #: write, or ``rmtree`` a run folder, elsewhere on the machine. Not part of any fingerprint.
     allow_external_paths: bool = False
+    #: After a non-finite loss or gradient, restart from the last good checkpoint this many times
+    #: with the learning rate multiplied by ``nonfinite_lr_factor`` each time (0: stop at once).
+    nonfinite_retries: int = Field(0, ge=0, le=10)
+    nonfinite_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
 
 
 class ImageFolderSection(_Section):
@@ -552,7 +556,9 @@ PATH_KEYS = (
     "data.imagefolder.root",
 )
 #: Per section, settings excluded from :meth:`Params.fingerprint`.
-NOT_FINGERPRINTED: dict[str, set[str]] = {"base": {"allow_external_paths"}}
+#: The non-finite retry settings are left out too: turning retries on after a failed run must
+#: resume that run's last good checkpoint, not start it over.
+NOT_FINGERPRINTED: dict[str, set[str]] = {"base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor"}}
 
 
 def path_escape(value: str) -> str | None:

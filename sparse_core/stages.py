@@ -239,7 +239,7 @@ def _train_run(
         model, method, data.splits["train"], data.splits["val"], transform_for(params, data), optim,
         epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress and parallel.is_main,
-        parallel=parallel,
+        parallel=parallel, nonfinite_retries=params.base.nonfinite_retries, nonfinite_lr_factor=params.base.nonfinite_lr_factor,
     )  # fmt: skip
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one
