@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -123,7 +122,7 @@ def stage_ood(params: Params) -> Path:
 
 
 def _test_source_index(data_cfg: DataSection, data_dir: str) -> np.ndarray:
-    table = pq.read_table(prepared_path(data_dir, data_cfg.dataset), columns=["split", "source_index"])
+    table = artifacts.read_parquet_table(prepared_path(data_dir, data_cfg.dataset), columns=["split", "source_index"])
     split = table.column("split").to_numpy(zero_copy_only=False)
     return table.column("source_index").to_numpy()[split == "test"]
 

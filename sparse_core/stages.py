@@ -326,7 +326,7 @@ def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, n
     model.to(device)
     transform = transform_for(point, data)
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed, "realised_sparsity": masks.sparsity()}
-    val = pd.read_parquet(out / "history.parquet")["val_accuracy"]
+    val = artifacts.read_parquet(out / "history.parquet")["val_accuracy"]
     row["val_accuracy"] = float(val.iloc[-1]) if len(val) else float("nan")
     test = evaluate(model, data.splits["test"], transform, point.evaluate.batch_size, device)
     row.update(test_accuracy=test["accuracy"], test_nll=test["loss"], run_dir=str(out))
@@ -486,7 +486,7 @@ def finish_dst_ensemble(params: Params) -> Path:
         return run_dir(params, "dst_ensemble")
     frames = []
     for i in range(params.train.dst_ensemble.members):
-        hist = pd.read_parquet(run_dir(params, member_run(i)) / "history.parquet")
+        hist = artifacts.read_parquet(run_dir(params, member_run(i)) / "history.parquet")
         frames.append(hist.assign(member=i))
     artifacts.write_csv(pd.concat(frames, ignore_index=True), Path(params.base.plots_dir) / "history" / "dst_ensemble.csv")
     return run_dir(params, "dst_ensemble")
@@ -551,7 +551,7 @@ def _run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int,
         # Dense accounting of trunk + heads (a composed sparse method's savings are not counted).
         per_example = step_accounting(_local_net(params, method, model, load_data(params)), shape)["training"]
     elif method in ("gmp", "dpf", "oneshot"):
-        events = pd.read_parquet(run_dir(params, run) / "mask_updates.parquet")
+        events = artifacts.read_parquet(run_dir(params, run) / "mask_updates.parquet")
         steps = -(-n_train // params.train.optim.batch_size) * params.train.epochs
         per_example = gradual_training_flops_per_example(
             per_layer, dens, method, events["step"].tolist(), events["sparsity"].tolist(), steps
@@ -645,7 +645,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     }  # fmt: skip
     updates = run_dir(params, run) / "mask_updates.parquet"
     if updates.is_file():
-        events = pd.read_parquet(updates)
+        events = artifacts.read_parquet(updates)
         if "exploration_rate" in events:
             # In-time over-parameterization (Liu et al. 2021): fraction of weights ever active.
             out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
@@ -758,7 +758,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     from sparse_core.ensemble import ensemble_metrics, stack_probs
 
     folder = ensemble_dir(params, name)
-    df = pd.read_parquet(folder / "probs.parquet")
+    df = artifacts.read_parquet(folder / "probs.parquet")
     manifest = json.loads((folder / "members.json").read_text())
     out: dict[str, Any] = {"run": name, "method": name, "members": len(manifest)}
     _, data, model = _setup(params)
@@ -788,7 +788,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     out["sparsity"] = float(sum(sparsities) / len(sparsities))
     out["target_sparsity"] = params.train.dst.sparsity
     if name == "edst_ensemble":
-        events = pd.read_parquet(run_dir(params, name) / "mask_updates.parquet")
+        events = artifacts.read_parquet(run_dir(params, name) / "mask_updates.parquet")
         out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}
     out["flops"] = {

@@ -16,6 +16,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sparse_core import evalsets, stages
+from sparse_core.artifacts import read_parquet
 from sparse_core.config import ConfigError, load_params
 from sparse_core.data import DataError
 
@@ -192,7 +193,7 @@ def evaluate_run(params_path: str, run: str) -> dict:
 @task(name="publish-run-summary", **IO_RETRIES)
 def publish_summary(run: str, run_dir: str) -> None:
     """Markdown artifact with the run's last history row (for the Prefect UI)."""
-    hist = pd.read_parquet(f"{run_dir}/history.parquet")
+    hist = read_parquet(f"{run_dir}/history.parquet")
     if hist.empty:
         return
     last = hist.iloc[-1]
