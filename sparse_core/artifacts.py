@@ -27,7 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 
 class ArtifactError(ValueError):
@@ -166,7 +167,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], dest: str | Path, metadata: d
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {TENSOR_METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(dest) as tmp:
-        save_file(flat, str(tmp), metadata=meta)
+        # The bytes go into our own temporary file: safetensors' save_file would stage them in a
+        # hidden file of its own, which a killed process leaves behind under another name.
+        tmp.write_bytes(safetensors_bytes(flat, metadata=meta))
 
 
 def load_tensor_metadata(path: str | Path) -> dict[str, str]:
