@@ -7,7 +7,9 @@
    sequentially and then on a local 2-worker Dask cluster (DaskTaskRunner, cluster start-up
    included). Prints both wall times, the ratio (target >= 1.6x on 2 cores) and whether the
    two runs wrote byte-identical weights and masks. For reference it also times the
-   sequential sweep with torch's default thread count (faster per task, different bits).
+   sequential sweep with torch's default thread count (faster per task, different bits), and
+   the machine's own limit: one point alone against two at once on two warm Dask workers,
+   without Prefect or start-up (plain ``Client.submit``).
 2. The orchestration overhead of one no-op stage flow (a flow with one no-op task, as every
    stage has): in-process against a running server, and as a fresh process the way a DVC
    stage command starts one (target: under 3 s).
@@ -98,6 +100,35 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f}")
 """
 
 
+def _point(seed: int) -> float:
+    """One sweep point trained in this process (1 thread); its wall seconds."""
+    from sparse_core.config import load_params
+    from sparse_core.stages import stage_sweep_point
+
+    t0 = time.perf_counter()
+    stage_sweep_point(load_params("params.yaml"), "rigl", 0.8, 100 + seed, 1)
+    return time.perf_counter() - t0
+
+
+def parallel_capacity(work: Path) -> tuple[float, float]:
+    """The machine's own limit, without Prefect or start-up: one point alone, then two points
+    at once on two warm Dask worker processes (plain ``Client.submit``)."""
+    from distributed import Client, LocalCluster
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        alone = _point(0)
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+            client.gather([client.submit(_point, s, pure=False) for s in (1, 2)])  # warm: imports, data cache
+            t0 = time.perf_counter()
+            client.gather([client.submit(_point, s, pure=False) for s in (3, 4)])
+            pair = time.perf_counter() - t0
+    finally:
+        os.chdir(cwd)
+    return alone, pair
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-subset", type=int, default=20000)
@@ -128,6 +159,11 @@ def main() -> None:
             (work / "params.yaml").write_text(yaml.safe_dump(raw))
             seq_default = sweep(work, env, "sequential", points)
 
+            raw["base"]["num_threads"] = 1
+            (work / "params.yaml").write_text(yaml.safe_dump(raw))
+            os.environ["SPARSEFLOW_DATA_MIRROR"] = mirror
+            alone, pair = parallel_capacity(work)
+
             noop = subprocess.run([sys.executable, "-c", NOOP, "twice"], env=env, capture_output=True, text=True, check=True)
             import_s, first_s, second_s = map(float, noop.stdout.split())
             t0 = time.perf_counter()
@@ -139,6 +175,8 @@ def main() -> None:
     print(f"Dask, 2 workers x 1 thread (incl. start-up): {dask:7.1f} s   speed-up {seq / dask:.2f}x (target >= 1.6x)")
     print(f"byte-identical weights and masks:       {same}")
     print(f"sequential, torch default threads:     {seq_default:7.1f} s   (Dask speed-up over it {seq_default / dask:.2f}x)")
+    print(f"machine limit, no Prefect: 1 point alone {alone:.1f} s; 2 points at once on 2 warm workers {pair:.1f} s "
+          f"-> at most {2 * alone / pair:.2f}x from 2 processes here")
     print(f"no-op stage flow, in-process: first {first_s:.2f} s, next {second_s:.2f} s (target < 3 s)")
     print(f"no-op stage flow as a fresh process, interpreter start to exit (what a DVC stage pays): {fresh:.2f} s, "
           f"of which importing Prefect {import_s:.2f} s")
