@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -126,15 +125,9 @@ def _dispatch_stage(args: argparse.Namespace) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from sparse_core.artifacts import atomic_path
+    from flows.pipeline import use_profile
 
-    src = Path("profiles") / f"{args.name}.yaml"
-    if not src.is_file():
-        known = sorted(p.stem for p in Path("profiles").glob("*.yaml"))
-        raise ConfigError(f"{src}: no such profile; available: {', '.join(known) or 'none'}")
-    load_params(src)
-    with atomic_path(args.params) as tmp:
-        shutil.copyfile(src, tmp)
+    src = use_profile(Path("."), args.name, args.params)
     print(f"{args.params} <- {src}; run `dvc repro` (or `make repro`); `git checkout {args.params}` restores the default")
 
 

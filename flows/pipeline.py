@@ -30,8 +30,9 @@ PIPELINE_RUN_ENV = "SPARSEFLOW_PIPELINE_RUN_ID"
 PIPELINE_TAG_PREFIX = "pipeline-run:"
 
 
-def use_profile(repo: Path, profile: str) -> None:
-    """Copy ``profiles/<profile>.yaml`` over ``params.yaml`` (validated first, atomic rename).
+def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> Path:
+    """Copy ``profiles/<profile>.yaml`` over ``dest`` (relative to ``repo``; validated first,
+    atomic rename); returns the profile's path.
 
     Raises:
         ConfigError: unknown profile (the message lists the available ones) or invalid params.
@@ -44,8 +45,9 @@ def use_profile(repo: Path, profile: str) -> None:
         known = sorted(p.stem for p in (repo / "profiles").glob("*.yaml"))
         raise ConfigError(f"{src}: no such profile; available: {', '.join(known) or 'none'}")
     load_params(src)
-    with atomic_path(repo / "params.yaml") as tmp:
+    with atomic_path(repo / dest) as tmp:
         shutil.copyfile(src, tmp)
+    return src
 
 
 def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:

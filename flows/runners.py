@@ -23,7 +23,7 @@ different thread count.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -82,10 +82,8 @@ def task_threads(params: Params) -> int:
     return params.base.num_threads or torch.get_num_threads()
 
 
-def fan_out(task: Any, calls: Sequence[tuple], log: Callable[[str], None] | None = None) -> list[Any]:
+def fan_out(task: Any, calls: Sequence[tuple]) -> list[Any]:
     """Submit ``task(*args)`` for every ``args`` in ``calls`` to the flow's task runner and
     return the results in submission order (the first failure is raised)."""
     futures = [task.submit(*args) for args in calls]
-    if log:
-        log(f"{len(futures)} task(s) of {task.name} submitted")
     return [f.result() for f in futures]
