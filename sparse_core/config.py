@@ -224,8 +224,15 @@ class DSTSection(_Section):
     update_period: int = Field(100, gt=0)
     #: Fraction of training after which the topology is frozen.
     stop_fraction: float = Field(0.75, gt=0.0, le=1.0)
-    #: Zero the optimizer's momentum at regrown positions.
+    #: Zero the optimizer's momentum at re-initialised positions (those :attr:`reinit_when_same`
+    #: decides start at zero).
     reset_momentum: bool = False
+    #: A connection dropped and regrown at the same position in one update: keep its value
+    #: (false, RigL's ``reinit_when_same`` default in google-research/rigl ``sparse_optimizers.py``)
+    #: or restart it at zero (true, as the FreeTickets / sparselearning code does: its
+    #: ``truncate_weights`` zeroes every dropped weight before growing). Connections that were
+    #: inactive before the update always start at zero.
+    reinit_when_same: bool = False
 
     @model_validator(mode="after")
     def _floor_below_start(self) -> "DSTSection":
@@ -238,7 +245,17 @@ class DSTSection(_Section):
 
 class EDSTSection(_Section):
     """EDST Ensemble (Liu et al. 2022, Sec. 4.2): one run, an exploration phase, then ``tickets``
-    refinement phases of equal length, each yielding its best-validation checkpoint."""
+    refinement phases of equal length, each yielding its best-validation checkpoint.
+
+    The topology-update defaults are those of the FreeTickets EDST script (``main_EDST.py`` with
+    ``sparselearning/core.py``): random growth (``--growth`` defaults to ``random``), a constant
+    drop fraction (``Masking.step`` always calls ``truncate_weights(args.death_rate)``, 0.5) and
+    updates every ΔT steps through every phase (``--update-frequency``, no stop). The README of
+    that repository runs its WRN-28-10 example with ``--growth gradient``; set ``grow: gradient``
+    to reproduce that command. ``dst.update_period``, ``dst.sparsity``, ``dst.distribution`` and
+    ``dst.reinit_when_same`` are shared with ``set``/``rigl``; ``dst.drop_fraction``,
+    ``dst.drop_schedule`` and ``dst.stop_fraction`` are not used by EDST.
+    """
 
     tickets: int = Field(3, ge=1)
     #: Epochs of the exploration phase (constant base learning rate, ordinary DST updates).
@@ -248,7 +265,16 @@ class EDSTSection(_Section):
     #: Learning rate within each refinement phase, as multipliers of the base lr over equal
     #: sub-segments (the paper's CIFAR setting with base 0.1: 0.01 then 0.001).
     refine_lr_multipliers: list[float] = Field(default_factory=lambda: [0.1, 0.01], min_length=1)
-    grow: Literal["gradient", "random"] = "gradient"
+    #: Growth criterion of the ordinary updates and of the global explorations.
+    grow: Literal["gradient", "random"] = "random"
+    #: Drop fraction p of the ordinary updates; ``constant`` (the script) or ``cosine`` (decays to
+    #: ``dst.drop_fraction_floor`` over the whole run).
+    drop_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    drop_schedule: Literal["cosine", "constant"] = "constant"
+    #: Per phase (the exploration phase and each refinement phase), ordinary updates happen in the
+    #: first ``phase_stop_fraction`` of the phase's steps; 1.0 (the script) updates through every
+    #: phase to its end.
+    phase_stop_fraction: float = Field(1.0, ge=0.0, le=1.0)
 
     @field_validator("refine_lr_multipliers")
     @classmethod
@@ -498,6 +524,23 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
+    def _gradual_schedule_reaches_target(self) -> "Params":
+        from sparse_core.sparsity.schedules import gradual_schedule_problem
+
+        gradual = {m for m in self.train.methods if m in ("dpf", "gmp")}
+        if self.local.sparse_method in ("dpf", "gmp") and any(m in LOCAL_METHODS for m in self.train.methods):
+            gradual.add(f"local.sparse_method {self.local.sparse_method}")
+        n = train_images(self.data)
+        if not gradual or n is None:
+            return self
+        steps = -(-n // self.train.optim.batch_size) * self.train.epochs
+        p = self.train.pruning
+        problem = gradual_schedule_problem(steps, p.start_fraction, p.end_fraction, p.update_period)
+        if problem:
+            raise ValueError(f"train.pruning ({', '.join(sorted(gradual))}): {problem}; {SCHEDULE_KEYS_HINT}")
+        return self
+
+    @model_validator(mode="after")
     def _paths_stay_inside_project(self) -> "Params":
         problems = []
         spec = self.data.imagefolder
@@ -542,6 +585,24 @@ class Params(_Section):
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: Training images of each registry dataset (before the validation split), to check schedules
+#: against the number of steps at validation time; image folders are checked when training starts.
+TRAIN_IMAGES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+#: What to change when a gradual-pruning schedule cannot reach its target (see
+#: :func:`sparse_core.sparsity.schedules.gradual_schedule_problem`).
+SCHEDULE_KEYS_HINT = ("change train.pruning.end_fraction (below 1), train.pruning.update_period, train.pruning.start_fraction, "
+                      "or the number of steps (train.epochs, train.optim.batch_size, data.train_subset)")
+
+
+def train_images(data: DataSection) -> int | None:
+    """Images in the training split after the validation split (None for image folders)."""
+    total = TRAIN_IMAGES.get(data.dataset)
+    if total is None:
+        return None
+    n = min(data.train_subset, total) if data.train_subset else total
+    return n - int(round(data.val_fraction * n))
 
 
 #: Params values that name files or folders; checked by :func:`path_escape` unless

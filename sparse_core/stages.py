@@ -223,15 +223,17 @@ def _train_run(
     rank returns once the export is complete."""
     fingerprint = f"{fingerprint}-{code_fingerprint()}"
     parallel = active_parallel()
-    if parallel.is_main:
-        _fresh_run_dir(params, run, fingerprint)
-    parallel.barrier()  # no rank looks for a checkpoint while rank 0 may be clearing the folder
-    device = parallel.device or device
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     t = params.train
     seed = params.base.seed if seed is None else seed
     net = getattr(model, "net", model)
+    # Built before the run folder is touched: a schedule that cannot work (ConfigError) must not
+    # cost the previous run's files.
     method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs)
+    if parallel.is_main:
+        _fresh_run_dir(params, run, fingerprint)
+    parallel.barrier()  # no rank looks for a checkpoint while rank 0 may be clearing the folder
+    device = parallel.device or device
     if prepare_method is not None:
         prepare_method(method)
     model.to(device)

@@ -136,8 +136,10 @@ def test_cosine_drop_fraction_and_stop():
 
 
 @pytest.mark.parametrize("reset", [True, False])
-def test_reset_momentum_zeroes_buffer_at_regrown_positions(reset):
-    model, method, opt = _setup("rigl", period=1000, reset_momentum=reset)
+def test_reset_momentum_zeroes_buffer_at_reinitialised_positions(reset):
+    # reinit_when_same: the dropped-and-regrown-in-place weights restart at zero, and
+    # reset_momentum zeroes their buffers (tests/test_fidelity.py covers the RigL default).
+    model, method, opt = _setup("rigl", period=1000, reset_momentum=reset, reinit_when_same=True)
     _step(model, method, opt, 0)  # momentum buffers are nonzero at active positions
     old = {k: m.clone() for k, m in method.masks.masks.items()}
     # Scores that make the grow step pick exactly the just-dropped (previously active) weights.

@@ -6,12 +6,22 @@ inactive weights are zero after every optimizer step, and every ``ΔT`` iteratio
 layer's topology is updated (RigL, Algorithm 1; FreeTickets, Sec. 3):
 
 1. drop the ``k = ⌈p_t · n_active⌉`` active weights of smallest magnitude;
-2. grow ``k`` weights among the positions inactive after the drop, chosen uniformly at random
-   (``set``) or by the largest magnitude of the dense gradient of the current minibatch
-   (``rigl``; the gradient at inactive positions is exact because their weights are 0);
-3. regrown weights start at 0 (optionally with their momentum reset).
+2. grow ``k`` weights among the positions inactive after the drop (the ``k`` just dropped
+   included), chosen uniformly at random (``set``) or by the largest magnitude of the dense
+   gradient of the current minibatch (``rigl``; the gradient at inactive positions is exact
+   because their weights are 0);
+3. connections that were inactive before the update start at 0 (optionally with their momentum
+   reset). A connection dropped and regrown at the same position keeps its value, as in RigL's
+   reference (google-research/rigl, ``SparseRigLOptimizer._get_update_op`` with
+   ``reinit_when_same=False``), unless ``dst.reinit_when_same`` is true (the FreeTickets /
+   sparselearning code, whose ``truncate_weights`` zeroes every dropped weight before growing).
 
-So each layer's active count never changes. The drop fraction follows a cosine decay
+So each layer's active count never changes. A layer whose density is 1 (ERK caps small layers
+there) takes no part in updates: in the reference its dropped weights could only be regrown in
+place, where they keep their values, so it comes out of every update unchanged; skipping it
+gives exactly that, whatever ``reinit_when_same`` says. Differences from the references: ``k``
+is rounded up (sparselearning's ``magnitude_death``; RigL truncates ``n_ones · p``), and random
+growth draws exactly ``k`` positions (sparselearning draws each with probability ``k / n_free``). The drop fraction follows a cosine decay
 ``p_t = p_min + (p_0 − p_min) · (1 + cos(π t / T_stop)) / 2`` (RigL, Eq. 1) or stays constant,
 and updates stop after ``stop_fraction`` of training. The exploration rate ("in-time
 over-parameterization", Liu et al. 2021) is the fraction of prunable weights ever active.
@@ -94,41 +104,63 @@ class SET(MaskedMethod):
         self, step: int, fraction: float, scores: dict[str, torch.Tensor] | None = None, kind: str = "dst"
     ) -> int:
         """Drop ``⌈fraction · n_active⌉`` smallest-magnitude active weights per layer and grow as
-        many at the best-scoring inactive positions; returns the number of weights regrown."""
+        many at the best-scoring positions inactive after the drop; returns the number regrown.
+
+        Layers at density 1 are skipped (see the module docstring). The event logged in
+        ``events`` (``mask_updates.parquet``) holds, besides step, kind, drop fraction, regrown
+        count, sparsity and exploration rate, ``moved_fraction``: the fraction of the active
+        positions (of layers below density 1) that are inactive after the update, and
+        ``moved_fraction/<layer>`` per layer. A dropped position regrown in place has not moved.
+
+        With random growth the moved fraction of a layer of ``n`` positions, ``a`` of them active,
+        has the expectation ``k (n − a) / (a (n − a + k))``: the ``k`` regrown positions are a
+        uniform draw without replacement from the ``n − a + k`` free ones, so each of the ``k``
+        dropped positions is re-picked with probability ``k / (n − a + k)`` (hypergeometric).
+        For ``a = 0.2 n`` and ``p = 0.8`` that is 0.667, not 0.8.
+        """
         scores = scores if scores is not None else (self._grow_scores or self.grow_scores())
-        moved = 0
+        regrown, moved_total, active_total = 0, 0, 0
+        moved_per_layer: dict[str, float] = {}
         for n, p in self.masks.params.items():
             mask = self.masks.masks[n].flatten()
             n_active = int(mask.sum())
             k = min(math.ceil(fraction * n_active), n_active)
-            if k == 0:
-                continue
+            if k == 0 or n_active == mask.numel():
+                continue  # nothing to drop, or a dense layer: unchanged, as in the reference
             w = p.detach().flatten()
             drop = torch.topk(w.abs().masked_fill(~mask, float("inf")), k, largest=False).indices
             new = mask.clone()
             new[drop] = False
             grow = torch.topk(scores[n].flatten().masked_fill(new, float("-inf")), k).indices
             new[grow] = True
-            w[grow] = 0.0  # regrown weights start at zero (w is a view of p)
+            # Which regrown connections restart at zero: those inactive before the update, or,
+            # with reinit_when_same, also those dropped and regrown in place.
+            reinit = grow if self.dst.reinit_when_same else grow[~mask[grow]]
+            w[reinit] = 0.0  # w is a view of p
             if self.dst.reset_momentum and self.optimizer is not None:
                 buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
-                    buf.view(-1)[grow] = 0.0
+                    buf.view(-1)[reinit] = 0.0
+            moved = int((mask & ~new).sum())
+            moved_per_layer[n] = moved / n_active
+            moved_total, active_total = moved_total + moved, active_total + n_active
             self.masks.masks[n] = new.view_as(p)
             self.ever_active[n] |= self.masks.masks[n]
-            moved += k
+            regrown += k
         self.masks.apply_()
         self.events.append(
             {
                 "step": int(step),
                 "kind": kind,
                 "drop_fraction": float(fraction),
-                "regrown": moved,
+                "regrown": regrown,
                 "sparsity": self.masks.sparsity(),
                 "exploration_rate": self.exploration_rate(),
+                "moved_fraction": moved_total / active_total if active_total else 0.0,
+                **{f"moved_fraction/{n}": v for n, v in moved_per_layer.items()},
             }
         )
-        return moved
+        return regrown
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -8,14 +8,28 @@ All-Round Blessings of Dynamic Sparsity" (FreeTickets), Sec. 4.2 and Algorithm 1
 - ``M`` refinement phases of equal length: each phase has its own learning-rate schedule
   (multipliers of the base rate over equal sub-segments) and ordinary DST updates continue;
 - before phases ``2..M`` a *global exploration* drops a fraction ``q`` of each layer's active
-  weights by magnitude and regrows as many (gradient or random), moving the model to a new
+  weights by magnitude and regrows as many (random or gradient), moving the model to a new
   basin while keeping the per-layer counts;
 - ticket ``m`` is the best-validation checkpoint of phase ``m``.
+
+The ordinary updates follow the FreeTickets EDST script (VITA-Group/FreeTickets,
+``main_EDST.py`` + ``sparselearning/core.py``), not RigL's single-run schedule: random growth,
+a constant drop fraction ``edst.drop_fraction`` (0.5) and updates every ΔT steps through every
+phase (``edst.phase_stop_fraction`` = 1; a smaller value stops them within each phase, the
+exploration phase included). ``dst.stop_fraction`` and ``dst.drop_schedule`` do not apply.
+Every update, global explorations included, logs the fraction of active positions that moved
+(:meth:`~sparse_core.methods.dst.SET.update_topology`): with random growth and ``q = 0.8`` at
+density 0.2 about 0.67 of a layer's active positions move, the rest are re-picked in place.
+Differences from the script: the best ticket of phase 1 is the best of phase 1 alone (the
+script keeps comparing with the exploration phase's best accuracy until phase 2), and layers
+at density 1 are left out of every update (see :mod:`sparse_core.methods.dst`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 from torch import nn
@@ -69,10 +83,33 @@ class EDST(RigL):
     def grow_scores(self) -> dict[str, torch.Tensor]:
         return RigL.grow_scores(self) if self.edst.grow == "gradient" else SET.grow_scores(self)
 
+    def phase_bounds(self, step: int) -> tuple[int, int]:
+        """``(first step, number of steps)`` of the phase (exploration or refinement) in which
+        optimizer step number ``step`` (1-based) runs."""
+        phase = self.phase_of_epoch((step - 1) // self.steps_per_epoch)
+        if phase < 0:
+            return 0, self.edst.exploration_epochs * self.steps_per_epoch
+        return self.phase_start_step(phase), self.phase_epochs * self.steps_per_epoch
+
+    def update_due(self, step: int) -> bool:
+        """Ordinary update after step ``step`` (1-based): every ΔT steps, in the first
+        ``edst.phase_stop_fraction`` of each phase."""
+        if step % self.dst.update_period or step < 1:
+            return False
+        start, length = self.phase_bounds(step)
+        return step - start <= self.edst.phase_stop_fraction * length
+
+    def drop_fraction(self, step: int) -> float:
+        e = self.edst
+        if e.drop_schedule == "constant":
+            return e.drop_fraction
+        floor = min(self.dst.drop_fraction_floor, e.drop_fraction)
+        return floor + (e.drop_fraction - floor) * 0.5 * (1 + math.cos(math.pi * min(step / max(self.total_steps, 1), 1.0)))
+
     def planned_update(self, step: int) -> tuple[float, str] | None:
         if self._global_exploration_due(step):
             return self.edst.exploration_rate, "global_exploration"
-        return super().planned_update(step)
+        return (self.drop_fraction(step), "dst") if self.update_due(step) else None
 
     def on_epoch_end(self, epoch: int, val: dict[str, float]) -> None:
         phase = self.phase_of_epoch(epoch)

@@ -22,9 +22,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from sparse_core.config import PruningSection
+from sparse_core.config import SCHEDULE_KEYS_HINT, ConfigError, PruningSection
 from sparse_core.methods.base import MaskedMethod
 from sparse_core.sparsity import cubic_sparsity
+from sparse_core.sparsity.schedules import gradual_schedule_problem, pruning_end_step
 
 
 class GMP(MaskedMethod):
@@ -32,9 +33,18 @@ class GMP(MaskedMethod):
 
     name = "gmp"
 
+    def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection):
+        problem = gradual_schedule_problem(total_steps, pruning.start_fraction, pruning.end_fraction, pruning.update_period)
+        if problem:
+            raise ConfigError(f"train.pruning: {problem}; {SCHEDULE_KEYS_HINT}")
+        super().__init__(model, total_steps, pruning)
+        #: Step at which the schedule reaches the target: an update step with training after it.
+        self.end_step = pruning_end_step(total_steps, pruning.end_fraction, pruning.update_period)
+
     def target_sparsity(self, step: int) -> float:
         p = self.pruning
-        return cubic_sparsity(step, self.total_steps, p.initial_sparsity, p.sparsity, p.start_fraction, p.end_fraction)
+        end = self.end_step / self.total_steps
+        return cubic_sparsity(step, self.total_steps, p.initial_sparsity, p.sparsity, p.start_fraction, end)
 
     def _update_due(self, step: int) -> bool:
         p = self.pruning
@@ -53,11 +63,14 @@ class GMP(MaskedMethod):
             self.masks.apply_()
 
     def on_train_end(self) -> None:
-        # A run shorter than the schedule's end (or not a multiple of ΔT) still ends on target.
-        if abs(self.masks.sparsity() - self.pruning.sparsity) * self.masks.numel() >= 1 or not self.events:
-            self.update_masks(self.total_steps, self.pruning.sparsity, self._weights_for_mask())
-            if self.zero_pruned:
-                self.masks.apply_()
+        # The schedule reaches the target at self.end_step, a real update with training after it
+        # (checked in __init__); a mask is never rebuilt after the last step.
+        if not self.events or self.events[-1]["target_sparsity"] != self.pruning.sparsity:
+            last = self.events[-1]["target_sparsity"] if self.events else None
+            raise RuntimeError(
+                f"{self.name}: the last mask update targeted sparsity {last}, not {self.pruning.sparsity} "
+                f"(schedule end step {self.end_step} of {self.total_steps}, {len(self.events)} mask updates)"
+            )
 
 
 class DPF(GMP):
