@@ -18,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro analysis test metrics bench clean-runs
+.PHONY: install repro analysis curves test metrics bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One Prefect server for all stages (a temporary one unless PREFECT_API_URL is set): a bare
+# `dvc repro` works too, but each of its stages then starts a temporary server of its own.
 repro: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/sparseflow validate > /dev/null
+	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
 analysis: $(STAMP)
-	$(BIN)/dvc repro analysis/dvc.yaml
+	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro analysis/dvc.yaml
 	$(BIN)/dvc metrics show analysis/dvc.yaml
 
 test: $(STAMP)

@@ -2,7 +2,7 @@
 
     sparseflow validate [--params params.yaml]
     sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
-    sparseflow run train --method dpf
+    sparseflow run train --method dpf [--seed 1]   # run-level stages take --seed (default: base.seeds[0])
     sparseflow run retrain --run dpf
     sparseflow run evaluate --run dpf_retrain
     sparseflow run collect --run edst_ensemble
@@ -14,6 +14,7 @@
     torchrun --nproc-per-node K --no-python sparseflow local-worker --method local_chunked
     torchrun --standalone --nproc-per-node 2 --no-python sparseflow ddp-worker --method dpf   # data-parallel train@dpf
     sparseflow server [--host 127.0.0.1] [--port 4200]   # a local Prefect server (SQLite)
+    sparseflow with-server -- dvc repro   # one temporary Prefect server for every stage (unless PREFECT_API_URL)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS [--profile NAME] [--target T ...]
     sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
 
@@ -32,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
-from sparse_core.config import ConfigError, load_params  # noqa: E402
+from sparse_core.config import ConfigError, load_params, seeded  # noqa: E402
 from sparse_core.data import DataError  # noqa: E402
 
 from flows.workspace import WorkspaceBusy  # noqa: E402
@@ -44,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "report", "local_analysis"])
+    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train: the method to run")
-    r.add_argument("--run", help="retrain/evaluate: the run name")
+    r.add_argument("--run", help="retrain/evaluate/collect/evaluate_ensemble/aggregate: the run or ensemble name")
+    r.add_argument("--seed", type=int, help="warmup/train/retrain/collect/evaluate/evaluate_ensemble: the training seed "
+                   "(default: the first of base.seeds); its files go to <runs_dir>/s<seed>/ etc.")
     from flows import compare
 
     compare.add_parser(sub)
@@ -65,15 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("server", help="start a local Prefect server (embedded SQLite; loopback only by default)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; see README before exposing it)")
     sv.add_argument("--port", type=int, default=4200)
+    ws = sub.add_parser("with-server", help="run a command against one Prefect server (a temporary one unless PREFECT_API_URL is set)")
+    ws.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
     lw = sub.add_parser("local-worker", help="one chunk of a local_* run under torchrun (one process per chunk)")
     lw.add_argument("--method", required=True)
     lw.add_argument("--params", default="params.yaml")
+    lw.add_argument("--seed", type=int, help="training seed (default: the first of base.seeds)")
     dw = sub.add_parser("ddp-worker", help="one rank of a data-parallel (DDP) train run under torchrun")
     dw.add_argument("--method", required=True)
     dw.add_argument("--params", default="params.yaml")
+    dw.add_argument("--seed", type=int, help="training seed (default: the first of base.seeds)")
     s = sub.add_parser("serve", help="serve the pipeline flow as a deployment (needs a Prefect server)")
     d = sub.add_parser("deploy", help="create a pipeline deployment for a process work pool")
     d.add_argument("--pool", required=True, help="process work pool (created when missing)")
@@ -104,24 +111,26 @@ def _dispatch_stage(args: argparse.Namespace) -> None:
 
     if args.stage == "train" and not args.method:
         raise SystemExit("sparseflow run train: --method is required")
-    if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble") and not args.run:
+    if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
     simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow,
               "local_analysis": f.local_analysis_flow}  # fmt: skip
     if args.stage in simple:
         f.with_task_runner(simple[args.stage], args.params)(args.params)
     elif args.stage == "warmup":
-        f.warmup_flow(args.params)
+        f.warmup_flow(args.params, args.seed)
     elif args.stage == "train":
-        f.with_task_runner(f.train_flow, args.params)(args.method, args.params)
+        f.with_task_runner(f.train_flow, args.params)(args.method, args.params, args.seed)
     elif args.stage == "retrain":
-        f.retrain_flow(args.run, args.params)
+        f.retrain_flow(args.run, args.params, args.seed)
     elif args.stage == "collect":
-        f.collect_flow(args.run, args.params)
+        f.collect_flow(args.run, args.params, args.seed)
     elif args.stage == "evaluate_ensemble":
-        f.evaluate_ensemble_flow(args.run, args.params)
+        f.evaluate_ensemble_flow(args.run, args.params, args.seed)
+    elif args.stage == "aggregate":
+        f.aggregate_flow(args.run, args.params)
     else:
-        f.evaluate_flow(args.run, args.params)
+        f.evaluate_flow(args.run, args.params, args.seed)
 
 
 def _profile(args: argparse.Namespace) -> None:
@@ -144,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "local-worker":
             from sparse_core.stages import stage_local_worker
 
-            out = stage_local_worker(load_params(args.params), args.method)
+            out = stage_local_worker(seeded(load_params(args.params), args.seed), args.method)
             if out is not None:
                 print(f"sparseflow local-worker: {args.method} exported to {out}")
         elif args.command == "ddp-worker":
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             from sparse_core.stages import stage_train_ddp
 
             try:
-                out = stage_train_ddp(load_params(args.params), args.method)
+                out = stage_train_ddp(seeded(load_params(args.params), args.seed), args.method)
             except MaskDivergenceError as exc:
                 print(f"sparseflow ddp-worker: {exc}", file=sys.stderr)
                 return 1
@@ -174,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sparseflow sweep: {out}")
         elif args.command == "profile":
             _profile(args)
+        elif args.command == "with-server":
+            from flows import server
+
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not cmd:
+                raise SystemExit("sparseflow with-server: give the command after --, e.g. sparseflow with-server -- dvc repro")
+            return server.with_server(cmd)
         elif args.command == "server":
             from flows import server
 

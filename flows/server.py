@@ -120,3 +120,63 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
     print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
           f"Start a worker where this folder ({repo}) is visible:\n  prefect worker start --pool {args.pool}\n"
           f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
+    """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
+    ``cmd``'s exit status.
+
+    When ``PREFECT_API_URL`` is set, that server is used and nothing is started. Otherwise a
+    Prefect server is started on a free 127.0.0.1 port with a temporary ``PREFECT_HOME`` (its
+    own SQLite database), ``cmd`` runs with ``PREFECT_API_URL`` pointing at it, and the server is
+    stopped (SIGINT, then SIGKILL after 20 s) and its home removed when ``cmd`` ends. Without
+    this, each ``sparseflow run`` that a bare ``dvc repro`` starts brings up a temporary server of
+    its own (about 10 s on the 2-core machine), and a default ``dvc repro`` has over a hundred
+    stages.
+
+    Raises:
+        RuntimeError: the server did not answer ``/api/health`` within ``startup_seconds``
+            (the message ends with its log).
+    """
+    import tempfile
+    import time
+    import urllib.request
+
+    if os.environ.get("PREFECT_API_URL"):
+        return subprocess.call(cmd)
+    home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(server_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + startup_seconds
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Prefect server did not start on {url}; log:\n{(home / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+            print(f"sparseflow with-server: Prefect API at {url} for: {' '.join(cmd)}", flush=True)
+            return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": url})
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(home, ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from sparse_core.config import load_params
+from sparse_core.config import load_params, seeded
 from flows.runners import fan_out, make_task_runner, task_threads
 from tasks import stages as t
 
@@ -57,54 +57,64 @@ def local_analysis_flow(params_path: str = "params.yaml") -> str:
     return t.local_write_analysis(params_path, rows, side)
 
 
-@flow(name="warmup", flow_run_name="warmup")
-def warmup_flow(params_path: str = "params.yaml") -> str:
-    load_params(params_path)
-    out = t.dense_warmup(params_path)
-    t.publish_summary("warmup", out)
+def _seed(params_path: str, seed: int | None) -> int:
+    """The training seed a stage runs (None: the first of ``base.seeds``), after validation."""
+    return seeded(load_params(params_path), seed).base.seed
+
+
+@flow(name="warmup", flow_run_name="warmup-s{seed}")
+def warmup_flow(params_path: str = "params.yaml", seed: int | None = None) -> str:
+    seed = _seed(params_path, seed)
+    out = t.dense_warmup(params_path, seed)
+    t.publish_summary(f"warmup-s{seed}", out)
     return out
 
 
-@flow(name="train", flow_run_name="train-{method}", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def train_flow(method: str, params_path: str = "params.yaml") -> str:
-    """One ``train@<method>`` stage; DST Ensemble members are independent tasks fanned out to
-    the ``params.orchestration`` task runner (byte-identical to one after another)."""
+@flow(name="train", flow_run_name="train-{method}-s{seed}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def train_flow(method: str, params_path: str = "params.yaml", seed: int | None = None) -> str:
+    """One ``train@<method>-<seed>`` stage; DST Ensemble members are independent tasks fanned out
+    to the ``params.orchestration`` task runner (byte-identical to one after another)."""
     params = load_params(params_path)
+    seed = seeded(params, seed).base.seed
     if method == "dst_ensemble":
         threads = task_threads(params)
-        outs = fan_out(t.train_member, [(params_path, i, threads) for i in range(params.train.dst_ensemble.members)])
+        outs = fan_out(t.train_member, [(params_path, i, threads, seed) for i in range(params.train.dst_ensemble.members)])
         for i, out in enumerate(outs):
-            t.publish_summary(f"dst_ensemble-member-{i}", out)
-        return t.finish_dst_ensemble(params_path)
-    out = t.train_run(params_path, method)
-    t.publish_summary(method, out)
+            t.publish_summary(f"dst_ensemble-member-{i}-s{seed}", out)
+        return t.finish_dst_ensemble(params_path, seed)
+    out = t.train_run(params_path, method, seed)
+    t.publish_summary(f"{method}-s{seed}", out)
     return out
 
 
-@flow(name="collect", flow_run_name="collect-{name}")
-def collect_flow(name: str, params_path: str = "params.yaml") -> str:
-    load_params(params_path)
-    return t.collect_ensemble(params_path, name)
+@flow(name="collect", flow_run_name="collect-{name}-s{seed}")
+def collect_flow(name: str, params_path: str = "params.yaml", seed: int | None = None) -> str:
+    return t.collect_ensemble(params_path, name, _seed(params_path, seed))
 
 
-@flow(name="evaluate-ensemble", flow_run_name="evaluate-{name}")
-def evaluate_ensemble_flow(name: str, params_path: str = "params.yaml") -> dict:
-    load_params(params_path)
-    return t.evaluate_ensemble(params_path, name)
+@flow(name="evaluate-ensemble", flow_run_name="evaluate-{name}-s{seed}")
+def evaluate_ensemble_flow(name: str, params_path: str = "params.yaml", seed: int | None = None) -> dict:
+    return t.evaluate_ensemble(params_path, name, _seed(params_path, seed))
 
 
-@flow(name="retrain", flow_run_name="retrain-{run}")
-def retrain_flow(run: str, params_path: str = "params.yaml") -> str:
-    load_params(params_path)
-    out = t.retrain_run(params_path, run)
-    t.publish_summary(f"{run}_retrain", out)
+@flow(name="retrain", flow_run_name="retrain-{run}-s{seed}")
+def retrain_flow(run: str, params_path: str = "params.yaml", seed: int | None = None) -> str:
+    seed = _seed(params_path, seed)
+    out = t.retrain_run(params_path, run, seed)
+    t.publish_summary(f"{run}_retrain-s{seed}", out)
     return out
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{run}")
-def evaluate_flow(run: str, params_path: str = "params.yaml") -> dict:
+@flow(name="evaluate", flow_run_name="evaluate-{run}-s{seed}")
+def evaluate_flow(run: str, params_path: str = "params.yaml", seed: int | None = None) -> dict:
+    return t.evaluate_run(params_path, run, _seed(params_path, seed))
+
+
+@flow(name="aggregate", flow_run_name="aggregate-{run}")
+def aggregate_flow(run: str, params_path: str = "params.yaml") -> str:
+    """``aggregate@<model>``: per-seed metrics of one model -> mean ± std in ``metrics/<model>.json``."""
     load_params(params_path)
-    return t.evaluate_run(params_path, run)
+    return t.aggregate_model(params_path, run)
 
 
 @flow(name="sweep", flow_run_name="sweep-{method}", task_runner=ThreadPoolTaskRunner(max_workers=1))

@@ -57,11 +57,22 @@ class _Section(BaseModel):
         return v
 
 
+#: Most training seeds a profile may list (each one trains every run of the profile again).
+MAX_SEEDS = 100
+
+
 class BaseSection(_Section):
     """Settings shared by every stage."""
 
     #: Below 2**32: seeds feed numpy and torch generators (``seed * 100003 + epoch`` must fit 64 bits).
+    #: The seed of data preparation (the seeded validation split) and of the evaluation sets
+    #: (OOD noise, corruptions): shared by every training seed.
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    #: Training seeds: every run and ensemble is trained once per seed, as its own DVC stage
+    #: instance (``train@<method>-<seed>``), under ``<runs_dir>/s<seed>/`` (see
+    #: :meth:`Params.for_seed`). Null: ``[seed]``. Not fingerprinted and not a params dependency
+    #: of any run: adding a seed trains the new seed only.
+    seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_SEEDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
     #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
@@ -72,6 +83,8 @@ class BaseSection(_Section):
     runs_dir: str = "runs"
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
+    #: Cached member probabilities of the ensembles (``collect`` stage).
+    ensembles_dir: str = "ensembles"
     progress: bool = True
     #: Let path values (:data:`PATH_KEYS`) be absolute or lead outside the project folder with
     #: ``..``. Off by default so that a params file (or ``dvc exp run -S``) cannot make a stage
@@ -81,6 +94,22 @@ class BaseSection(_Section):
     #: with the learning rate multiplied by ``nonfinite_lr_factor`` each time (0: stop at once).
     nonfinite_retries: int = Field(0, ge=0, le=10)
     nonfinite_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        for s in v:
+            if isinstance(s, bool) or not 0 <= s <= 2**32 - 1:
+                raise ValueError(f"seed {s!r} is outside 0..2**32-1")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a value")
+        return v
+
+    def run_seeds(self) -> list[int]:
+        """The training seeds: ``seeds``, or ``[seed]`` when it is null."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
 
 class ImageFolderSection(_Section):
@@ -574,6 +603,25 @@ class Params(_Section):
                 return None
         return node
 
+    def for_seed(self, seed: int) -> "Params":
+        """The params of training seed ``seed``: ``base.seed`` is ``seed`` and every output folder
+        of runs moves into a per-seed subfolder, so the stage functions of one seed never see
+        another's files::
+
+            <runs_dir>/s<seed>/<run>/              <ensembles_dir>/s<seed>/<ensemble>/
+            <metrics_dir>/seeds/s<seed>/<model>.json   <plots_dir>/seeds/s<seed>/...
+
+        ``base.data_dir`` is shared: the prepared data and evaluation sets do not depend on the
+        training seed. Stage functions that train or evaluate take these params.
+        """
+        b = self.base
+        base = b.model_copy(update={
+            "seed": seed, "seeds": [seed],
+            "runs_dir": f"{b.runs_dir}/s{seed}", "ensembles_dir": f"{b.ensembles_dir}/s{seed}",
+            "metrics_dir": f"{b.metrics_dir}/seeds/s{seed}", "plots_dir": f"{b.plots_dir}/seeds/s{seed}",
+        })  # fmt: skip
+        return self.model_copy(update={"base": base})
+
     def fingerprint(self, *sections: str) -> str:
         """sha256 (hex, first 16 chars) of the named sections, to tell whether a checkpoint fits.
 
@@ -613,13 +661,19 @@ PATH_KEYS = (
     "base.runs_dir",
     "base.metrics_dir",
     "base.plots_dir",
+    "base.ensembles_dir",
     "data.imagefolder.archive",
     "data.imagefolder.root",
 )
 #: Per section, settings excluded from :meth:`Params.fingerprint`.
 #: The non-finite retry settings are left out too: turning retries on after a failed run must
 #: resume that run's last good checkpoint, not start it over.
-NOT_FINGERPRINTED: dict[str, set[str]] = {"base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor"}}
+#: ``seeds`` is left out because each seed's runs are trained with ``base.seed`` set to that seed
+#: (:meth:`Params.for_seed`); the list itself does not change any run.
+#: ``ensembles_dir`` holds no run (only the collect stage's caches).
+NOT_FINGERPRINTED: dict[str, set[str]] = {
+    "base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir"}
+}
 
 
 def path_escape(value: str) -> str | None:
@@ -638,6 +692,12 @@ def path_escape(value: str) -> str | None:
     if norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return f"resolves outside ({norm!r}) through '..'"
     return None
+
+
+def seeded(params: Params, seed: int | None = None) -> Params:
+    """``params.for_seed(seed)``; ``seed`` None picks the first training seed (``base.seeds[0]``),
+    so a stage run by hand without ``--seed`` writes where ``dvc repro`` would."""
+    return params.for_seed(params.base.run_seeds()[0] if seed is None else seed)
 
 
 def retrain_run_name(run: str) -> str:

@@ -29,7 +29,10 @@ def _scatter(summary: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, ti
     markers = "osD^vP*Xh<>"
     for i, (model, row) in enumerate(summary.iterrows()):
         if not (pd.isna(row[x]) or pd.isna(row[y])):
-            ax.scatter(row[x], row[y], marker=markers[i % len(markers)], s=60, label=model)
+            # Error bars: the std over seeds (columns "<header> std" of the summary), when present.
+            err = {k: row.get(f"{c} std") for k, c in (("xerr", x), ("yerr", y))}
+            err = {k: v for k, v in err.items() if v is not None and not pd.isna(v) and v > 0}
+            ax.errorbar(row[x], row[y], **err, fmt=markers[i % len(markers)], ms=7, capsize=3, label=model)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

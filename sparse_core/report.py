@@ -1,16 +1,25 @@
-"""The ``report`` stage: one tidy metrics table, a markdown report and its figures.
+"""The ``report`` and ``aggregate`` stages: per-seed metrics -> mean ± std, paper claims with
+confidence intervals and verdicts, one tidy metrics table, a markdown report and its figures.
 
-Reads ``<metrics_dir>/<model>.json`` of every evaluated run and ensemble
-(``evaluate.runs`` + ``collect.ensembles``), the plot data written by the evaluate stages
-(``<plots_dir>/reliability|corruption|layers|history/``) and the OOD
-manifest, and writes (each file atomically)::
+Reads ``<metrics_dir>/seeds/s<seed>/<model>.json`` of every evaluated run and ensemble
+(``evaluate.runs`` + ``collect.ensembles``) for every training seed (``base.seeds``), the plot
+data written by the evaluate stages of the first seed (``<plots_dir>/seeds/s<seed>/...``) and
+the OOD manifest, and writes (each file atomically)::
 
-    reports/metrics.parquet   one row per model × dataset × metric (pandera: METRICS_SCHEMA)
-    reports/summary.csv       one row per model: the results-table columns (DVC scatter plots)
-    reports/report.md         results table, OOD table (with a warning row per skipped set),
-                              corruption tables, figures
-    reports/figures/*.png     accuracy_vs_sparsity, nll_vs_training_flops, training_curves,
-                              reliability, layer_density, corruption_accuracy
+    reports/metrics.parquet   one row per model × seed × dataset × metric (pandera: METRICS_SCHEMA)
+    reports/summary.csv       one row per model: the results-table columns, mean and std over
+                              seeds, and n (DVC scatter plots)
+    reports/claims.json       per paper claim: verdict, n, mean difference and its 95% interval
+                              (DVC metrics; :mod:`sparse_core.claims`)
+    reports/report.md         results table (mean ± std), Claims, OOD table (with a warning row
+                              per skipped set), corruption tables, figures
+    reports/figures/*.png     accuracy_vs_sparsity (error bars: std over seeds),
+                              nll_vs_training_flops, training_curves, reliability,
+                              layer_density, corruption_accuracy (the last four: first seed)
+
+``aggregate@<model>`` writes ``<metrics_dir>/<model>.json``: ``{"n", "seeds", "mean", "std",
+"per_seed": {"s<seed>": ...}}`` (:func:`sparse_core.claims.aggregate`), so ``dvc metrics show``
+and ``dvc metrics diff`` see every seed and the aggregate.
 
 Tidy ``dataset`` values: ``test``, ``val``, ``corrupted`` (mean over corruptions and
 severities), ``corrupted/<corruption>``, ``corrupted/severity_<k>``, ``ood/<set>``,
@@ -29,7 +38,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from sparse_core import artifacts
+from sparse_core import artifacts, claims
 from sparse_core.config import Params
 
 REPORT_DIR = Path("reports")
@@ -39,11 +48,13 @@ METRICS_SCHEMA = pa.DataFrameSchema(
     {
         "model": pa.Column(str, pa.Check.str_length(min_value=1)),
         "kind": pa.Column(str, pa.Check.isin(("run", "ensemble"))),
+        "seed": pa.Column(int, pa.Check.ge(0)),
         "dataset": pa.Column(str, pa.Check.str_matches(r"^(test|val|model|corrupted(/[a-z0-9_]+)?|ood/[a-z0-9_]+)$")),
         "metric": pa.Column(str, pa.Check.str_length(min_value=1)),
         "value": pa.Column(float, pa.Check(lambda s: s.map(math.isfinite), error="metric values must be finite")),
     },
-    checks=pa.Check(lambda df: not df.duplicated(["model", "dataset", "metric"]).any(), error="duplicate (model, dataset, metric)"),
+    checks=pa.Check(lambda df: not df.duplicated(["model", "seed", "dataset", "metric"]).any(),
+                    error="duplicate (model, seed, dataset, metric)"),
     strict=True,
     coerce=False,
 )
@@ -64,7 +75,7 @@ COLUMNS = (
 )
 
 
-def _rows(model: str, kind: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(model: str, kind: str, metrics: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def walk(prefix: list[str], value: Any) -> None:
@@ -86,25 +97,50 @@ def _rows(model: str, kind: str, metrics: dict[str, Any]) -> list[dict[str, Any]
                 dataset, rest = f"ood/{rest[0]}", rest[1:]
             else:
                 dataset, rest = "model", prefix
-            rows.append({"model": model, "kind": kind, "dataset": dataset, "metric": "_".join(rest), "value": float(value)})
+            rows.append({"model": model, "kind": kind, "seed": seed, "dataset": dataset, "metric": "_".join(rest), "value": float(value)})
 
     walk([], metrics)
     return rows
 
 
-def tidy_metrics(params: Params) -> pd.DataFrame:
-    """All models' metrics as one tidy table (validated by :data:`METRICS_SCHEMA`).
+def seed_metrics_path(params: Params, model: str, seed: int) -> Path:
+    """``<metrics_dir>/seeds/s<seed>/<model>.json``: the evaluate stage's output for one seed."""
+    return Path(params.for_seed(seed).base.metrics_dir) / f"{model}.json"
+
+
+def per_seed_metrics(params: Params, model: str) -> dict[int, dict[str, Any]]:
+    """``{seed: metrics}`` of ``model`` for every training seed of ``base.seeds``.
+
+    Raises:
+        FileNotFoundError: a seed's metrics file is missing (names the file and the stage to run).
+    """
+    out = {}
+    for seed in params.base.run_seeds():
+        path = seed_metrics_path(params, model, seed)
+        if not path.is_file():
+            kind = "evaluate_ensemble" if model in params.collect.ensembles else "evaluate"
+            raise FileNotFoundError(f"{path}: missing; run {kind}@{model}-{seed} first")
+        out[seed] = artifacts.read_json(path)
+    return out
+
+
+def all_per_seed_metrics(params: Params) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{model: {seed: metrics}}`` of every evaluated run and ensemble."""
+    return {model: per_seed_metrics(params, model) for model, _ in models(params)}
+
+
+def tidy_metrics(params: Params, per_seed: dict[str, dict[int, dict[str, Any]]] | None = None) -> pd.DataFrame:
+    """All models' metrics of every seed as one tidy table (validated by :data:`METRICS_SCHEMA`).
 
     Raises:
         FileNotFoundError: a model's metrics file is missing (its evaluate stage has not run).
     """
+    per_seed = all_per_seed_metrics(params) if per_seed is None else per_seed
     rows = []
     for model, kind in models(params):
-        path = Path(params.base.metrics_dir) / f"{model}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run evaluate for {model!r} first")
-        rows += _rows(model, kind, json.loads(path.read_text()))
-    df = pd.DataFrame(rows, columns=["model", "kind", "dataset", "metric", "value"])
+        for seed, metrics in per_seed[model].items():
+            rows += _rows(model, kind, metrics, seed)
+    df = pd.DataFrame(rows, columns=["model", "kind", "seed", "dataset", "metric", "value"]).astype({"seed": "int64"})
     return METRICS_SCHEMA.validate(df)
 
 
@@ -113,24 +149,72 @@ def models(params: Params) -> list[tuple[str, str]]:
 
 
 def summary_table(tidy: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """One row per model with the results-table columns (NaN where a model lacks a value)."""
-    wide = tidy.assign(key=tidy["dataset"] + ":" + tidy["metric"]).pivot(index="model", columns="key", values="value")
+    """One row per model with the results-table columns: the mean over seeds under each header,
+    the sample std (ddof 1; 0 for one seed) under ``"<header> std"``, and ``n`` (seeds); NaN where
+    a model lacks a value."""
+    tidy = tidy.assign(key=tidy["dataset"] + ":" + tidy["metric"])
+    grouped = tidy.groupby(["model", "key"])["value"]
+    mean = grouped.mean().unstack()
+    std = grouped.std(ddof=1).fillna(0.0).unstack()
     out = pd.DataFrame(index=order)
     for header, dataset, metric, _ in COLUMNS:
         key = f"{dataset}:{metric}"
-        out[header] = wide[key].reindex(order) if key in wide else float("nan")
+        out[header] = mean[key].reindex(order) if key in mean else float("nan")
+        out[f"{header} std"] = std[key].reindex(order) if key in std else float("nan")
+    out["n"] = tidy.groupby("model")["seed"].nunique().reindex(order)
     out.index.name = "model"
     return out
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """The results table in markdown (``—`` for a missing value)."""
-    head = "| Model | " + " | ".join(h for h, *_ in COLUMNS) + " |"
-    lines = [head, "|---|" + "---:|" * len(COLUMNS)]
+    """The results table in markdown: ``mean ± std`` over seeds (the mean alone for one seed),
+    ``—`` for a missing value, and the number of seeds n."""
+    head = "| Model | n | " + " | ".join(h for h, *_ in COLUMNS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
     for model, row in summary.iterrows():
-        cells = ["—" if pd.isna(row[h]) else fmt.format(row[h]) for h, _, _, fmt in COLUMNS]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        n = int(row["n"]) if "n" in row and not pd.isna(row["n"]) else 1
+        cells = []
+        for h, _, _, fmt in COLUMNS:
+            if pd.isna(row[h]):
+                cells.append("—")
+            elif n > 1 and f"{h} std" in row and not pd.isna(row[f"{h} std"]):
+                cells.append(f"{fmt.format(row[h])} ± {fmt.format(row[f'{h} std'])}")
+            else:
+                cells.append(fmt.format(row[h]))
+        lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def stage_aggregate(params: Params, model: str) -> Path:
+    """``aggregate@<model>``: ``<metrics_dir>/<model>.json`` = mean, std and per-seed values of
+    the model's metrics over ``base.seeds`` (layout: :func:`sparse_core.claims.aggregate`).
+
+    Raises:
+        ValueError: ``model`` is neither in ``evaluate.runs`` nor in ``collect.ensembles``.
+        FileNotFoundError: a seed's metrics are missing.
+    """
+    if model not in dict(models(params)):
+        raise ValueError(f"aggregate: {model!r} is not in evaluate.runs or collect.ensembles")
+    out = Path(params.base.metrics_dir) / f"{model}.json"
+    artifacts.write_json(claims.aggregate(per_seed_metrics(params, model)), out)
+    return out
+
+
+def claims_section(table: pd.DataFrame) -> str:
+    """The Claims section of the report: what is compared, how, and the verdict table."""
+    return "\n".join([
+        "## Claims",
+        "",
+        "Each claim of the three papers that this profile can test, paired by seed: the difference is oriented so that "
+        "a positive value favours the claim (for NLL, ECE and FLOPs lower is better), with a two-sided 95% Student-t "
+        "interval over the per-seed differences (not a bootstrap). Verdicts: `>` holds when the interval is above 0 and "
+        "is contradicted when it is below 0; `>=` (at least as good, within a margin δ) holds when the lower bound is "
+        "above −δ and is contradicted when the upper bound is below −δ; `≈` holds when the interval lies within ±δ. "
+        "δ = 0.005 of accuracy. Anything else, and any claim with one seed, is inconclusive; a claim whose models this "
+        "profile does not train is not tested. Definitions: `sparse_core/claims.py`.",
+        "",
+        claims.claims_markdown(table),
+    ])  # fmt: skip
 
 
 def _ood_section(params: Params, tidy: pd.DataFrame) -> str:
@@ -142,7 +226,7 @@ def _ood_section(params: Params, tidy: pd.DataFrame) -> str:
         "",
         f"In-distribution: {params.data.dataset} test split. Higher score = in-distribution; AUROC / "
         "AUPR-in / AUPR-out / FPR at 95% TPR from scikit-learn. MSP: maximum softmax probability; "
-        "entropy: predictive entropy; MI: mutual information (ensembles).",
+        "entropy: predictive entropy; MI: mutual information (ensembles). Means over seeds.",
         "",
         "| Model | OOD set | score | AUROC | AUPR-in | AUPR-out | FPR@95 |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -164,7 +248,8 @@ def _ood_section(params: Params, tidy: pd.DataFrame) -> str:
 
 
 def _corruption_section(params: Params, order: list[str]) -> str:
-    frames = [_read_csv(Path(params.base.plots_dir) / "corruption" / f"{m}.csv") for m in order]
+    frames = [_read_csv(Path(params.for_seed(seed).base.plots_dir) / "corruption" / f"{m}.csv")
+              for seed in params.base.run_seeds() for m in order]  # fmt: skip
     df = pd.concat([f for f in frames if f is not None and not f.empty], ignore_index=True) if any(
         f is not None and not f.empty for f in frames
     ) else pd.DataFrame()
@@ -181,7 +266,7 @@ def _corruption_section(params: Params, order: list[str]) -> str:
         return out
 
     return "\n".join(
-        ["## Corruption robustness", "", f"Accuracy on the corrupted test subset ({source}).", "", "### Per corruption (mean over severities)", ""]
+        ["## Corruption robustness", "", f"Accuracy on the corrupted test subset ({source}), mean over seeds.", "", "### Per corruption (mean over severities)", ""]
         + table(by_type, "corruption")
         + ["", "### Per severity (mean over corruptions)", ""]
         + table(by_sev, "severity")
@@ -197,16 +282,22 @@ def stage_report(params: Params) -> Path:
     from sparse_core.figures import draw_all
 
     order = [m for m, _ in models(params)]
-    tidy = tidy_metrics(params)
+    per_seed = all_per_seed_metrics(params)
+    tidy = tidy_metrics(params, per_seed)
     summary = summary_table(tidy, order)
+    table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed)
+    seeds = params.base.run_seeds()
+    first = params.for_seed(seeds[0])  # per-seed plot data: the figures show the first seed
     REPORT_DIR.mkdir(exist_ok=True)
     artifacts.write_parquet(tidy, REPORT_DIR / "metrics.parquet")
     artifacts.write_csv(summary.reset_index(), REPORT_DIR / "summary.csv")
-    draw_all(params, summary, order, REPORT_DIR / "figures")
+    artifacts.write_json(claims.claims_json(table), REPORT_DIR / "claims.json")
+    draw_all(first, summary, order, REPORT_DIR / "figures")
     md = [
         f"# sparseflow report: {params.data.dataset}, {params.model.name}",
         "",
-        "Test split unless noted. Accuracy, ECE (15 equal-width bins) in 0-1; NLL in nats; c* = mean over "
+        f"Training seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}); every value is the mean ± sample std over "
+        "seeds. Test split unless noted. Accuracy, ECE (15 equal-width bins) in 0-1; NLL in nats; c* = mean over "
         "corruptions × severities; OOD AUROC = MSP score, mean over the OOD sets present; Params = nonzero "
         "parameters (sum over members for ensembles); Training FLOPs × relative to the profile's dense run; "
         "Inference FLOPs × relative to one dense model.",
@@ -215,11 +306,16 @@ def stage_report(params: Params) -> Path:
         "",
         markdown_table(summary),
         "",
-        _ood_section(params, tidy),
+        claims_section(table),
+        "",
+        _ood_section(params, tidy.groupby(["model", "dataset", "metric"], sort=False, as_index=False)["value"].mean()),
         "",
         _corruption_section(params, order),
         "",
         "## Figures",
+        "",
+        f"Accuracy vs sparsity and NLL vs training FLOPs: means with std error bars over the seeds; the other figures "
+        f"show seed {seeds[0]}.",
         "",
     ]
     md += [f"![{name}](figures/{name}.png)\n" for name in FIGURES]

@@ -294,44 +294,62 @@ def _train_single(params: Params, method: str, run: str, num_threads: int = 0) -
 
 
 #: Methods a sparsity × seed sweep can run, and the params key holding their target sparsity.
-SWEEP_SPARSITY_KEY = {"dpf": "pruning", "gmp": "pruning", "oneshot": "pruning", "set": "dst", "rigl": "dst"}
+#: ``oneshot_retrain``: a oneshot run, then its fine-tuning with the frozen mask (``retrain``).
+SWEEP_SPARSITY_KEY = {"dpf": "pruning", "gmp": "pruning", "oneshot": "pruning", "oneshot_retrain": "pruning", "set": "dst", "rigl": "dst"}
 
 
 def sweep_run(method: str, sparsity: float, seed: int) -> str:
-    """Run name of one sweep point: ``sweeps/<method>/s<sparsity>-seed<seed>``."""
+    """Run name of one sweep point: ``sweeps/<method>/s<sparsity>-seed<seed>`` (inside the seed's
+    runs folder, ``<runs_dir>/s<seed>/``)."""
     return f"sweeps/{method}/s{sparsity:.4f}-seed{seed}"
+
+
+def _test_row(params: Params, run: str, data: PreparedData) -> dict[str, Any]:
+    """Realised sparsity, last validation accuracy, test accuracy and NLL of an exported run."""
+    model = build_model(params, data)
+    masks = load_exported(params, run, model)
+    device = resolve_device(params.base.device)
+    model.to(device)
+    val = artifacts.read_parquet(run_dir(params, run) / "history.parquet")["val_accuracy"]
+    test = evaluate(model, data.splits["test"], transform_for(params, data), params.evaluate.batch_size, device)
+    return {"realised_sparsity": masks.sparsity(), "val_accuracy": float(val.iloc[-1]) if len(val) else float("nan"),
+            "test_accuracy": test["accuracy"], "test_nll": test["loss"]}  # fmt: skip
 
 
 def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict[str, Any]:
     """One point of a sparsity × seed sweep: ``method`` trained with its target sparsity set to
-    ``sparsity`` and ``base.seed`` set to ``seed`` (init, masks, data order), in
-    ``runs/sweeps/<method>/s<sparsity>-seed<seed>/``; points are independent tasks.
+    ``sparsity`` on training seed ``seed`` (:meth:`Params.for_seed`: init, masks, data order and
+    the seed's own warmup), in ``<runs_dir>/s<seed>/sweeps/<method>/s<sparsity>-seed<seed>/``;
+    points are independent tasks. ``oneshot_retrain`` trains ``oneshot`` (in ``…-pruned/``) and
+    fine-tunes it with its mask frozen for ``retrain.epochs``.
 
     Returns:
         ``{"method", "sparsity" (target), "seed", "realised_sparsity", "val_accuracy",
-        "test_accuracy", "test_nll", "run_dir"}`` (fractions; NLL in nats).
+        "test_accuracy", "test_nll", "run_dir"}`` (fractions; NLL in nats); ``oneshot_retrain``
+        adds ``pruned_test_accuracy`` and ``pruned_test_nll`` (before fine-tuning).
 
     Raises:
         ValueError: ``method`` has no target sparsity (see ``SWEEP_SPARSITY_KEY``).
+        FileNotFoundError: the seed's warmup is missing (``train.from_warmup`` and not a DST method).
     """
     if method not in SWEEP_SPARSITY_KEY:
         raise ValueError(f"sweep: method {method!r} has no target sparsity; use one of {sorted(SWEEP_SPARSITY_KEY)}")
-    raw = params.model_dump(mode="json")
-    raw["base"]["seed"] = seed
+    raw = params.for_seed(seed).model_dump(mode="json")
     raw["train"][SWEEP_SPARSITY_KEY[method]]["sparsity"] = sparsity
     point = Params.model_validate(raw)
     run = sweep_run(method, sparsity, seed)
-    out = _train_single(point, method, run, num_threads)
-    _, data, model = _setup(point, num_threads=num_threads)
-    masks = load_exported(point, run, model)
-    device = resolve_device(point.base.device)
-    model.to(device)
-    transform = transform_for(point, data)
-    row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed, "realised_sparsity": masks.sparsity()}
-    val = artifacts.read_parquet(out / "history.parquet")["val_accuracy"]
-    row["val_accuracy"] = float(val.iloc[-1]) if len(val) else float("nan")
-    test = evaluate(model, data.splits["test"], transform, point.evaluate.batch_size, device)
-    row.update(test_accuracy=test["accuracy"], test_nll=test["loss"], run_dir=str(out))
+    row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed}
+    if method == "oneshot_retrain":
+        pruned = f"{run}-pruned"
+        _train_single(point, "oneshot", pruned, num_threads)
+        data = load_data(point)
+        before = _test_row(point, pruned, data)
+        out = _retrain(point, pruned, run, num_threads)
+        row.update(_test_row(point, run, data), pruned_test_accuracy=before["test_accuracy"], pruned_test_nll=before["test_nll"])
+    else:
+        out = _train_single(point, method, run, num_threads)
+        row.update(_test_row(point, run, load_data(point)))
+    row["run_dir"] = str(out)
     return row
 
 
@@ -498,12 +516,20 @@ def member_run(i: int) -> str:
     return f"dst_ensemble/member_{i}"
 
 
+def member_seed(seed: int, i: int) -> int:
+    """Seed of DST Ensemble member ``i`` of the ensemble trained with seed ``seed``: a 31-bit
+    draw of numpy's ``SeedSequence([seed, i])``, so the members of different ensemble seeds
+    never share a seed (``seed + i`` would: member 1 of seed 0 = member 0 of seed 1), and no
+    member repeats a single run of a small seed."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0] >> 1)
+
+
 def stage_train_member(params: Params, i: int, num_threads: int = 0) -> Path:
     """Member ``i`` of the DST Ensemble: a full ``train.dst_ensemble.method`` run with seed
-    ``base.seed + i`` (init, masks and data order), in ``runs/dst_ensemble/member_<i>/``.
-    Members are independent: any task runner may train them concurrently (``num_threads``:
-    see :func:`_setup`)."""
-    seed = params.base.seed + i
+    :func:`member_seed` ``(base.seed, i)`` (init, masks and data order), in
+    ``runs/s<seed>/dst_ensemble/member_<i>/``. Members are independent: any task runner may
+    train them concurrently (``num_threads``: see :func:`_setup`)."""
+    seed = member_seed(params.base.seed, i)
     device, data, model = _setup(params, seed, num_threads)
     fp = params.fingerprint("base", "data", "augment", "model", "train") + f"-dst_ensemble-{i}"
     method = params.train.dst_ensemble.method
@@ -516,17 +542,21 @@ def stage_retrain(params: Params, run: str) -> Path:
     """``retrain@<run>``: fine-tune ``run``'s exported model with its mask frozen (masked gradients)."""
     if run not in params.retrain.runs:
         raise ValueError(f"run {run!r} is not listed in retrain.runs {list(params.retrain.runs)}")
-    device, data, model = _setup(params)
-    masks = load_exported(params, run, model)
-    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "retrain") + f"-{run}"
+    return _retrain(params, run, retrain_run_name(run))
+
+
+def _retrain(params: Params, source: str, out: str, num_threads: int = 0) -> Path:
+    """Fine-tune run ``source`` with its mask frozen for ``retrain.epochs`` into run ``out``."""
+    device, data, model = _setup(params, num_threads=num_threads)
+    masks = load_exported(params, source, model)
+    fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train", "retrain") + f"-{source}"
 
     def freeze(method: Method) -> None:
         assert isinstance(method, MaskedMethod)
         method.masks.load_state_dict(masks.state_dict())
         method.masks.apply_()
 
-    out = retrain_run_name(run)
-    return _train_run(params, out, "retrain", model, data, device, params.retrain.optim, params.retrain.epochs, fp, run, freeze)
+    return _train_run(params, out, "retrain", model, data, device, params.retrain.optim, params.retrain.epochs, fp, source, freeze)
 
 
 def target_sparsity(params: Params, run: str) -> float:
@@ -668,7 +698,7 @@ def ensemble_members(params: Params, name: str) -> list[dict[str, Any]]:
         members = []
         for i in range(params.train.dst_ensemble.members):
             run = member_run(i)
-            members.append({"run": run, "ticket": None, "seed": params.base.seed + i, "weights": run_dir(params, run) / "model.safetensors"})
+            members.append({"run": run, "ticket": None, "seed": member_seed(params.base.seed, i), "weights": run_dir(params, run) / "model.safetensors"})
     elif name == "edst_ensemble":
         folder = run_dir(params, name) / "tickets"
         members = [
@@ -684,7 +714,7 @@ def ensemble_members(params: Params, name: str) -> list[dict[str, Any]]:
 
 
 def ensemble_dir(params: Params, name: str) -> Path:
-    return Path("ensembles") / name
+    return Path(params.base.ensembles_dir) / name
 
 
 def stage_collect(params: Params, name: str) -> Path:

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sparse_core import evalsets, stages
 from sparse_core.artifacts import read_parquet
-from sparse_core.config import ConfigError, load_params
+from sparse_core.config import ConfigError, load_params, seeded
 from sparse_core.data import DataError
 
 #: errno values of failures that can pass by themselves.
@@ -105,22 +105,27 @@ def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
     return str(study.write_analysis(load_params(params_path), sweep_rows, side))
 
 
-@task(name="dense-warmup", **IO_RETRIES)
-def dense_warmup(params_path: str) -> str:
-    """Dense warmup run -> ``runs/warmup/``."""
-    return str(stages.stage_warmup(load_params(params_path)))
+def run_params(params_path: str, seed: int | None):
+    """Validated params of training seed ``seed`` (None: the first of ``base.seeds``)."""
+    return seeded(load_params(params_path), seed)
 
 
-@task(name="train-run", **IO_RETRIES, task_run_name="train-{method}")
-def train_run(params_path: str, method: str) -> str:
-    """One training run of ``method`` -> ``runs/<method>/``."""
-    return str(stages.stage_train(load_params(params_path), method))
+@task(name="dense-warmup", **IO_RETRIES, task_run_name="warmup-s{seed}")
+def dense_warmup(params_path: str, seed: int | None = None) -> str:
+    """Dense warmup run -> ``runs/s<seed>/warmup/``."""
+    return str(stages.stage_warmup(run_params(params_path, seed)))
 
 
-@task(name="train-member", **IO_RETRIES, task_run_name="train-dst_ensemble-member-{member}")
-def train_member(params_path: str, member: int, num_threads: int = 0) -> str:
-    """Member ``member`` of the DST Ensemble -> ``runs/dst_ensemble/member_<i>/``."""
-    return str(stages.stage_train_member(load_params(params_path), member, num_threads))
+@task(name="train-run", **IO_RETRIES, task_run_name="train-{method}-s{seed}")
+def train_run(params_path: str, method: str, seed: int | None = None) -> str:
+    """One training run of ``method`` -> ``runs/s<seed>/<method>/``."""
+    return str(stages.stage_train(run_params(params_path, seed), method))
+
+
+@task(name="train-member", **IO_RETRIES, task_run_name="train-dst_ensemble-member-{member}-s{seed}")
+def train_member(params_path: str, member: int, num_threads: int = 0, seed: int | None = None) -> str:
+    """Member ``member`` of the DST Ensemble -> ``runs/s<seed>/dst_ensemble/member_<i>/``."""
+    return str(stages.stage_train_member(run_params(params_path, seed), member, num_threads))
 
 
 @task(name="sweep-point", **IO_RETRIES, task_run_name="sweep-{method}-s{sparsity}-seed{seed}")
@@ -138,38 +143,49 @@ def write_sweep(params_path: str, method: str, rows: list) -> str:
     return str(out)
 
 
-@task(name="finish-dst-ensemble", **IO_RETRIES)
-def finish_dst_ensemble(params_path: str) -> str:
-    """Combined training curves of the DST Ensemble members -> ``plots/history/dst_ensemble.csv``."""
-    return str(stages.finish_dst_ensemble(load_params(params_path)))
+@task(name="finish-dst-ensemble", **IO_RETRIES, task_run_name="finish-dst-ensemble-s{seed}")
+def finish_dst_ensemble(params_path: str, seed: int | None = None) -> str:
+    """Combined training curves of the DST Ensemble members -> ``plots/seeds/s<seed>/history/dst_ensemble.csv``."""
+    return str(stages.finish_dst_ensemble(run_params(params_path, seed)))
 
 
-@task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}")
-def collect_ensemble(params_path: str, name: str) -> str:
-    """Member probabilities of ensemble ``name`` -> ``ensembles/<name>/``."""
-    return str(stages.stage_collect(load_params(params_path), name))
+@task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}-s{seed}")
+def collect_ensemble(params_path: str, name: str, seed: int | None = None) -> str:
+    """Member probabilities of ensemble ``name`` -> ``ensembles/s<seed>/<name>/``."""
+    return str(stages.stage_collect(run_params(params_path, seed), name))
 
 
-@task(name="evaluate-ensemble", **IO_RETRIES, task_run_name="evaluate-{name}")
-def evaluate_ensemble(params_path: str, name: str) -> dict:
-    """Ensemble metrics from the cached probabilities -> ``metrics/<name>.json``."""
-    metrics = stages.stage_evaluate_ensemble(load_params(params_path), name)
+@task(name="evaluate-ensemble", **IO_RETRIES, task_run_name="evaluate-{name}-s{seed}")
+def evaluate_ensemble(params_path: str, name: str, seed: int | None = None) -> dict:
+    """Ensemble metrics from the cached probabilities -> ``metrics/seeds/s<seed>/<name>.json``."""
+    params = run_params(params_path, seed)
+    metrics = stages.stage_evaluate_ensemble(params, name)
     row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "ece", "member_accuracy_mean", "disagreement", "kl")}
     row["training_flops_ratio"] = round(metrics["flops"]["training_ratio"], 4)
-    create_table_artifact(key=f"metrics-{name.replace('_', '-')}", table=[{"ensemble": name, **row}])
+    key = f"metrics-{name.replace('_', '-')}-s{params.base.seed}"
+    create_table_artifact(key=key, table=[{"ensemble": name, "seed": params.base.seed, **row}])
     return metrics
 
 
-@task(name="retrain-run", **IO_RETRIES, task_run_name="retrain-{run}")
-def retrain_run(params_path: str, run: str) -> str:
-    """Fine-tune ``run`` with its mask frozen -> ``runs/<run>_retrain/``."""
-    return str(stages.stage_retrain(load_params(params_path), run))
+@task(name="retrain-run", **IO_RETRIES, task_run_name="retrain-{run}-s{seed}")
+def retrain_run(params_path: str, run: str, seed: int | None = None) -> str:
+    """Fine-tune ``run`` with its mask frozen -> ``runs/s<seed>/<run>_retrain/``."""
+    return str(stages.stage_retrain(run_params(params_path, seed), run))
 
 
-@task(name="evaluate-run", **IO_RETRIES, task_run_name="evaluate-{run}")
-def evaluate_run(params_path: str, run: str) -> dict:
-    """Metrics of ``run`` -> ``metrics/<run>.json``; also published as a Prefect table artifact."""
-    metrics = stages.stage_evaluate(load_params(params_path), run)
+@task(name="aggregate-model", **IO_RETRIES, task_run_name="aggregate-{model}")
+def aggregate_model(params_path: str, model: str) -> str:
+    """Mean ± std over ``base.seeds`` of one model's metrics -> ``metrics/<model>.json``."""
+    from sparse_core import report
+
+    return str(report.stage_aggregate(load_params(params_path), model))
+
+
+@task(name="evaluate-run", **IO_RETRIES, task_run_name="evaluate-{run}-s{seed}")
+def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
+    """Metrics of ``run`` -> ``metrics/seeds/s<seed>/<run>.json``; also published as a Prefect table artifact."""
+    params = run_params(params_path, seed)
+    metrics = stages.stage_evaluate(params, run)
     row = {
         "run": run,
         "test_accuracy": round(metrics["test"]["accuracy"], 4),
@@ -178,21 +194,21 @@ def evaluate_run(params_path: str, run: str) -> dict:
         "sparsity": round(metrics["sparsity"], 4),
         "inference_flops_ratio": round(metrics["flops"]["inference_ratio"], 4),
     }
-    key = run.replace("_", "-")
-    create_table_artifact(key=f"metrics-{key}", table=[row], description=f"Metrics of run {run}")
-    params = load_params(params_path)
+    key = f"{run.replace('_', '-')}-s{params.base.seed}"
+    create_table_artifact(key=f"metrics-{key}", table=[row], description=f"Metrics of run {run}, seed {params.base.seed}")
     layers = pd.read_csv(f"{params.base.plots_dir}/layers/{run}.csv")
     create_table_artifact(
         key=f"sparsity-{key}",
         table=[{"layer": r.name, "numel": int(r.numel), "density": round(float(r.density), 4)} for r in layers.itertuples()],
-        description=f"Per-layer density of run {run} (fraction of nonzero weights)",
+        description=f"Per-layer density of run {run}, seed {params.base.seed} (fraction of nonzero weights)",
     )
     return metrics
 
 
 @task(name="publish-run-summary", **IO_RETRIES)
 def publish_summary(run: str, run_dir: str) -> None:
-    """Markdown artifact with the run's last history row (for the Prefect UI)."""
+    """Markdown artifact with the run's last history row (for the Prefect UI); ``run`` names the
+    run and its seed (``dpf-s0``)."""
     hist = read_parquet(f"{run_dir}/history.parquet")
     if hist.empty:
         return

@@ -82,7 +82,8 @@ def _train(spec: dict[str, Any], run_dir: Path, parallel: SingleProcess, stop_af
     result = fit(model, method, train_split, val, TRANSFORM, OPTIM, epochs=EPOCHS, run_dir=run_dir, seed=7,
                  device=torch.device("cpu"), fingerprint="fp", progress=False, parallel=parallel,
                  stop_after_epoch=stop_after_epoch)  # fmt: skip
-    method.on_train_end()
+    if stop_after_epoch is None:  # a run killed mid-way never reaches its end
+        method.on_train_end()
     parallel.verify_masks(method, steps)
     return {
         "updates": updates,
@@ -239,16 +240,16 @@ def test_ddp_worker_cli_trains_dpf_on_the_tiny_profile(tmp_path, mirror, monkeyp
            str(bindir / "sparseflow"), "ddp-worker", "--method", "dpf", "--params", "params.yaml"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    folder = tmp_path / "runs" / "dpf"
+    folder = tmp_path / "runs" / "s0" / "dpf"  # the first training seed's folder (base.seeds)
     assert proc.stdout.count("sparseflow ddp-worker: dpf exported to") == 1  # rank 0 only
     files = {"last.pt", "prev.pt", "model.safetensors", "masks.safetensors", "layers.parquet", "history.parquet", "mask_updates.parquet", "config.json"}
     assert {p.name for p in folder.iterdir()} == files  # no temporary leftovers
-    assert (tmp_path / "plots" / "history" / "dpf.csv").is_file()
+    assert (tmp_path / "plots" / "seeds" / "s0" / "history" / "dpf.csv").is_file()
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["method"] == "dpf" and cfg["distributed"] == {"world_size": 2, "backend": "gloo", "batch_norm": "per-rank batch statistics"}
     hist = pd.read_parquet(folder / "history.parquet")
     assert len(hist) == 2 and hist["sparsity"].iloc[-1] == pytest.approx(0.9, abs=1e-4)
-    assert pd.read_parquet(folder / "mask_updates.parquet")["step"].tolist() == [4, 8]  # on target at 8 (end_fraction 0.75)
+    assert pd.read_parquet(folder / "mask_updates.parquet")["step"].tolist() == [4, 8]  # on target at 4: the last update before end_fraction x T = 7.5
 
     # The same stage in one process (lenet5 has no BN): same masks, same weights up to rounding.
     from sparse_core.artifacts import load_tensors
