@@ -1,5 +1,6 @@
 # make repro : create .venv if missing, install, run `dvc repro` on params.yaml
 # make analysis : the optional local-parallelism analyses (analysis/dvc.yaml)
+# make curves : accuracy vs sparsity of dpf, gmp, rigl, oneshot+retrain (curves/dvc.yaml)
 # make test  : same set-up, then the test suite
 # Offline machines: SPARSEFLOW_DATA_MIRROR points at a folder of original dataset archives;
 # it defaults to ../shared/data when that folder exists.
@@ -38,6 +39,10 @@ repro: $(STAMP)
 analysis: $(STAMP)
 	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro analysis/dvc.yaml
 	$(BIN)/dvc metrics show analysis/dvc.yaml
+
+curves: $(STAMP)
+	$(BIN)/sparseflow validate > /dev/null
+	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro curves/dvc.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

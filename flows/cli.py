@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis"])
+    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
     r.add_argument("--params", default="params.yaml")
-    r.add_argument("--method", help="train: the method to run")
+    r.add_argument("--method", help="train, curves: the method to run")
     r.add_argument("--run", help="retrain/evaluate/collect/evaluate_ensemble/aggregate: the run or ensemble name")
     r.add_argument("--seed", type=int, help="warmup/train/retrain/collect/evaluate/evaluate_ensemble: the training seed "
                    "(default: the first of base.seeds); its files go to <runs_dir>/s<seed>/ etc.")
@@ -109,12 +109,12 @@ def _run_stage(args: argparse.Namespace) -> None:
 def _dispatch_stage(args: argparse.Namespace) -> None:
     from flows import stages as f
 
-    if args.stage == "train" and not args.method:
-        raise SystemExit("sparseflow run train: --method is required")
+    if args.stage in ("train", "curves") and not args.method:
+        raise SystemExit(f"sparseflow run {args.stage}: --method is required")
     if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
     simple = {"prepare": f.prepare_flow, "ood": f.ood_flow, "corrupt": f.corrupt_flow, "report": f.report_flow,
-              "local_analysis": f.local_analysis_flow}  # fmt: skip
+              "local_analysis": f.local_analysis_flow, "curves_report": f.curves_report_flow}  # fmt: skip
     if args.stage in simple:
         f.with_task_runner(simple[args.stage], args.params)(args.params)
     elif args.stage == "warmup":
@@ -127,6 +127,8 @@ def _dispatch_stage(args: argparse.Namespace) -> None:
         f.collect_flow(args.run, args.params, args.seed)
     elif args.stage == "evaluate_ensemble":
         f.evaluate_ensemble_flow(args.run, args.params, args.seed)
+    elif args.stage == "curves":
+        f.with_task_runner(f.curves_flow, args.params)(args.method, args.params, args.seed)
     elif args.stage == "aggregate":
         f.aggregate_flow(args.run, args.params)
     else:

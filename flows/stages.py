@@ -11,7 +11,7 @@ from flows.runners import fan_out, make_task_runner, task_threads
 from tasks import stages as t
 
 #: Flows whose tasks fan out; :func:`with_task_runner` gives them the configured runner.
-FANOUT_FLOWS = ("train", "local-analysis", "sweep")
+FANOUT_FLOWS = ("train", "local-analysis", "sweep", "curves")
 
 
 def with_task_runner(stage_flow, params_path: str = "params.yaml"):
@@ -126,3 +126,21 @@ def sweep_flow(method: str, sparsities: list[float], seeds: list[int], params_pa
     threads = task_threads(params)
     rows = fan_out(t.sweep_point, [(params_path, method, s, seed, threads) for s in sparsities for seed in seeds])
     return t.write_sweep(params_path, method, rows)
+
+
+@flow(name="curves", flow_run_name="curves-{method}-s{seed}", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def curves_flow(method: str, params_path: str = "params.yaml", seed: int | None = None) -> str:
+    """``curves@<method>-<seed>``: ``method`` at every sparsity of ``curves.sparsities`` for one
+    training seed, each point an independent task fanned out to the ``params.orchestration``
+    task runner; rows to ``reports/curves/points/<method>-s<seed>.csv``."""
+    params = load_params(params_path)
+    seed = seeded(params, seed).base.seed
+    threads = task_threads(params)
+    rows = fan_out(t.sweep_point, [(params_path, method, s, seed, threads, "curves") for s in params.curves.sparsities])
+    return t.write_curve_points(params_path, method, seed, rows)
+
+
+@flow(name="curves-report", flow_run_name="curves-report")
+def curves_report_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.curves_report(params_path)

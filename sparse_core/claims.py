@@ -21,6 +21,9 @@ cited papers:
     ``-δ < lo`` and ``hi < δ``, *contradicted* if ``lo > δ`` or ``hi < -δ``.
   - Anything else, and every infinite interval, is *inconclusive*.
 
+  Per-seed differences are rounded to 12 decimals first, so sides equal up to floating-point
+  summation order give a difference of exactly 0 (with zero spread, ``lo = hi = 0``).
+
 Margins are in the metric's own units. "A is as good as B" can never be shown with
 ``δ = 0`` (an interval never has zero width at finite noise), so non-inferiority and
 equivalence claims carry a tolerance judged practically irrelevant: half a point of
@@ -218,7 +221,9 @@ def evaluate_claims(claims: Sequence[Claim], per_seed: Mapping[str, Mapping[int,
                 rhs.append(claim.rhs.value(metrics_of))
             except KeyError as err:
                 raise KeyError(f"claim {claim.id!r}, seed {seed}: {err.args[0]}") from None
-        diffs = [a - b if claim.higher_is_better else b - a for a, b in zip(lhs, rhs)]
+        # Rounded to 1e-12: two sides that are equal up to summation order (an ensemble of
+        # identical members vs their mean) must give 0, not a "significant" 1e-17.
+        diffs = [round(a - b if claim.higher_is_better else b - a, 12) for a, b in zip(lhs, rhs)]
         try:
             mean, std, lo, hi = paired_t_interval(diffs, confidence)
         except ValueError as err:

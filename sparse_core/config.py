@@ -494,6 +494,28 @@ class CorruptSection(_Section):
         return list(ALL_CORRUPTIONS) if self.corruptions is None else list(self.corruptions)
 
 
+class CurvesSection(_Section):
+    """Accuracy vs sparsity (Lin et al. 2020, Fig. 2 / Table 1 style): every method of
+    ``methods`` trained at every sparsity of ``sparsities`` for every seed of ``base.seeds``,
+    with the recipe of the ``train`` (and ``retrain``) sections and each seed's own warmup
+    (``dvc repro curves/dvc.yaml``; results in ``reports/curves/``)."""
+
+    methods: list[Literal["dpf", "gmp", "oneshot", "oneshot_retrain", "set", "rigl"]] = Field(
+        default_factory=lambda: ["dpf", "gmp", "rigl", "oneshot_retrain"], min_length=1
+    )
+    sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.98], min_length=1, max_length=50)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s} is outside [0, 1)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sparsities {v} repeat a value")
+        return sorted(v)
+
+
 class OrchestrationSection(_Section):
     """Where the independent units of work inside a stage run (DST Ensemble members, sweep
     points, local-parallelism sweep points). Not a DVC params dependency: the results are the
@@ -530,6 +552,7 @@ class Params(_Section):
     ood: OODSection = OODSection()
     local: LocalSection = LocalSection()
     corrupt: CorruptSection = CorruptSection()
+    curves: CurvesSection = CurvesSection()
     orchestration: OrchestrationSection = OrchestrationSection()
 
     @model_validator(mode="after")

@@ -153,3 +153,24 @@ def draw_all(params: Params, summary: pd.DataFrame, order: list[str], folder: Pa
     reliability(params, order, folder / "reliability.png")
     layer_density(params, order, folder / "layer_density.png")
     corruption_accuracy(params, order, folder / "corruption_accuracy.png")
+
+
+def accuracy_vs_sparsity_curves(summary: pd.DataFrame, dense: tuple[float, float, int] | None, path: Path) -> None:
+    """One line per method (``summary``: method, sparsity, accuracy, accuracy_std), error bars =
+    std over seeds, and the dense run's mean ± std as a grey band (the DPF paper's main figure)."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    markers = "osD^vP*X"
+    for i, (method, g) in enumerate(summary.groupby("method", sort=False)):
+        g = g.sort_values("sparsity")
+        ax.errorbar(g["sparsity"], g["accuracy"], yerr=g["accuracy_std"], marker=markers[i % len(markers)], capsize=3,
+                    ls="--" if method == "oneshot" else "-", label=method)  # fmt: skip
+    if dense is not None:
+        mean, std, n = dense
+        ax.axhline(mean, color="grey", lw=1, label=f"dense (n = {n})")
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.15)
+    ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs sparsity (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)

@@ -323,3 +323,127 @@ def stage_report(params: Params) -> Path:
     with artifacts.atomic_path(out) as tmp:
         tmp.write_text("\n".join(md))
     return out
+
+
+# ----- accuracy vs sparsity (the curves stages) ------------------------------------------------
+CURVES_DIR = REPORT_DIR / "curves"
+#: Per-sparsity claims of the curves report: (id, statement, lhs line, rhs line, relation, margin).
+CURVE_CLAIMS = (
+    ("dpf_ge_gmp", "DPF ≥ GMP", "dpf", "gmp", ">=", 0.005),
+    ("dpf_gt_oneshot", "DPF > one-shot (no fine-tuning)", "dpf", "oneshot", ">", 0.0),
+    ("dpf_ge_oneshot_retrain", "DPF ≥ one-shot + fine-tuning", "dpf", "oneshot_retrain", ">=", 0.005),
+    ("dpf_ge_rigl", "DPF ≥ RigL", "dpf", "rigl", ">=", 0.005),
+)
+
+
+def curve_points(params: Params) -> pd.DataFrame:
+    """Every point of the curves stages: one row per method × sparsity × seed with
+    ``test_accuracy``, ``test_nll``, ``realised_sparsity``; an ``oneshot_retrain`` point also
+    yields the ``oneshot`` row of its model before fine-tuning.
+
+    Raises:
+        FileNotFoundError: a ``curves@<method>-<seed>`` stage has not written its points.
+    """
+    from sparse_core.stages import curve_points_path
+
+    frames = []
+    for method in params.curves.methods:
+        for seed in params.base.run_seeds():
+            path = curve_points_path(method, seed)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; run curves@{method}-{seed} first")
+            df = pd.read_csv(path)
+            frames.append(df[["method", "sparsity", "seed", "realised_sparsity", "test_accuracy", "test_nll"]])
+            if method == "oneshot_retrain":
+                frames.append(df.assign(method="oneshot", test_accuracy=df["pruned_test_accuracy"],
+                                        test_nll=df["pruned_test_nll"])[frames[-1].columns])  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def _dense_level(params: Params) -> tuple[float, float, int] | None:
+    """Mean, std and n of the dense run's test accuracy over the seeds that have it (None if none)."""
+    values = []
+    for seed in params.base.run_seeds():
+        path = seed_metrics_path(params, "dense", seed)
+        if path.is_file():
+            values.append(float(artifacts.read_json(path)["test"]["accuracy"]))
+    if not values:
+        return None
+    return float(pd.Series(values).mean()), float(pd.Series(values).std(ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def curve_claims(points: pd.DataFrame) -> pd.DataFrame:
+    """:data:`CURVE_CLAIMS` at every sparsity where both lines exist: paired-by-seed difference
+    of test accuracy with its 95% Student-t interval and verdict (:mod:`sparse_core.claims`)."""
+    rows = []
+    wide = points.pivot_table(index=["sparsity", "seed"], columns="method", values="test_accuracy")
+    for cid, statement, a, b, relation, margin in CURVE_CLAIMS:
+        if a not in wide or b not in wide:
+            continue
+        for sparsity, g in wide[[a, b]].dropna().groupby(level="sparsity"):
+            d = (g[a] - g[b]).round(12).tolist()
+            mean, std, lo, hi = claims.paired_t_interval(d)
+            rows.append({"id": cid, "statement": statement, "sparsity": sparsity, "n": len(d), "lhs_mean": float(g[a].mean()),
+                         "rhs_mean": float(g[b].mean()), "diff_mean": mean, "ci_low": lo, "ci_high": hi,
+                         "verdict": claims.verdict(lo, hi, relation, margin)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def stage_curves_report(params: Params) -> Path:
+    """``curves_report``: ``reports/curves/`` = ``points.csv`` (every point), ``summary.csv``
+    (mean, std, n of test accuracy and NLL per method × sparsity), ``claims.csv`` and
+    ``claims.json`` (per-sparsity DPF claims), ``accuracy_vs_sparsity.png`` (error bars: std
+    over seeds; the dense run's level as a band) and ``report.md``; returns the report."""
+    from sparse_core.figures import accuracy_vs_sparsity_curves
+
+    points = curve_points(params)
+    summary = (points.groupby(["method", "sparsity"])
+               .agg(accuracy=("test_accuracy", "mean"), accuracy_std=("test_accuracy", "std"), nll=("test_nll", "mean"),
+                    nll_std=("test_nll", "std"), realised_sparsity=("realised_sparsity", "mean"), n=("seed", "nunique"))
+               .fillna({"accuracy_std": 0.0, "nll_std": 0.0}).reset_index())  # fmt: skip
+    table = curve_claims(points)
+    dense = _dense_level(params)
+    CURVES_DIR.mkdir(parents=True, exist_ok=True)
+    artifacts.write_csv(points, CURVES_DIR / "points.csv")
+    artifacts.write_csv(summary, CURVES_DIR / "summary.csv")
+    artifacts.write_csv(table, CURVES_DIR / "claims.csv")
+    artifacts.write_json({f"{r.id}@{r.sparsity:g}": {"verdict": r.verdict, "n": int(r.n), "diff_mean": r.diff_mean,
+                                                       "ci_low": claims._finite_or_none(r.ci_low),
+                                                       "ci_high": claims._finite_or_none(r.ci_high)}
+                          for r in table.itertuples()}, CURVES_DIR / "claims.json")  # fmt: skip
+    accuracy_vs_sparsity_curves(summary, dense, CURVES_DIR / "accuracy_vs_sparsity.png")
+    seeds = params.base.run_seeds()
+    acc = summary.pivot(index="sparsity", columns="method", values="accuracy")
+    std = summary.pivot(index="sparsity", columns="method", values="accuracy_std")
+    lines = [f"| sparsity | " + " | ".join(acc.columns) + " |", "|---:|" + "---:|" * len(acc.columns)]
+    for s, row in acc.iterrows():
+        lines.append(f"| {s:g} | " + " | ".join(f"{v:.4f} ± {std.loc[s, m]:.4f}" if not pd.isna(v) else "—" for m, v in row.items()) + " |")
+    claim_lines = ["| claim | sparsity | n | lhs | rhs | Δ [95% CI] | verdict |", "|---|---:|---:|---:|---:|---|---|"]
+    for r in table.itertuples():
+        ci = f"[{r.ci_low:.4f}, {r.ci_high:.4f}]" if math.isfinite(r.ci_low) else "[−∞, ∞]"
+        claim_lines.append(f"| {r.statement} | {r.sparsity:g} | {r.n} | {r.lhs_mean:.4f} | {r.rhs_mean:.4f} | {r.diff_mean:+.4f} {ci} | {r.verdict} |")
+    dense_text = f"dense: {dense[0]:.4f} ± {dense[1]:.4f} (n = {dense[2]})" if dense else "dense: not evaluated"
+    md = [
+        f"# Accuracy vs sparsity: {params.data.dataset}, {params.model.name}",
+        "",
+        f"Test accuracy, mean ± sample std over training seeds {', '.join(map(str, seeds))} (n = {len(seeds)}), each "
+        f"method trained as in the profile's `train` section at every sparsity (unstructured, "
+        f"{params.train.pruning.scope} for dpf/gmp/oneshot; ERK for rigl); `oneshot` is the dense run pruned once at the "
+        f"end, `oneshot_retrain` that model fine-tuned for {params.retrain.epochs} epoch(s) with its mask frozen. {dense_text}.",
+        "",
+        *lines,
+        "",
+        "## DPF claims per sparsity",
+        "",
+        "Paired by seed, two-sided 95% Student-t interval of the accuracy difference; `>=` holds when the lower bound is "
+        "above −0.005 and is contradicted when the upper bound is below −0.005; `>` holds above 0 and is contradicted below 0.",
+        "",
+        *claim_lines,
+        "",
+        "![accuracy vs sparsity](accuracy_vs_sparsity.png)",
+        "",
+    ]
+    out = CURVES_DIR / "report.md"
+    with artifacts.atomic_path(out) as tmp:
+        tmp.write_text("\n".join(md))
+    return out

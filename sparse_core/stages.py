@@ -298,10 +298,11 @@ def _train_single(params: Params, method: str, run: str, num_threads: int = 0) -
 SWEEP_SPARSITY_KEY = {"dpf": "pruning", "gmp": "pruning", "oneshot": "pruning", "oneshot_retrain": "pruning", "set": "dst", "rigl": "dst"}
 
 
-def sweep_run(method: str, sparsity: float, seed: int) -> str:
-    """Run name of one sweep point: ``sweeps/<method>/s<sparsity>-seed<seed>`` (inside the seed's
-    runs folder, ``<runs_dir>/s<seed>/``)."""
-    return f"sweeps/{method}/s{sparsity:.4f}-seed{seed}"
+def sweep_run(method: str, sparsity: float, seed: int, group: str = "sweeps") -> str:
+    """Run name of one sweep point: ``<group>/<method>/s<sparsity>-seed<seed>`` (inside the
+    seed's runs folder, ``<runs_dir>/s<seed>/``); ``group`` is ``sweeps`` (``sparseflow sweep``)
+    or ``curves`` (the ``curves`` stages)."""
+    return f"{group}/{method}/s{sparsity:.4f}-seed{seed}"
 
 
 def _test_row(params: Params, run: str, data: PreparedData) -> dict[str, Any]:
@@ -316,7 +317,8 @@ def _test_row(params: Params, run: str, data: PreparedData) -> dict[str, Any]:
             "test_accuracy": test["accuracy"], "test_nll": test["loss"]}  # fmt: skip
 
 
-def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict[str, Any]:
+def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, num_threads: int = 0,
+                      group: str = "sweeps") -> dict[str, Any]:  # fmt: skip
     """One point of a sparsity × seed sweep: ``method`` trained with its target sparsity set to
     ``sparsity`` on training seed ``seed`` (:meth:`Params.for_seed`: init, masks, data order and
     the seed's own warmup), in ``<runs_dir>/s<seed>/sweeps/<method>/s<sparsity>-seed<seed>/``;
@@ -337,7 +339,7 @@ def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, n
     raw = params.for_seed(seed).model_dump(mode="json")
     raw["train"][SWEEP_SPARSITY_KEY[method]]["sparsity"] = sparsity
     point = Params.model_validate(raw)
-    run = sweep_run(method, sparsity, seed)
+    run = sweep_run(method, sparsity, seed, group)
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed}
     if method == "oneshot_retrain":
         pruned = f"{run}-pruned"
@@ -351,6 +353,20 @@ def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, n
         row.update(_test_row(point, run, load_data(point)))
     row["run_dir"] = str(out)
     return row
+
+
+def curve_points_path(method: str, seed: int) -> Path:
+    """``reports/curves/points/<method>-s<seed>.csv``: one ``curves@<method>-<seed>`` stage's rows."""
+    return Path("reports") / "curves" / "points" / f"{method}-s{seed}.csv"
+
+
+def write_curve_points(params: Params, method: str, rows: list[dict[str, Any]]) -> Path:
+    """The rows of one ``curves@<method>-<seed>`` stage (``params`` of that seed), sorted by
+    sparsity, without the run folder (a machine-specific detail)."""
+    table = pd.DataFrame(rows).drop(columns=["run_dir"]).sort_values("sparsity", ignore_index=True)
+    out = curve_points_path(method, params.base.seed)
+    artifacts.write_csv(table, out)
+    return out
 
 
 def write_sweep(params: Params, method: str, rows: list[dict[str, Any]]) -> Path:

@@ -128,10 +128,24 @@ def train_member(params_path: str, member: int, num_threads: int = 0, seed: int 
     return str(stages.stage_train_member(run_params(params_path, seed), member, num_threads))
 
 
-@task(name="sweep-point", **IO_RETRIES, task_run_name="sweep-{method}-s{sparsity}-seed{seed}")
-def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0) -> dict:
-    """One sparsity × seed point -> ``runs/sweeps/<method>/s<S>-seed<k>/``; returns its row."""
-    return stages.stage_sweep_point(load_params(params_path), method, sparsity, seed, num_threads)
+@task(name="sweep-point", **IO_RETRIES, task_run_name="{group}-{method}-s{sparsity}-seed{seed}")
+def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0, group: str = "sweeps") -> dict:
+    """One sparsity × seed point -> ``runs/s<k>/<group>/<method>/s<S>-seed<k>/``; returns its row."""
+    return stages.stage_sweep_point(load_params(params_path), method, sparsity, seed, num_threads, group)
+
+
+@task(name="write-curve-points", **IO_RETRIES, task_run_name="write-curve-points-{method}-s{seed}")
+def write_curve_points(params_path: str, method: str, seed: int, rows: list) -> str:
+    """``reports/curves/points/<method>-s<seed>.csv``."""
+    return str(stages.write_curve_points(run_params(params_path, seed), method, rows))
+
+
+@task(name="curves-report", **IO_RETRIES)
+def curves_report(params_path: str) -> str:
+    """``reports/curves/``: accuracy vs sparsity over seeds, the figure and its report."""
+    from sparse_core import report
+
+    return str(report.stage_curves_report(load_params(params_path)))
 
 
 @task(name="write-sweep", **IO_RETRIES, task_run_name="write-sweep-{method}")

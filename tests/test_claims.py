@@ -346,3 +346,12 @@ def test_default_claims_with_a_profile_missing_methods() -> None:
     assert table.loc["chunked_gt_greedy", "verdict"] == "not tested"
     assert "local_chunked" in table.loc["chunked_matches_backprop", "note"]
     assert table.loc["dpf_ge_gmp", "verdict"] == "holds"
+
+
+def test_differences_equal_up_to_rounding_are_zero_not_significant():
+    # An ensemble of identical members: accuracy 7/60 computed two ways differs by ~1e-17.
+    a, b = 7 / 60, sum([7 / 60] * 3) / 3
+    per_seed = {"e": {s: {"test": {"accuracy": a, "member_accuracy_mean": b}} for s in (0, 1, 2)}}
+    claim = Claim("c", "p", "s", term("e", "test.accuracy"), term("e", "test.member_accuracy_mean"), ">")
+    row = evaluate_claims([claim], per_seed).iloc[0]
+    assert row["diff_mean"] == 0.0 and row["verdict"] == "inconclusive"

@@ -18,7 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_core.config import ConfigError, Params, load_params, parse_params
+from sparse_core.config import ConfigError, DataSection, Params, load_params, parse_params, train_images
+from sparse_core.sparsity.schedules import gradual_schedule_problem
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -183,6 +184,14 @@ def test_valid_values_are_accepted_as_given(sparsity, dst_sparsity, epochs, lr, 
         # EDST needs the refinement epochs to split into equal phases; without it any epochs do.
         raw["train"]["methods"].remove("edst_ensemble")
         raw["collect"]["ensembles"].remove("edst_ensemble")
+    # Gradual pruning must reach its target at a mask update with training after it: too few
+    # steps (a large batch on 20,000 images, few epochs) is refused, naming the keys to change.
+    n = train_images(DataSection(**raw["data"]))
+    p = raw["train"]["pruning"]
+    if gradual_schedule_problem(-(-n // batch_size) * epochs, p["start_fraction"], p["end_fraction"], p["update_period"]):
+        with pytest.raises(ConfigError, match=r"train\.pruning \(dpf, gmp\).*train\.pruning\.update_period"):
+            parse_params(raw)
+        return
     params = parse_params(raw)
     assert params.train.pruning.sparsity == sparsity and params.train.dst.sparsity == dst_sparsity
     assert params.train.epochs == epochs and params.train.optim.lr == lr and params.base.seed == seed
@@ -191,7 +200,7 @@ def test_valid_values_are_accepted_as_given(sparsity, dst_sparsity, epochs, lr, 
 
 @SETTINGS
 @given(
-    key=st.sampled_from(["data_dir", "runs_dir", "metrics_dir", "plots_dir"]),
+    key=st.sampled_from(["data_dir", "runs_dir", "metrics_dir", "plots_dir", "ensembles_dir"]),
     inside=inside_path,
     climb=st.integers(1, 4),
     absolute=st.booleans(),
