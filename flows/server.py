@@ -122,12 +122,36 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
           f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound and released: free now, not reserved)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90.0) -> None:
+    """Poll ``<url>/health`` of the Prefect server started as ``proc`` until it answers 200.
+
+    Raises:
+        RuntimeError: the process ended or ``seconds`` passed first; the message ends with the
+            last 3000 characters of ``log``.
+    """
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"Prefect server did not start on {url}; log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
@@ -147,29 +171,17 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
             (the message ends with its log).
     """
     import tempfile
-    import time
-    import urllib.request
 
     if os.environ.get("PREFECT_API_URL"):
         return subprocess.call(cmd)
     home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with open(home / "server.log", "w") as log:
         proc = subprocess.Popen(server_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + startup_seconds
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Prefect server did not start on {url}; log:\n{(home / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+            wait_until_healthy(url, proc, home / "server.log", startup_seconds)
             print(f"sparseflow with-server: Prefect API at {url} for: {' '.join(cmd)}", flush=True)
             return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": url})
         finally:

@@ -60,11 +60,9 @@ def make_split(n: int = 96, seed: int = 0, classes: int = 3) -> Split:
 
 
 def _free_port() -> int:
-    import socket
+    from flows.server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +75,7 @@ def prefect_server(tmp_path_factory):
     import shutil
     import subprocess
     import sys
-    import time
-    import urllib.request
+    from flows.server import wait_until_healthy
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
@@ -90,17 +87,7 @@ def prefect_server(tmp_path_factory):
     proc = subprocess.Popen([sparseflow, "server", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect server did not start; log:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_healthy(url, proc, home / "server.log")
         yield url
     finally:
         proc.terminate()

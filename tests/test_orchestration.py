@@ -220,7 +220,7 @@ def tiny_project(tmp_path, mirror, monkeypatch):
 
 
 def _member_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "runs" / "dst_ensemble").rglob("*.safetensors"))}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "runs" / "s0" / "dst_ensemble").rglob("*.safetensors"))}
 
 
 def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_project, prefect_server, monkeypatch):
@@ -230,19 +230,19 @@ def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_projec
 
     from flows.runners import task_threads
     from flows.stages import train_flow
-    from sparse_core.config import load_params
+    from sparse_core.config import load_params, seeded
     from sparse_core.stages import stage_train_member
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)  # for the Dask worker processes
-    params = load_params("params.yaml")
+    params = seeded(load_params("params.yaml"))  # the first training seed, as the flow picks it
     threads = task_threads(params)
     for i in range(2):  # sequential reference, in this process
         stage_train_member(params, i, threads)
     sequential = _member_files(tiny_project)
     assert len(sequential) == 4  # model + masks of each member
-    shutil.rmtree(tiny_project / "runs" / "dst_ensemble")
+    shutil.rmtree(tiny_project / "runs" / "s0" / "dst_ensemble")
 
     runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
                             cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})  # fmt: skip
@@ -288,6 +288,26 @@ def test_sweep_points_train_at_their_sparsity_and_seed(tiny_project, prefect_ser
     assert list(zip(table["sparsity"], table["seed"])) == [(0.5, 1), (0.5, 2), (0.7, 1), (0.7, 2)]
     assert (table["realised_sparsity"] - table["sparsity"]).abs().max() < 1e-3  # ERK counts round per layer
     assert table["test_accuracy"].between(0, 1).all()
-    masks = {(s, k): load_tensors(tiny_project / "runs" / "sweeps" / "rigl" / f"s{s:.4f}-seed{k}" / "masks.safetensors")
+    masks = {(s, k): load_tensors(tiny_project / "runs" / f"s{k}" / "sweeps" / "rigl" / f"s{s:.4f}-seed{k}" / "masks.safetensors")
              for s in (0.5, 0.7) for k in (1, 2)}  # fmt: skip
     assert any(not (masks[0.5, 1][n] == masks[0.5, 2][n]).all() for n in masks[0.5, 1])  # the seed reaches the masks
+
+
+def test_with_server_runs_a_command_against_one_temporary_server(tmp_path, monkeypatch):
+    """``sparseflow with-server`` (what ``make repro`` runs): the command sees a live API, the
+    server is gone afterwards, the command's exit status comes back; with ``PREFECT_API_URL``
+    set, that server is used and none is started."""
+    import urllib.request
+
+    from flows.server import with_server
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    probe = ("import os, sys, urllib.request; url = os.environ['PREFECT_API_URL']; "
+             "open(sys.argv[1], 'w').write(url); urllib.request.urlopen(url + '/health', timeout=5); sys.exit(3)")  # fmt: skip
+    assert with_server([sys.executable, "-c", probe, str(tmp_path / "url")]) == 3
+    url = (tmp_path / "url").read_text()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    with pytest.raises(OSError):  # stopped with the command
+        urllib.request.urlopen(url + "/health", timeout=2)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert with_server([sys.executable, "-c", "import os, sys; sys.exit(os.environ['PREFECT_API_URL'] != 'http://127.0.0.1:9/api')"]) == 0

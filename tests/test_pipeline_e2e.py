@@ -72,7 +72,7 @@ def _post(api: str, path: str) -> list[dict]:
 def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     work = tmp_path / "repo"
     work.mkdir()
-    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis", "profiles"):
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis", "curves", "profiles"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item, **({"ignore": shutil.ignore_patterns("__pycache__", "cache", "tmp")} if src.is_dir() else {}))
     shutil.copy(REPO / "params.yaml", work / "params.yaml")  # the served run switches it to the tiny profile
@@ -90,13 +90,18 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     # The whole pipeline as a served deployment, triggered through the Prefect client.
     run_id, reproduced = _serve_and_trigger(work, env, prefect_server)
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
-    expected = ["prepare", "ood", "corrupt", "warmup"] + [f"train@{m}" for m in methods] + ["retrain@dpf"]
-    expected += [f"{stage}@{e}" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
-    expected += [f"evaluate@{r}" for r in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")] + ["report"]
+    runs = ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")
+    # The tiny profile has one training seed (0): per-seed stages end in -0.
+    expected = ["prepare", "ood", "corrupt", "warmup@0"] + [f"train@{m}-0" for m in methods] + ["retrain@dpf-0"]
+    expected += [f"{stage}@{e}-0" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
+    expected += [f"evaluate@{r}-0" for r in runs] + ["report"]
+    expected += [f"aggregate@{r}" for r in runs] + [f"aggregate_ensemble@{e}" for e in ("dst_ensemble", "edst_ensemble")]
     assert sorted(reproduced) == sorted(expected)
 
     for run in ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain"):
-        m = json.loads((work / "metrics" / f"{run}.json").read_text())
+        m = json.loads((work / "metrics" / "seeds" / "s0" / f"{run}.json").read_text())
+        agg = json.loads((work / "metrics" / f"{run}.json").read_text())  # aggregate@<run>: n, mean, std, per seed
+        assert agg["n"] == 1 and agg["mean"]["test"]["accuracy"] == m["test"]["accuracy"] and agg["per_seed"]["s0"] == m
         assert 0.0 <= m["test"]["accuracy"] <= 1.0
         assert set(m["test"]) == {"accuracy", "nll", "ece", "mce", "brier"}
         assert set(m["corruption"]["type"]) == {"gaussian_noise", "defocus_blur", "fog", "contrast", "saturate"}
@@ -108,25 +113,27 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
         assert m["target_sparsity"] == target
         if run != "rigl":  # an active DST weight can be exactly zero (just regrown), so rigl's count of zeros may exceed the target
             assert abs(m["sparsity"] - target) * n_prunable < 1.0 + 1e-6, (run, m["sparsity"])
-    edst = json.loads((work / "metrics" / "edst_ensemble.json").read_text())
+    edst = json.loads((work / "metrics" / "seeds" / "s0" / "edst_ensemble.json").read_text())
     assert edst["members"] == 3 and edst["flops"]["training_ratio"] < 1.0
-    assert len(json.loads((work / "runs" / "edst_ensemble" / "tickets" / "tickets.json").read_text())) == 3
-    dst = json.loads((work / "metrics" / "dst_ensemble.json").read_text())
+    assert len(json.loads((work / "runs" / "s0" / "edst_ensemble" / "tickets" / "tickets.json").read_text())) == 3
+    dst = json.loads((work / "metrics" / "seeds" / "s0" / "dst_ensemble.json").read_text())
     assert dst["members"] == 2 and dst["flops"]["training_ratio"] > edst["flops"]["training_ratio"]
     assert set(dst["ood"]["mnist"]) == {"msp", "entropy", "mi"}  # ensembles add mutual information
     report = (work / "reports" / "report.md").read_text()
     assert "| ⚠ all models | cifar10 |" in report  # the missing optional OOD set is a visible warning row
-    assert "| dpf_retrain |" in report and "| edst_ensemble |" in report
+    assert "| dpf_retrain | 1 |" in report and "| edst_ensemble | 1 |" in report
+    claims = json.loads((work / "reports" / "claims.json").read_text())
+    assert "## Claims" in report and claims["dpf_ge_gmp"]["n"] == 1 and claims["dpf_ge_gmp"]["verdict"] == "inconclusive"
     tidy = pd.read_parquet(work / "reports" / "metrics.parquet")
     assert {"test", "corrupted", "ood/mnist", "model"} <= set(tidy["dataset"])
     for name in ("accuracy_vs_sparsity", "reliability", "corruption_accuracy", "layer_density"):
         assert (work / "reports" / "figures" / f"{name}.png").stat().st_size > 1000
-    assert (work / "runs" / "dpf" / "masks.safetensors").is_file()
-    assert (work / "plots" / "history" / "dpf.csv").is_file()
+    assert (work / "runs" / "s0" / "dpf" / "masks.safetensors").is_file()
+    assert (work / "plots" / "seeds" / "s0" / "history" / "dpf.csv").is_file()
     assert (work / "dvc.lock").is_file()
-    local = json.loads((work / "metrics" / "local_chunked.json").read_text())
+    local = json.loads((work / "metrics" / "seeds" / "s0" / "local_chunked.json").read_text())
     assert local["method"] == "local_chunked" and local["sparsity"] == 0.0 and local["flops"]["training_ratio"] > 0
-    exported = (work / "runs" / "local_chunked" / "model.safetensors").read_bytes()
+    exported = (work / "runs" / "s0" / "local_chunked" / "model.safetensors").read_bytes()
     assert b"heads." not in exported  # auxiliary heads are training-only
 
     second = _sh([dvc, "repro"], work, env)
@@ -151,13 +158,13 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     completed = {flows[r["flow_id"]] for r in runs if r["state_type"] == "COMPLETED"}
     keys = {a["key"] for a in post("artifacts/filter")}
     assert {"prepare", "warmup", "train", "retrain", "collect", "evaluate", "evaluate-ensemble"} <= completed
-    assert {"metrics-dpf", "sparsity-dpf", "run-dpf-retrain", "report", "pipeline"} <= keys
+    assert {"metrics-dpf-s0", "sparsity-dpf-s0", "run-dpf-retrain-s0", "report", "pipeline"} <= keys
     assert {"ood", "corrupt", "report", "local-analysis"} <= completed
     # Every stage flow run of the served pipeline run is linked to it by its tag.
     linked = [r for r in runs if f"pipeline-run:{run_id}" in r["tags"]]
     assert len(linked) == len(expected) and all(r["state_type"] == "COMPLETED" for r in linked)
     assert {flows[r["flow_id"]] for r in linked} == {"prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect",
-                                                     "evaluate-ensemble", "evaluate", "report"}  # fmt: skip
+                                                     "evaluate-ensemble", "evaluate", "aggregate", "report"}  # fmt: skip
 
     # The same local run, one process per chunk (local.execution: pipeline), through the CLI flow.
     raw = yaml.safe_load((work / "params.yaml").read_text())
@@ -165,9 +172,9 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     (work / "pipeline.yaml").write_text(yaml.safe_dump(raw))
     sparseflow = str(Path(bindir) / "sparseflow")
     _sh([sparseflow, "run", "train", "--method", "local_chunked", "--params", "pipeline.yaml"], work, env)
-    cfg = json.loads((work / "runs" / "local_chunked" / "config.json").read_text())
+    cfg = json.loads((work / "runs" / "s0" / "local_chunked" / "config.json").read_text())
     assert cfg["local"]["execution"] == "pipeline" and cfg["local"]["launcher"] == "spawn"
     assert len(cfg["local"]["seconds_per_chunk"]) == 2
-    hist = pd.read_parquet(work / "runs" / "local_chunked" / "history.parquet")
+    hist = pd.read_parquet(work / "runs" / "s0" / "local_chunked" / "history.parquet")
     assert len(hist) == raw["train"]["epochs"] and hist["val_accuracy"].iloc[-1] > 0
-    assert b"heads." not in (work / "runs" / "local_chunked" / "model.safetensors").read_bytes()
+    assert b"heads." not in (work / "runs" / "s0" / "local_chunked" / "model.safetensors").read_bytes()
