@@ -39,6 +39,17 @@ from sparse_core.data import DataError  # noqa: E402
 from flows.workspace import WorkspaceBusy  # noqa: E402
 
 
+def _seed_arg(text: str) -> int:
+    """``--seed``: an integer in 0..2**32-1 (numpy and torch generators take no other)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"seed {value} is outside 0..2**32-1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train, curves: the method to run")
     r.add_argument("--run", help="retrain/evaluate/collect/evaluate_ensemble/aggregate: the run or ensemble name")
-    r.add_argument("--seed", type=int, help="warmup/train/retrain/collect/evaluate/evaluate_ensemble: the training seed "
+    r.add_argument("--seed", type=_seed_arg, help="warmup/train/retrain/collect/evaluate/evaluate_ensemble: the training seed "
                    "(default: the first of base.seeds); its files go to <runs_dir>/s<seed>/ etc.")
     from flows import compare
 
@@ -76,11 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     lw = sub.add_parser("local-worker", help="one chunk of a local_* run under torchrun (one process per chunk)")
     lw.add_argument("--method", required=True)
     lw.add_argument("--params", default="params.yaml")
-    lw.add_argument("--seed", type=int, help="training seed (default: the first of base.seeds)")
+    lw.add_argument("--seed", type=_seed_arg, help="training seed (default: the first of base.seeds)")
     dw = sub.add_parser("ddp-worker", help="one rank of a data-parallel (DDP) train run under torchrun")
     dw.add_argument("--method", required=True)
     dw.add_argument("--params", default="params.yaml")
-    dw.add_argument("--seed", type=int, help="training seed (default: the first of base.seeds)")
+    dw.add_argument("--seed", type=_seed_arg, help="training seed (default: the first of base.seeds)")
     s = sub.add_parser("serve", help="serve the pipeline flow as a deployment (needs a Prefect server)")
     d = sub.add_parser("deploy", help="create a pipeline deployment for a process work pool")
     d.add_argument("--pool", required=True, help="process work pool (created when missing)")

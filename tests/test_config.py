@@ -117,3 +117,57 @@ def test_every_profile_has_every_param_dvc_yaml_lists():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"{profile.name}: dvc.yaml lists {key!r}, missing"
                 node = node[part]
+
+
+# ----- training seeds and the curves section ---------------------------------------------------
+@pytest.mark.parametrize(
+    "seeds, message",
+    [
+        ([0, 1, 0], "repeat a value"),
+        ([-1], "outside 0..2\\*\\*32-1"),
+        ([2**32], "outside 0..2\\*\\*32-1"),
+        ([], "at least 1"),
+        (list(range(101)), "at most 100"),
+        ("0,1", "list"),
+    ],
+)
+def test_bad_training_seeds_are_refused_naming_the_key(default_params_dict, seeds, message):
+    from sparse_core.config import ConfigError, parse_params
+
+    raw = default_params_dict
+    raw["base"]["seeds"] = seeds
+    with pytest.raises(ConfigError, match=rf"base\.seeds.*{message}"):
+        parse_params(raw, "params.yaml")
+
+
+def test_for_seed_moves_every_run_output_and_keeps_the_data(default_params_dict):
+    from sparse_core.config import parse_params, seeded
+
+    params = parse_params(default_params_dict)
+    p = params.for_seed(7)
+    assert (p.base.seed, p.base.runs_dir, p.base.metrics_dir, p.base.plots_dir, p.base.ensembles_dir) == (
+        7, "runs/s7", "metrics/seeds/s7", "plots/seeds/s7", "ensembles/s7")
+    assert p.base.data_dir == params.base.data_dir and p.data == params.data
+    # The seed list is not fingerprinted: a run of seed 1 is the same run whatever else is listed.
+    assert params.for_seed(1).fingerprint("base") == parse_params({**default_params_dict, "base": {
+        **default_params_dict["base"], "seeds": [1, 5]}}).for_seed(1).fingerprint("base")
+    assert seeded(params).base.seed == params.base.seeds[0]
+
+
+@pytest.mark.parametrize("sparsities, message", [([0.5, 1.0], "outside"), ([-0.1], "outside"), ([0.5, 0.5], "repeat"), ([], "at least 1")])
+def test_bad_curve_sparsities_are_refused(default_params_dict, sparsities, message):
+    from sparse_core.config import ConfigError, parse_params
+
+    raw = default_params_dict
+    raw["curves"]["sparsities"] = sparsities
+    with pytest.raises(ConfigError, match=rf"curves\.sparsities.*{message}"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("value", ["-1", "x", str(2**32), "1.5"])
+def test_cli_refuses_a_bad_seed_before_anything_runs(value, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["run", "train", "--method", "dpf", "--seed", value])
+    assert err.value.code == 2 and "--seed" in capsys.readouterr().err
