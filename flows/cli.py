@@ -10,6 +10,7 @@
     sparseflow compare [REV_A] [REV_B]  # metric and params differences (default HEAD vs workspace)
     sparseflow pipeline [--force] [--profile NAME] [--wait SECONDS] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
+    sparseflow export --run gmp --format compact|sparse|onnx [--seed 0] [--out PATH]   # runs/s<seed>/<run>/export/<format>/
     sparseflow sweep --method rigl --sparsity 0.8 0.9 --seeds 0 1   # fanned out (params.orchestration)
     torchrun --nproc-per-node K --no-python sparseflow local-worker --method local_chunked
     torchrun --standalone --nproc-per-node 2 --no-python sparseflow ddp-worker --method dpf   # data-parallel train@dpf
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
+    ex = sub.add_parser("export", help="export a trained run: compact (structured runs), sparse (CSR where faster), onnx")
+    ex.add_argument("--run", required=True, help="run name, e.g. gmp (a folder of <runs_dir>/s<seed>/)")
+    ex.add_argument("--format", required=True, choices=["compact", "sparse", "onnx"], dest="export_format")
+    ex.add_argument("--seed", type=_seed_arg, help="training seed (default: the first of base.seeds)")
+    ex.add_argument("--out", help="output folder (default: <run folder>/export/<format>)")
+    ex.add_argument("--params", default="params.yaml")
     lw = sub.add_parser("local-worker", help="one chunk of a local_* run under torchrun (one process per chunk)")
     lw.add_argument("--method", required=True)
     lw.add_argument("--params", default="params.yaml")
@@ -194,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             load_params(args.params)
             out = f.with_task_runner(f.sweep_flow, args.params)(args.method, args.sparsity, args.seeds, args.params)
             print(f"sparseflow sweep: {out}")
+        elif args.command == "export":
+            from sparse_core.export import export_named_run
+
+            out = export_named_run(args.params, args.run, args.export_format, args.seed, args.out)
+            print(f"sparseflow export: {args.run} ({args.export_format}) -> {out}")
         elif args.command == "profile":
             _profile(args)
         elif args.command == "with-server":

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -1058,3 +1059,40 @@ def export_run(folder: str | Path, fmt: str, out: str | Path | None = None, **kw
     out = Path(out) if out is not None else Path(folder) / "export" / fmt
     exporter: Callable[..., Path] = {"compact": export_compact, "sparse": export_sparse, "onnx": export_onnx}[fmt]
     return exporter(run, out, **kwargs)
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def run_folder(runs_dir: str | Path, run: str) -> Path:
+    """``<runs_dir>/<run>`` for a plain run name (``dpf``, ``gmp_retrain``), never a path.
+
+    Raises:
+        ExportError: ``run`` is empty, holds a path separator or ``..``, or other characters
+            than letters, digits, ``_``, ``-``, ``.``.
+        FileNotFoundError: no such run folder (the message lists the runs there).
+    """
+    if not _RUN_NAME.fullmatch(run or "") or ".." in run:
+        raise ExportError(f"run name {run!r}: expected a plain name such as 'dpf' (letters, digits, _ - .), not a path")
+    folder = Path(runs_dir) / run
+    if not folder.is_dir():
+        known = sorted(p.name for p in Path(runs_dir).iterdir() if (p / "config.json").is_file()) if Path(runs_dir).is_dir() else []
+        raise FileNotFoundError(f"{folder}: no such run; runs in {runs_dir}: {', '.join(known) or 'none'}")
+    return folder
+
+
+def export_named_run(params_path: str | Path, run: str, fmt: str, seed: int | None = None, out: str | Path | None = None) -> Path:
+    """``sparseflow export``: export run ``run`` of training seed ``seed`` (default: the first of
+    ``base.seeds``), found in ``<base.runs_dir>/s<seed>/<run>/`` of the params file, to ``out``
+    (default ``<run folder>/export/<fmt>``).
+
+    Raises:
+        ConfigError: the params file is invalid.
+        ExportError, FileNotFoundError: as :func:`run_folder` and :func:`export_run`.
+    """
+    from sparse_core.config import load_params, seeded
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    params = seeded(load_params(params_path), seed)
+    return export_run(run_folder(params.base.runs_dir, run), fmt, out)
