@@ -74,6 +74,12 @@ class BaseSection(_Section):
     #: of any run: adding a seed trains the new seed only.
     seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_SEEDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Compute precision of training and evaluation (:mod:`sparse_core.precision`): ``fp32``
+    #: (bit-reproducible), ``bf16`` (autocast; CPU with AVX512-BF16/AMX or GPU), ``fp16`` (CUDA
+    #: only, with loss scaling). Parameters, masks, optimizer state and artifacts stay float32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: Feed input batches in channels-last (NHWC) layout to the convolutions.
+    channels_last: bool = False
     deterministic: bool = True
     #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
     resume: bool = True
@@ -106,6 +112,12 @@ class BaseSection(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds {v} repeat a value")
         return v
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> "BaseSection":
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs a CUDA device, and device is 'cpu'; use precision bf16 on CPU")
+        return self
 
     def run_seeds(self) -> list[int]:
         """The training seeds: ``seeds``, or ``[seed]`` when it is null."""

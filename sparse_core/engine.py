@@ -35,6 +35,7 @@ from sparse_core.config import OptimSection
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches
 from sparse_core.distributed import SINGLE_PROCESS, SingleProcess
 from sparse_core.methods import Method
+from sparse_core.precision import FP32, Precision
 
 __all__ = ["CHECKPOINT_VERSION", "NonFiniteError", "fit", "train_one_epoch", "training_step", "evaluate", "predict"]
 
@@ -86,7 +87,7 @@ def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.SGD:
 
 def training_step(
     model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int,
-    loss_weight: float | None = None,
+    loss_weight: float | None = None, precision: Precision = FP32, scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step with the method's hooks around it; ``step`` = steps completed before it.
 
@@ -95,36 +96,64 @@ def training_step(
     ``loss_weight`` multiplies the objective before ``backward`` (DDP: the rank's share of the
     global batch, see :mod:`sparse_core.distributed`); the returned loss is unweighted.
 
+    ``precision`` (:mod:`sparse_core.precision`) sets the forward pass's autocast and the input
+    layout. With an enabled ``scaler`` (fp16) the objective is loss-scaled, the gradients are
+    unscaled before the finite check and the method's hooks, and a step whose gradients
+    overflowed is skipped by the scaler (the method's hooks still run, on zeroed gradients,
+    so DPF's dense weights come back and the step count stays aligned with the schedule).
+
     Returns:
         ``(loss, logits)``: scalar mean cross-entropy (nats) and logits (B, num_classes).
     """
     method.before_forward(step)
-    if hasattr(model, "local_losses"):
-        losses, logits = model.local_losses(x, y)
-        loss, objective = losses[-1], torch.stack(losses).sum()
-    else:
-        logits = model(x)
-        loss = objective = F.cross_entropy(logits, y)
+    x = precision.inputs(x)
+    with precision.autocast():
+        if hasattr(model, "local_losses"):
+            losses, logits = model.local_losses(x, y)
+            loss, objective = losses[-1], torch.stack(losses).sum()
+        else:
+            logits = model(x)
+            loss = objective = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    (objective if loss_weight is None else objective * loss_weight).backward()
+    weighted = objective if loss_weight is None else objective * loss_weight
+    scaled = scaler is not None and scaler.is_enabled()
+    (scaler.scale(weighted) if scaled else weighted).backward()
+    if scaled:
+        scaler.unscale_(optimizer)
     # Before the weights move, so the last good state stays good. (An empty DDP slice has a
     # NaN mean loss by definition; only its zero-weighted gradient counts.)
-    _check_finite(objective if len(y) else torch.zeros(()), model)
+    _check_finite(objective if len(y) else torch.zeros(()), model, scaler if scaled else None)
     method.before_step(step)
-    optimizer.step()
+    if scaled:
+        scaler.step(optimizer)  # skipped when unscale_ found an inf/NaN gradient
+        scaler.update()
+    else:
+        optimizer.step()
     method.after_step(step + 1)
     return loss, logits
 
 
-def _check_finite(objective: torch.Tensor, model: nn.Module) -> None:
+def _check_finite(objective: torch.Tensor, model: nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
     """Raise :class:`NonFiniteError` when the objective or the gradient norm is not finite
-    (one device sync per step, which the loss's ``.item()`` pays anyway)."""
+    (one device sync per step, which the loss's ``.item()`` pays anyway).
+
+    Under fp16 loss scaling (an enabled ``scaler``) a non-finite gradient is the scale's
+    overflow, not divergence, while the scale is above 1: the gradients are zeroed for the
+    method's hooks and the scaler skips the step and lowers the scale. At a scale of 1 or less
+    scaling cannot have caused it, and the error is raised as in fp32. The loss itself is
+    computed in float32 by autocast and must always be finite.
+    """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     finite = torch.stack([torch.isfinite(objective.detach()).all(), torch.isfinite(norm)])
     if not bool(finite.all()):
         what = "loss" if not bool(finite[0]) else "gradient"
-        raise NonFiniteError(f"non-finite {what} (loss {float(objective.detach()):.4g}, gradient norm {float(norm):.4g})")
+        if what == "gradient" and scaler is not None and scaler.get_scale() > 1.0:
+            for g in grads:
+                g.nan_to_num_(0.0, 0.0, 0.0)
+            return
+        scale = f", loss scale {scaler.get_scale():g}" if scaler is not None else ""
+        raise NonFiniteError(f"non-finite {what} (loss {float(objective.detach()):.4g}, gradient norm {float(norm):.4g}{scale})")
 
 
 def train_one_epoch(
@@ -143,9 +172,11 @@ def train_one_epoch(
     progress: bool = True,
     parallel: SingleProcess = SINGLE_PROCESS,
     lr_scale: float = 1.0,
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``, summed over
-    ranks under DDP (``parallel``)."""
+    ranks under DDP (``parallel``). ``precision`` and ``scaler``: see :func:`training_step`."""
     model.train()
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -158,7 +189,7 @@ def train_one_epoch(
             group["lr"] = lr
         x, y, weight = parallel.shard(x, y)  # DDP: this rank's slice of the global batch
         try:
-            loss, logits = training_step(model, method, optimizer, x, y, step, weight)
+            loss, logits = training_step(model, method, optimizer, x, y, step, weight, precision, scaler)
         except NonFiniteError as err:
             raise NonFiniteError(f"{err} at epoch {epoch + 1}, step {step + 1} of method {method.name}") from None
         step += 1
@@ -175,16 +206,24 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits (N, num_classes) of the model in eval mode, in split order."""
+def predict(
+    model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device, precision: Precision = FP32,
+) -> torch.Tensor:
+    """Logits (N, num_classes), float32, of the model in eval mode, in split order, computed in
+    ``precision`` (autocast and input layout, :mod:`sparse_core.precision`)."""
     model.eval()
-    outs = [model(x).float().cpu() for x, _ in iterate_batches(split, batch_size, transform, train=False, device=device)]
+    outs = []
+    for x, _ in iterate_batches(split, batch_size, transform, train=False, device=device):
+        with precision.autocast():
+            outs.append(model(precision.inputs(x)).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def evaluate(model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split, transform: BatchTransform, batch_size: int, device: torch.device, precision: Precision = FP32,
+) -> dict[str, float]:
     """``{"loss": mean NLL (nats), "accuracy": fraction}`` on ``split``."""
-    logits = predict(model, split, transform, batch_size, device)
+    logits = predict(model, split, transform, batch_size, device, precision)
     return {
         "loss": float(F.cross_entropy(logits, split.labels)),
         "accuracy": float((logits.argmax(1) == split.labels).float().mean()),
@@ -216,6 +255,7 @@ def fit(
     parallel: SingleProcess = SINGLE_PROCESS,
     nonfinite_retries: int = 0,
     nonfinite_lr_factor: float = 0.5,
+    precision: Precision = FP32,
 ) -> FitResult:
     """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing every epoch to
     ``run_dir/last.pt`` (the previous one kept as ``prev.pt``; see :mod:`sparse_core.checkpoint`).
@@ -231,6 +271,9 @@ def fit(
         nonfinite_retries: after a non-finite loss or gradient, restart this many times from the
             last good checkpoint (or the initial state) with the learning rate multiplied by
             ``nonfinite_lr_factor`` each time; the scale is stored in the checkpoints.
+        precision: autocast dtype and input layout of training and validation
+            (:mod:`sparse_core.precision`); fp16's loss scale is stored in the checkpoints. It
+            belongs in ``fingerprint``: a checkpoint of another precision must not be resumed.
 
     Returns:
         The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
@@ -242,16 +285,20 @@ def fit(
     store = CheckpointStore(run_dir)
     optimizer = make_optimizer(model, cfg)
     method.bind_optimizer(optimizer)
-    initial = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict()})
+    scaler = precision.grad_scaler()
+    initial = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                             "scaler": scaler.state_dict()})  # fmt: skip
 
     def restore() -> None:
         model.load_state_dict(initial["model"])
         optimizer.load_state_dict(initial["optimizer"])
         method.load_state_dict(copy.deepcopy(initial["method"]))
+        if scaler.is_enabled():
+            scaler.load_state_dict(initial["scaler"])
 
     retries, lr_scale = 0, None  # None: the checkpoint's scale (1 for a fresh run)
     while True:
-        ckpt = store.load(fingerprint, lambda c: _apply_checkpoint(c, model, optimizer, method), restore) if resume else None
+        ckpt = store.load(fingerprint, lambda c: _apply_checkpoint(c, model, optimizer, method, scaler), restore) if resume else None
         state = {"epoch": 0, "step": 0, "history": [], "lr_scale": 1.0}
         if ckpt is not None:
             state = {"epoch": ckpt["epoch"], "step": ckpt["step"], "history": list(ckpt["history"]),
@@ -260,7 +307,7 @@ def fit(
             state["lr_scale"] = lr_scale
         try:
             history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
-                                    fingerprint, progress, stop_after_epoch, parallel, store, state)  # fmt: skip
+                                    fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler)  # fmt: skip
             return FitResult(pd.DataFrame(history), ckpt["epoch"] if ckpt else 0)
         except NonFiniteError as err:
             kept = f"the last good checkpoint {store.last} is kept" if store.last.is_file() else "no checkpoint had been written"
@@ -274,10 +321,14 @@ def fit(
             resume = True
 
 
-def _apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, method: Method) -> None:
+def _apply_checkpoint(
+    ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, scaler: torch.amp.GradScaler,
+) -> None:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     method.load_state_dict(ckpt["method"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -285,7 +336,8 @@ def _apply_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.o
 
 def _train_epochs(
     model, method, optimizer, train, val, transform, cfg, epochs, seed, device, fingerprint, progress,
-    stop_after_epoch, parallel, store: CheckpointStore, state: dict[str, Any],
+    stop_after_epoch, parallel, store: CheckpointStore, state: dict[str, Any], precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The epochs of :func:`fit` from ``state`` (``epoch``, ``step``, ``history``, ``lr_scale``)."""
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -297,12 +349,12 @@ def _train_epochs(
         t0 = time.perf_counter()
         stats, step = train_one_epoch(
             trained, method, optimizer, train, transform, cfg, epoch=epoch, epochs=epochs, step=step, seed=seed,
-            device=device, progress=progress, parallel=parallel, lr_scale=lr_scale,
+            device=device, progress=progress, parallel=parallel, lr_scale=lr_scale, precision=precision, scaler=scaler,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         parallel.end_epoch(model, method, step)  # DDP: rank 0's BN statistics everywhere; masks verified
         with method.eval_weights():
-            val_stats = evaluate(model, val, transform, 1000, device)
+            val_stats = evaluate(model, val, transform, 1000, device, precision)
             method.on_epoch_end(epoch, val_stats)
         history.append(
             {
@@ -337,6 +389,7 @@ def _train_epochs(
                     "rng": _rng_state(),
                     "history": history,
                     "lr_scale": lr_scale,
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
                 }
             )
         parallel.barrier()  # DDP: the checkpoint is complete before any rank moves on

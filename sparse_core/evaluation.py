@@ -41,28 +41,33 @@ from sparse_core.data import BatchTransform, Split
 from sparse_core.engine import predict
 from sparse_core.evalsets import EvalSets
 from sparse_core.ood import ood_metrics, ood_scores
+from sparse_core.precision import FP32, Precision
 
 OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 
-def set_probs(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, device: torch.device) -> np.ndarray:
-    """Softmax probabilities float32 ``(N, C)`` of uint8 images ``(N, C, H, W)``, batched."""
+def set_probs(
+    model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, device: torch.device,
+    precision: Precision = FP32,
+) -> np.ndarray:  # fmt: skip
+    """Softmax probabilities float32 ``(N, C)`` of uint8 images ``(N, C, H, W)``, batched, the
+    logits computed in ``precision`` (:mod:`sparse_core.precision`) and the softmax in float64."""
     split = Split(images, torch.zeros(len(images), dtype=torch.int64))
-    logits = predict(model, split, transform, batch_size, device)
+    logits = predict(model, split, transform, batch_size, device, precision)
     return torch.softmax(logits.double(), 1).float().numpy()
 
 
 def model_probs(
     model: nn.Module, splits: dict[str, Split], sets: EvalSets, transform: BatchTransform, batch_size: int,
-    device: torch.device,
+    device: torch.device, precision: Precision = FP32,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Probabilities ``(N, C)`` of one model on the ``val``/``test`` splits, every OOD set and
     every corrupted set (module docstring for the keys)."""
-    out = {name: set_probs(model, split.images, transform, batch_size, device) for name, split in splits.items()}
+    out = {name: set_probs(model, split.images, transform, batch_size, device, precision) for name, split in splits.items()}
     for name, images in sets.ood.items():
-        out[f"ood/{name}"] = set_probs(model, images, transform, batch_size, device)
+        out[f"ood/{name}"] = set_probs(model, images, transform, batch_size, device, precision)
     for (name, sev), images in sets.corrupted.items():
-        out[f"corrupted/{name}/{sev}"] = set_probs(model, images, transform, batch_size, device)
+        out[f"corrupted/{name}/{sev}"] = set_probs(model, images, transform, batch_size, device, precision)
     return out
 
 

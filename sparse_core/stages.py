@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from sparse_core import artifacts, evalsets
-from sparse_core.config import DST_METHODS, LOCAL_METHODS, Params, retrain_run_name
+from sparse_core.config import DST_METHODS, LOCAL_METHODS, ConfigError, Params, retrain_run_name
 from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
 from sparse_core.distributed import active_parallel
 from sparse_core.checkpoint import CheckpointStore
@@ -40,6 +40,7 @@ from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
 from sparse_core.flops import gradual_training_flops_per_example, inference_flops, layer_flops, training_flops_per_example
 from sparse_core.methods import MaskedMethod, Method, create_method
 from sparse_core.models import create_model
+from sparse_core.precision import Precision
 from sparse_core.sparsity import MaskSet, prunable_parameters
 
 WARMUP_RUN = "warmup"
@@ -61,6 +62,18 @@ def _setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tup
     device = resolve_device(params.base.device)
     data = load_data(params)
     return device, data, build_model(params, data, seed)
+
+
+def precision_of(params: Params, device: torch.device) -> Precision:
+    """``base.precision`` and ``base.channels_last`` on ``device`` (:mod:`sparse_core.precision`).
+
+    Raises:
+        ConfigError: fp16 on a device that is not CUDA (``base.device: auto`` without a GPU).
+    """
+    try:
+        return Precision.of(params.base, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_data(params: Params) -> PreparedData:
@@ -230,6 +243,7 @@ def _train_run(
     # Built before the run folder is touched: a schedule that cannot work (ConfigError) must not
     # cost the previous run's files.
     method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs)
+    precision = precision_of(params, parallel.device or device)
     if parallel.is_main:
         _fresh_run_dir(params, run, fingerprint)
     parallel.barrier()  # no rank looks for a checkpoint while rank 0 may be clearing the folder
@@ -242,6 +256,7 @@ def _train_run(
         epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress and parallel.is_main,
         parallel=parallel, nonfinite_retries=params.base.nonfinite_retries, nonfinite_lr_factor=params.base.nonfinite_lr_factor,
+        precision=precision,
     )  # fmt: skip
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one
@@ -312,7 +327,8 @@ def _test_row(params: Params, run: str, data: PreparedData) -> dict[str, Any]:
     device = resolve_device(params.base.device)
     model.to(device)
     val = artifacts.read_parquet(run_dir(params, run) / "history.parquet")["val_accuracy"]
-    test = evaluate(model, data.splits["test"], transform_for(params, data), params.evaluate.batch_size, device)
+    test = evaluate(model, data.splits["test"], transform_for(params, data), params.evaluate.batch_size, device,
+                    precision_of(params, device))  # fmt: skip
     return {"realised_sparsity": masks.sparsity(), "val_accuracy": float(val.iloc[-1]) if len(val) else float("nan"),
             "test_accuracy": test["accuracy"], "test_nll": test["loss"]}  # fmt: skip
 
@@ -666,7 +682,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     model.to(device)
     transform = transform_for(params, data)
     splits, sets, labels = _evaluation_inputs(params, data)
-    probs = model_probs(model, splits, sets, transform, params.evaluate.batch_size, device)
+    probs = model_probs(model, splits, sets, transform, params.evaluate.batch_size, device, precision_of(params, device))
     ev = evaluate_probs({k: v[None] for k, v in probs.items()}, labels, params.evaluate.calibration_bins)
     cfg = json.loads((run_dir(params, run) / "config.json").read_text())
     out: dict[str, Any] = {"run": run, "method": cfg["method"]}
@@ -747,6 +763,7 @@ def stage_collect(params: Params, name: str) -> Path:
     from sparse_core.ensemble import probs_schema
 
     device, data, model = _setup(params)
+    precision = precision_of(params, device)
     model.to(device)
     transform = transform_for(params, data)
     sets = evalsets.load_eval_sets(params)
@@ -758,9 +775,10 @@ def stage_collect(params: Params, name: str) -> Path:
         digest = hashlib.sha256(member["weights"].read_bytes()).hexdigest()
         manifest.append({**{k: v for k, v in member.items() if k != "weights"}, "member": i, "density": density,
                          "source": str(member["weights"]), "source_sha256": digest})  # fmt: skip
-        extra.append(model_probs(model, {}, sets, transform, params.collect.batch_size, device))
+        extra.append(model_probs(model, {}, sets, transform, params.collect.batch_size, device, precision))
         for split in ("val", "test"):
-            probs = torch.softmax(predict(model, data.splits[split], transform, params.collect.batch_size, device).double(), 1)
+            logits = predict(model, data.splits[split], transform, params.collect.batch_size, device, precision)
+            probs = torch.softmax(logits.double(), 1)
             frames.append(
                 pd.DataFrame(
                     {

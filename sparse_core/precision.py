@@ -1,0 +1,96 @@
+"""Mixed precision and memory format of training and evaluation (``base.precision``,
+``base.channels_last``).
+
+``fp32`` (default) runs every op in float32: bit-reproducible on one machine and thread count.
+``bf16`` runs the forward pass and the loss under ``torch.autocast(device, torch.bfloat16)``:
+matmuls and convolutions in bfloat16 (AVX512-BF16 / AMX on recent x86 CPUs, tensor cores on
+GPUs), reductions and the loss in float32 (autocast's op lists). bf16 has float32's exponent
+range, so no loss scaling is needed. ``fp16`` (CUDA only) is automatic mixed precision with a
+dynamic loss scale (:class:`torch.amp.GradScaler`; Micikevicius et al. 2018, "Mixed Precision
+Training", Sec. 3.2): the loss is multiplied by the scale before ``backward``, gradients are
+unscaled before the method's hooks and the optimizer see them, and a step whose gradients
+overflowed is skipped while the scale is halved.
+
+In every mode the parameters ("master weights"), masks, DPF's dense copy, the optimizer
+state and every exported artifact stay float32: autocast casts copies per op and never
+touches the parameters.
+
+``channels_last`` converts each input batch (B, C, H, W) to the channels-last (NHWC) memory
+layout. Convolutions (oneDNN on CPU, cuDNN on GPU) pick their layout from the input, so the
+activations of the whole network follow, while parameters, masks, gradients and optimizer
+state keep PyTorch's standard contiguous layout. Converting the parameters too, as PyTorch's
+memory-format tutorial does with ``model.to(memory_format=torch.channels_last)``, gave no
+further gain on ResNet-20 here, and would make every flat index into a weight (drop/grow,
+momentum resets, safetensors export) a copy instead of a view; this module therefore leaves
+parameters alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["PRECISIONS", "Precision", "FP32"]
+
+#: The values of ``base.precision``.
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one process computes: ``name`` in :data:`PRECISIONS`, ``channels_last`` inputs.
+
+    Raises:
+        ValueError: an unknown ``name``, or ``fp16`` on a non-CUDA ``device_type`` (CPU fp16
+            kernels are slow and CPU autocast has no loss scaling here; use ``bf16``).
+    """
+
+    name: str = "fp32"
+    channels_last: bool = False
+    device_type: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ValueError(f"base.precision must be one of {', '.join(PRECISIONS)}, got {self.name!r}")
+        if self.name == "fp16" and self.device_type != "cuda":
+            raise ValueError(f"base.precision: fp16 needs a CUDA device (this run uses {self.device_type!r}); use bf16 on CPU")
+
+    @classmethod
+    def of(cls, base: Any, device: torch.device) -> "Precision":
+        """The precision of ``base`` (a :class:`~sparse_core.config.BaseSection`) on ``device``."""
+        return cls(base.precision, base.channels_last, torch.device(device).type)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast compute dtype (float32 for ``fp32``)."""
+        return _DTYPES.get(self.name, torch.float32)
+
+    @property
+    def scaled(self) -> bool:
+        """Whether gradients are loss-scaled (fp16 only)."""
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass and the loss: autocast to :attr:`dtype`, or nothing."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, H, W) in the configured memory layout; other ranks unchanged."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def grad_scaler(self) -> "torch.amp.GradScaler":
+        """A :class:`torch.amp.GradScaler`, enabled only for ``fp16`` (disabled: every call is a
+        pass-through, ``scale(loss) is loss``)."""
+        return torch.amp.GradScaler(self.device_type if self.scaled else "cpu", enabled=self.scaled)
+
+
+#: Plain float32, standard layout: the default, bit-reproducible mode.
+FP32 = Precision()
