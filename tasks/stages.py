@@ -5,28 +5,39 @@ a busy file, a timeout) twice, 5 s apart; a stage function resumes from its last
 so a retried training task continues instead of starting over. Deterministic failures (bad
 params, missing or corrupt data, a diverged run) are never retried: a retry would fail the
 same way.
+
+The library (:mod:`sparse_core.stages` and the modules it pulls in: torch, torchvision,
+pandas, scikit-learn) is imported inside each task, by :func:`tasks.timing.stage_work`, not
+when this module is imported: a stage process validates its params and starts its Prefect
+flow run first, and a stage that fails validation never pays for those imports.
 """
 
 from __future__ import annotations
 
 import errno
+import sys
 
-import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from sparse_core import evalsets, stages
-from sparse_core.artifacts import read_parquet
 from sparse_core.config import ConfigError, load_params, seeded
-from sparse_core.data import DataError
+from tasks.timing import stage_work
 
 #: errno values of failures that can pass by themselves.
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR})
 
 
+def _data_error() -> tuple[type[BaseException], ...]:
+    """``(DataError,)`` once :mod:`sparse_core.data.fetch` is loaded, else ``()``: no DataError
+    can have been raised before its module was imported, and importing it here would load
+    torch and torchvision in every stage process."""
+    fetch = sys.modules.get("sparse_core.data.fetch")
+    return (fetch.DataError,) if fetch is not None else ()
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for I/O failures worth retrying; false for everything deterministic."""
-    if isinstance(exc, (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (ConfigError, *_data_error(), FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)):
         return True
@@ -45,33 +56,40 @@ def transient_io(task, task_run, state) -> bool:
 #: Options shared by every task of this module.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient_io}
 
+STAGES = "sparse_core.stages"
+
 
 @task(name="prepare-dataset", **IO_RETRIES)
 def prepare_dataset(params_path: str) -> str:
     """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
-    return str(stages.stage_prepare(load_params(params_path)))
+    params = load_params(params_path)
+    with stage_work("prepare-dataset", STAGES) as stages:
+        return str(stages.stage_prepare(params))
 
 
 @task(name="prepare-ood-sets", **IO_RETRIES)
 def prepare_ood(params_path: str) -> str:
     """OOD sets of the dataset -> ``data/ood/<dataset>/`` (missing optional sets are warned)."""
-    return str(evalsets.stage_ood(load_params(params_path)))
+    params = load_params(params_path)
+    with stage_work("prepare-ood-sets", "sparse_core.evalsets") as evalsets:
+        return str(evalsets.stage_ood(params))
 
 
 @task(name="corrupt-test-set", **IO_RETRIES)
 def corrupt_test_set(params_path: str) -> str:
     """Corrupted test subset -> ``data/corrupted/<dataset>/``."""
-    return str(evalsets.stage_corrupt(load_params(params_path)))
+    params = load_params(params_path)
+    with stage_work("corrupt-test-set", "sparse_core.evalsets") as evalsets:
+        return str(evalsets.stage_corrupt(params))
 
 
 @task(name="build-report", **IO_RETRIES)
 def build_report(params_path: str) -> str:
     """``reports/report.md``, ``reports/metrics.parquet`` and figures; publishes the results
     table as the Prefect markdown artifact ``report``."""
-    from sparse_core import report
-
     params = load_params(params_path)
-    out = report.stage_report(params)
+    with stage_work("build-report", "sparse_core.report") as report:
+        out = report.stage_report(params)
     summary = report.summary_table(report.tidy_metrics(params), [m for m, _ in report.models(params)])
     create_markdown_artifact(
         key="report",
@@ -84,25 +102,25 @@ def build_report(params_path: str) -> str:
 @task(name="local-sweep-point", **IO_RETRIES, task_run_name="sweep-{variant}-b{batch_size}")
 def local_sweep_point(params_path: str, variant: str, batch_size: int) -> dict:
     """One batch-size sweep point of the local-parallelism analysis."""
-    from sparse_core.local import study
-
-    return study.sweep_point(load_params(params_path), variant, batch_size)
+    params = load_params(params_path)
+    with stage_work("local-sweep-point", "sparse_core.local.study") as study:
+        return study.sweep_point(params, variant, batch_size)
 
 
 @task(name="local-side-analyses", **IO_RETRIES)
 def local_side_analyses(params_path: str) -> dict:
     """Accounting, gradient cosine similarity and random-label capacity of every variant."""
-    from sparse_core.local import study
-
-    return study.side_analyses(load_params(params_path))
+    params = load_params(params_path)
+    with stage_work("local-side-analyses", "sparse_core.local.study") as study:
+        return study.side_analyses(params)
 
 
 @task(name="local-write-analysis", **IO_RETRIES)
 def local_write_analysis(params_path: str, sweep_rows: list, side: dict) -> str:
     """``reports/local/`` tables and figures, ``reports/local_analysis.json``."""
-    from sparse_core.local import study
-
-    return str(study.write_analysis(load_params(params_path), sweep_rows, side))
+    params = load_params(params_path)
+    with stage_work("local-write-analysis", "sparse_core.local.study") as study:
+        return str(study.write_analysis(params, sweep_rows, side))
 
 
 def run_params(params_path: str, seed: int | None):
@@ -113,45 +131,57 @@ def run_params(params_path: str, seed: int | None):
 @task(name="dense-warmup", **IO_RETRIES, task_run_name="warmup-s{seed}")
 def dense_warmup(params_path: str, seed: int | None = None) -> str:
     """Dense warmup run -> ``runs/s<seed>/warmup/``."""
-    return str(stages.stage_warmup(run_params(params_path, seed)))
+    params = run_params(params_path, seed)
+    with stage_work("dense-warmup", STAGES) as stages:
+        return str(stages.stage_warmup(params))
 
 
 @task(name="train-run", **IO_RETRIES, task_run_name="train-{method}-s{seed}")
 def train_run(params_path: str, method: str, seed: int | None = None) -> str:
     """One training run of ``method`` -> ``runs/s<seed>/<method>/``."""
-    return str(stages.stage_train(run_params(params_path, seed), method))
+    params = run_params(params_path, seed)
+    with stage_work("train-run", STAGES) as stages:
+        return str(stages.stage_train(params, method))
 
 
 @task(name="train-member", **IO_RETRIES, task_run_name="train-dst_ensemble-member-{member}-s{seed}")
 def train_member(params_path: str, member: int, num_threads: int = 0, seed: int | None = None) -> str:
     """Member ``member`` of the DST Ensemble -> ``runs/s<seed>/dst_ensemble/member_<i>/``."""
-    return str(stages.stage_train_member(run_params(params_path, seed), member, num_threads))
+    params = run_params(params_path, seed)
+    with stage_work("train-member", STAGES) as stages:
+        return str(stages.stage_train_member(params, member, num_threads))
 
 
 @task(name="sweep-point", **IO_RETRIES, task_run_name="{group}-{method}-s{sparsity}-seed{seed}")
 def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0, group: str = "sweeps") -> dict:
     """One sparsity × seed point -> ``runs/s<k>/<group>/<method>/s<S>-seed<k>/``; returns its row."""
-    return stages.stage_sweep_point(load_params(params_path), method, sparsity, seed, num_threads, group)
+    params = load_params(params_path)
+    with stage_work("sweep-point", STAGES) as stages:
+        return stages.stage_sweep_point(params, method, sparsity, seed, num_threads, group)
 
 
 @task(name="write-curve-points", **IO_RETRIES, task_run_name="write-curve-points-{method}-s{seed}")
 def write_curve_points(params_path: str, method: str, seed: int, rows: list) -> str:
     """``reports/curves/points/<method>-s<seed>.csv``."""
-    return str(stages.write_curve_points(run_params(params_path, seed), method, rows))
+    params = run_params(params_path, seed)
+    with stage_work("write-curve-points", STAGES) as stages:
+        return str(stages.write_curve_points(params, method, rows))
 
 
 @task(name="curves-report", **IO_RETRIES)
 def curves_report(params_path: str) -> str:
     """``reports/curves/``: accuracy vs sparsity over seeds, the figure and its report."""
-    from sparse_core import report
-
-    return str(report.stage_curves_report(load_params(params_path)))
+    params = load_params(params_path)
+    with stage_work("curves-report", "sparse_core.report") as report:
+        return str(report.stage_curves_report(params))
 
 
 @task(name="write-sweep", **IO_RETRIES, task_run_name="write-sweep-{method}")
 def write_sweep(params_path: str, method: str, rows: list) -> str:
     """``reports/sweeps/<method>.csv``; also the table artifact ``sweep-<method>``."""
-    out = stages.write_sweep(load_params(params_path), method, rows)
+    params = load_params(params_path)
+    with stage_work("write-sweep", STAGES) as stages:
+        out = stages.write_sweep(params, method, rows)
     table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"} for r in rows]
     create_table_artifact(key=f"sweep-{method.replace('_', '-')}", table=table, description=f"Sparsity × seed sweep of {method}")
     return str(out)
@@ -160,20 +190,25 @@ def write_sweep(params_path: str, method: str, rows: list) -> str:
 @task(name="finish-dst-ensemble", **IO_RETRIES, task_run_name="finish-dst-ensemble-s{seed}")
 def finish_dst_ensemble(params_path: str, seed: int | None = None) -> str:
     """Combined training curves of the DST Ensemble members -> ``plots/seeds/s<seed>/history/dst_ensemble.csv``."""
-    return str(stages.finish_dst_ensemble(run_params(params_path, seed)))
+    params = run_params(params_path, seed)
+    with stage_work("finish-dst-ensemble", STAGES) as stages:
+        return str(stages.finish_dst_ensemble(params))
 
 
 @task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}-s{seed}")
 def collect_ensemble(params_path: str, name: str, seed: int | None = None) -> str:
     """Member probabilities of ensemble ``name`` -> ``ensembles/s<seed>/<name>/``."""
-    return str(stages.stage_collect(run_params(params_path, seed), name))
+    params = run_params(params_path, seed)
+    with stage_work("collect-ensemble", STAGES) as stages:
+        return str(stages.stage_collect(params, name))
 
 
 @task(name="evaluate-ensemble", **IO_RETRIES, task_run_name="evaluate-{name}-s{seed}")
 def evaluate_ensemble(params_path: str, name: str, seed: int | None = None) -> dict:
     """Ensemble metrics from the cached probabilities -> ``metrics/seeds/s<seed>/<name>.json``."""
     params = run_params(params_path, seed)
-    metrics = stages.stage_evaluate_ensemble(params, name)
+    with stage_work("evaluate-ensemble", STAGES) as stages:
+        metrics = stages.stage_evaluate_ensemble(params, name)
     row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "ece", "member_accuracy_mean", "disagreement", "kl")}
     row["training_flops_ratio"] = round(metrics["flops"]["training_ratio"], 4)
     key = f"metrics-{name.replace('_', '-')}-s{params.base.seed}"
@@ -184,22 +219,27 @@ def evaluate_ensemble(params_path: str, name: str, seed: int | None = None) -> d
 @task(name="retrain-run", **IO_RETRIES, task_run_name="retrain-{run}-s{seed}")
 def retrain_run(params_path: str, run: str, seed: int | None = None) -> str:
     """Fine-tune ``run`` with its mask frozen -> ``runs/s<seed>/<run>_retrain/``."""
-    return str(stages.stage_retrain(run_params(params_path, seed), run))
+    params = run_params(params_path, seed)
+    with stage_work("retrain-run", STAGES) as stages:
+        return str(stages.stage_retrain(params, run))
 
 
 @task(name="aggregate-model", **IO_RETRIES, task_run_name="aggregate-{model}")
 def aggregate_model(params_path: str, model: str) -> str:
     """Mean ± std over ``base.seeds`` of one model's metrics -> ``metrics/<model>.json``."""
-    from sparse_core import report
-
-    return str(report.stage_aggregate(load_params(params_path), model))
+    params = load_params(params_path)
+    with stage_work("aggregate-model", "sparse_core.report") as report:
+        return str(report.stage_aggregate(params, model))
 
 
 @task(name="evaluate-run", **IO_RETRIES, task_run_name="evaluate-{run}-s{seed}")
 def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
     """Metrics of ``run`` -> ``metrics/seeds/s<seed>/<run>.json``; also published as a Prefect table artifact."""
     params = run_params(params_path, seed)
-    metrics = stages.stage_evaluate(params, run)
+    with stage_work("evaluate-run", STAGES) as stages:
+        metrics = stages.stage_evaluate(params, run)
+    import pandas as pd  # loaded by the stage already
+
     row = {
         "run": run,
         "test_accuracy": round(metrics["test"]["accuracy"], 4),
@@ -223,6 +263,8 @@ def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
 def publish_summary(run: str, run_dir: str) -> None:
     """Markdown artifact with the run's last history row (for the Prefect UI); ``run`` names the
     run and its seed (``dpf-s0``)."""
+    from sparse_core.artifacts import read_parquet  # loaded by the stage already
+
     hist = read_parquet(f"{run_dir}/history.parquet")
     if hist.empty:
         return
