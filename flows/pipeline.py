@@ -23,11 +23,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401 - defined beside the package, where stages read them cheaply
 from flows.workspace import workspace_lock
-
-#: Environment variable through which stage commands learn the pipeline run that started them.
-PIPELINE_RUN_ENV = "SPARSEFLOW_PIPELINE_RUN_ID"
-PIPELINE_TAG_PREFIX = "pipeline-run:"
 
 
 def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> Path:

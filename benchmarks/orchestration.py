@@ -1,0 +1,275 @@
+"""What orchestration costs: one stage as a fresh process, and the share of a whole ``dvc repro``
+spent outside stage work.
+
+    .venv/bin/python benchmarks/orchestration.py [--rounds 5] [--profile NAME]
+    .venv/bin/python benchmarks/orchestration.py --repro [--profile tiny] [--workspace DIR] [--in-place [--force]]
+
+(a) Default: starts its own Prefect server (``sparseflow server``, free loopback port,
+    temporary ``PREFECT_HOME``) and times fresh processes against it, interleaved over
+    ``--rounds`` rounds after one discarded warm-up round; prints the median and the range:
+
+    - the floors: ``python -c pass``, importing Prefect's flow and task (``from prefect import
+      flow, task``), importing the CLI (``import flows.cli``);
+    - the no-op stage: ``sparseflow run aggregate --run <model>`` with the library module that
+      holds the work (``sparse_core.report``) replaced by a stub whose ``stage_aggregate`` does
+      nothing; everything else is the real command (argument parsing, params validation, the
+      ``aggregate`` Prefect flow run with its task run, reporting to the server). Target <= 1.5 s;
+    - the same with Prefect's flow-run heartbeats on (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180``,
+      Prefect 3.9's default, which stage processes turn off: ``flows.stages.stage_settings``);
+    - the real ``aggregate`` stage (``sparseflow run aggregate``) on per-seed metrics files this
+      script writes: its work (from ``SPARSEFLOW_TIMINGS``) and the import of its library.
+
+    Params: the workspace's ``params.yaml``, or ``profiles/NAME.yaml`` with ``--profile``.
+    At the end it checks that the server holds one completed flow run per stage process run.
+
+(b) ``--repro``: ``sparseflow with-server -- dvc repro --force`` (what ``make repro`` runs, every
+    stage forced) in a temporary copy of the workspace (code, ``dvc.yaml``, ``.dvc``, profiles,
+    ``params.yaml``, a fresh git repository; ``--profile NAME`` switches the copy's params
+    first), so the real workspace is untouched. ``--in-place`` times ``make repro`` in the
+    workspace itself instead (only stale stages run; ``--force`` runs the same commands with
+    ``dvc repro --force``), which rewrites its outputs.
+
+    Accounting is exact, from ``SPARSEFLOW_TIMINGS`` (:mod:`tasks.timing`): every stage task
+    records the interval of its ``sparse_core`` work function and of the import of that
+    library; every ``sparseflow run`` process records its own interval from its creation time
+    (kernel) to the end of its command. Intervals are merged (union), so work that runs in
+    parallel (fanned-out tasks) is not counted twice. Printed: wall time, stage work, and the
+    rest ("orchestration", target <= 10% of wall) split into the library imports inside stage
+    processes, the rest of the stage processes (interpreter, CLI, validation, Prefect flow and
+    task runs), and the time outside any stage process (DVC's hashing, lock and cache writes,
+    process start and exit, the Prefect server's start and stop).
+
+Needs the data mirror for ``--repro`` (``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fanout import BIN, REPO, prefect_server  # noqa: E402  (one Prefect-server helper for the benchmarks)
+
+STUB_REPORT = """
+import sys, types
+stub = types.ModuleType("sparse_core.report")  # the no-op work: nothing imported, nothing done
+stub.stage_aggregate = lambda params, model: "noop"
+sys.modules["sparse_core.report"] = stub
+from flows.cli import main
+sys.exit(main())
+"""
+
+#: What a temporary copy of the workspace holds (as tests/test_pipeline_e2e.py copies it).
+WORKSPACE_ITEMS = ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis", "curves", "profiles", "params.yaml")
+
+
+def read_params(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> float:
+    """Wall seconds of ``cmd`` (a fresh process), start to exit.
+
+    Raises:
+        RuntimeError: the command failed (message ends with its output).
+    """
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def union(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``[start, end]`` intervals (seconds)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + (cur_end - cur_start if cur_end is not None else 0.0)
+
+
+def read_timings(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} s  [{min(values):.2f} .. {max(values):.2f}]"
+
+
+def _api_count(api: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(f"{api}/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+# ----- (a) one stage as a fresh process ---------------------------------------------------------
+def stage_costs(rounds: int, profile: str | None) -> None:
+    raw = read_params(REPO / "profiles" / f"{profile}.yaml" if profile else REPO / "params.yaml")
+    with tempfile.TemporaryDirectory(prefix="sparseflow-orch-") as tmp:
+        work = Path(tmp) / "work"
+        work.mkdir()
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        model = raw["evaluate"]["runs"][0]
+        seeds = raw["base"].get("seeds") or [raw["base"]["seed"]]
+        for seed in seeds:  # what aggregate@<model> reads (sparse_core.report.seed_metrics_path)
+            path = work / raw["base"]["metrics_dir"] / "seeds" / f"s{seed}" / f"{model}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"test": {"accuracy": 0.9 + 0.01 * seed, "nll": 0.3}, "sparsity": 0.9}))
+        timings = Path(tmp) / "timings.jsonl"
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(Path(tmp) / "home"),
+               "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
+        env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+        env.pop("SPARSEFLOW_TIMINGS", None)
+        py = sys.executable
+        stage = ["run", "aggregate", "--run", model]
+        variants = {
+            "python -c pass (interpreter floor)": ([py, "-c", "pass"], {}),
+            "from prefect import flow, task (Prefect floor)": ([py, "-c", "from prefect import flow, task"], {}),
+            "import flows.cli (the CLI)": ([py, "-c", "import flows.cli"], {}),
+            "no-op stage (target <= 1.5 s)": ([py, "-c", STUB_REPORT, *stage], {}),
+            "no-op stage, Prefect heartbeats on": ([py, "-c", STUB_REPORT, *stage], {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}),
+            f"real stage: sparseflow run aggregate --run {model}": ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(timings)}),
+        }
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        stage_runs = 0
+        with prefect_server(Path(tmp) / "home") as api:
+            env["PREFECT_API_URL"] = api
+            for r in range(rounds + 1):  # round 0 warms the server's database and the file cache
+                names = list(variants)
+                names = names[r % len(names):] + names[: r % len(names)]  # rotate the order every round
+                for name in names:
+                    cmd, extra = variants[name]
+                    seconds = timed(cmd, work, {**env, **extra})
+                    stage_runs += "run" in cmd
+                    if r:
+                        times[name].append(seconds)
+                if r == 0:
+                    timings.unlink(missing_ok=True)
+            flow_runs = _api_count(api, "flow_runs/filter", {"flow_runs": {"name": {"any_": [f"aggregate-{model}"]}}, "limit": 200})
+            time.sleep(2)  # task runs arrive as events
+            task_runs = _api_count(api, "task_runs/filter", {"limit": 200})
+        records = read_timings(timings)
+        work_s = [w["end"] - w["start"] for w in records if w["kind"] == "work"]
+        import_s = [w["start"] - w["import_start"] for w in records if w["kind"] == "work"]
+    print(f"(a) one stage as a fresh process against a running Prefect server; {rounds} rounds (+1 warm-up), "
+          f"median [min .. max]; params: {profile or 'params.yaml'}; {os.cpu_count()} cores")  # fmt: skip
+    for name, values in times.items():
+        print(f"  {name:55s} {spread(values)}")
+    print(f"  real stage: its work {spread(work_s)}; importing its library (sparse_core.report: pandas, torch, ...) {spread(import_s)}")
+    completed = sum(r["state_type"] == "COMPLETED" for r in flow_runs)
+    print(f"  server: {completed}/{len(flow_runs)} completed flow runs aggregate-{model} for {stage_runs} stage processes; "
+          f"{sum(t['state_type'] == 'COMPLETED' for t in task_runs)} completed task runs")  # fmt: skip
+
+
+# ----- (b) a whole dvc repro ------------------------------------------------------------------------
+def copy_workspace(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for item in WORKSPACE_ITEMS:
+        path = src / item
+        if path.is_dir():
+            shutil.copytree(path, dest / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+        elif path.is_file():
+            shutil.copy(path, dest / item)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def repro(workspace: Path, profile: str | None, in_place: bool, force: bool) -> None:
+    mirror = os.environ.get("SPARSEFLOW_DATA_MIRROR", str(REPO.parent / "shared" / "data"))
+    with tempfile.TemporaryDirectory(prefix="sparseflow-repro-") as tmp:
+        timings = Path(tmp) / "timings.jsonl"
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SPARSEFLOW_DATA_MIRROR": mirror,
+               "SPARSEFLOW_TIMINGS": str(timings), "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+        env.pop("PREFECT_API_URL", None)  # with-server starts its own, as make repro does
+        sparseflow = str(BIN / "sparseflow")
+        if in_place:
+            work = workspace
+            if profile:
+                subprocess.run([sparseflow, "profile", profile], cwd=work, env=env, check=True)
+            cmds = [[sparseflow, "validate"], [sparseflow, "with-server", "--", str(BIN / "dvc"), "repro", "--force"],
+                    [str(BIN / "dvc"), "metrics", "show"]] if force else [["make", "repro"]]  # fmt: skip
+        else:
+            work = Path(tmp) / "work"
+            copy_workspace(workspace, work)
+            env["PREFECT_HOME"] = str(Path(tmp) / "home")
+            if profile:
+                subprocess.run([sparseflow, "profile", profile], cwd=work, env=env, check=True, capture_output=True)
+            cmds = [[sparseflow, "with-server", "--", str(BIN / "dvc"), "repro", "--force"]]
+        t0, wall = time.time(), 0.0
+        for cmd in cmds:
+            print(f"$ {' '.join(cmd)}   (in {work})", flush=True)
+            start = time.perf_counter()
+            done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+            wall += time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        t1 = time.time()
+        records = read_timings(timings)
+    report(records, wall, (t0, t1), profile, in_place)
+
+
+def report(records: list[dict], wall: float, window: tuple[float, float], profile: str | None, in_place: bool) -> None:
+    def clip(a: float, b: float) -> tuple[float, float]:
+        return max(a, window[0]), min(b, window[1])
+
+    works = [w for w in records if w["kind"] == "work"]
+    stages = [s for s in records if s["kind"] == "stage"]
+    work = union([clip(w["start"], w["end"]) for w in works])
+    work_and_imports = union([clip(w["import_start"], w["end"]) for w in works])
+    in_stages = union([clip(s["start"], s["end"]) for s in stages])
+    imports = work_and_imports - work
+    other = wall - work
+    n = len(stages)
+    print(f"(b) {'make repro (in place)' if in_place else 'sparseflow with-server -- dvc repro --force (temporary copy)'}, "
+          f"params: {profile or 'params.yaml'}; {n} stage processes ({sum(s['status'] != 0 for s in stages)} failed), "
+          f"{len(works)} work calls; {os.cpu_count()} cores")  # fmt: skip
+    print(f"  wall time                                   {wall:8.1f} s")
+    print(f"  stage work (sparse_core functions, union)   {work:8.1f} s  {work / wall:6.1%}")
+    print(f"  orchestration (wall - stage work)           {other:8.1f} s  {other / wall:6.1%}   (target <= 10%)")
+    print(f"    library imports inside stages (torch...)  {imports:8.1f} s  {imports / wall:6.1%}   {imports / max(n, 1):.2f} s/stage")
+    rest = in_stages - work_and_imports
+    print(f"    rest of the stage processes               {rest:8.1f} s  {rest / wall:6.1%}   {rest / max(n, 1):.2f} s/stage"
+          "   (interpreter, CLI, validation, Prefect flow/task runs)")  # fmt: skip
+    outside = wall - in_stages
+    print(f"    outside stage processes                   {outside:8.1f} s  {outside / wall:6.1%}   {outside / max(n, 1):.2f} s/stage"
+          "   (DVC, process exit, server start/stop)")  # fmt: skip
+    by_task: dict[str, list[tuple[float, float]]] = {}
+    for w in works:
+        by_task.setdefault(w["task"], []).append(clip(w["start"], w["end"]))
+    parts = sorted(((union(v), k, len(v)) for k, v in by_task.items()), reverse=True)
+    print("  stage work by task: " + ", ".join(f"{k} {s:.1f} s ({c})" for s, k, c in parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="(a) timed rounds after the warm-up round")
+    ap.add_argument("--profile", help="profiles/NAME.yaml instead of the workspace's params.yaml")
+    ap.add_argument("--repro", action="store_true", help="(b) time a whole dvc repro instead of one stage")
+    ap.add_argument("--workspace", type=Path, default=REPO, help="(b) the checkout to copy or run in (default: this one)")
+    ap.add_argument("--in-place", action="store_true", help="(b) run make repro in the workspace itself (rewrites its outputs)")
+    ap.add_argument("--force", action="store_true", help="(b) with --in-place: dvc repro --force instead of make repro")
+    args = ap.parse_args()
+    if args.repro:
+        repro(args.workspace.resolve(), args.profile, args.in_place, args.force)
+    else:
+        stage_costs(args.rounds, args.profile)
+
+
+if __name__ == "__main__":
+    main()
