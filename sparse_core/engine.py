@@ -283,6 +283,7 @@ def fit(
             method; the checkpoints of the last good epoch are kept.
     """
     store = CheckpointStore(run_dir)
+    train, val = train.resident(device), val.resident(device)  # GPU: copied once when they fit
     optimizer = make_optimizer(model, cfg)
     method.bind_optimizer(optimizer)
     scaler = precision.grad_scaler()

@@ -177,3 +177,20 @@ def test_loss_scale_is_checkpointed_and_resumed(tmp_path, monkeypatch):
     _run(tmp_path / "killed", "rigl", FP32)
     full, resumed = (load_checkpoint(tmp_path / r / "last.pt")["scaler"] for r in ("full", "killed"))
     assert full == resumed and full["scale"] == 32.0  # 18 steps: grown three times
+
+
+def test_resident_split_is_a_no_op_on_cpu():
+    split = make_split(8)
+    assert split.resident("cpu") is split
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device-resident data needs CUDA")
+def test_resident_split_gives_the_same_batches_on_cuda():
+    from sparse_core.data.loader import iterate_batches
+
+    split = make_split(40)
+    on_gpu = split.resident("cuda")
+    assert on_gpu.images.is_cuda
+    host = list(iterate_batches(split, 16, TRANSFORM, train=True, seed=3, epoch=1, device="cuda"))
+    dev = list(iterate_batches(on_gpu, 16, TRANSFORM, train=True, seed=3, epoch=1, device="cuda"))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(host, dev))

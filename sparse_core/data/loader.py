@@ -29,6 +29,21 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def resident(self, device: torch.device | str, fraction: float = 0.25) -> "Split":
+        """This split on ``device`` when it is a GPU with room for it, else ``self``.
+
+        On CUDA the images (uint8) and labels are copied once when they take at most
+        ``fraction`` of the device's free memory, so batches are indexed, augmented and
+        normalised on the device with no host-to-device copy per step. Batches are the same
+        as from the host copy (the augmentation's randomness is drawn on the CPU generator).
+        """
+        device = torch.device(device)
+        if device.type != "cuda" or self.images.device == device:
+            return self
+        size = self.images.numel() * self.images.element_size() + self.labels.numel() * self.labels.element_size()
+        free, _ = torch.cuda.mem_get_info(device)
+        return Split(self.images.to(device), self.labels.to(device)) if size <= fraction * free else self
+
 
 @dataclass
 class PreparedData:
@@ -142,13 +157,14 @@ class BatchTransform:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
             ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-            bidx = torch.arange(b)[:, None, None, None]
-            cidx = torch.arange(x.shape[1])[None, :, None, None]
+            dev = x.device  # offsets come from the CPU generator, then index on the data's device
+            rows = (oy[:, None] + torch.arange(h))[:, None, :, None].to(dev)  # (B, 1, H, 1)
+            cols = (ox[:, None] + torch.arange(w))[:, None, None, :].to(dev)  # (B, 1, 1, W)
+            bidx = torch.arange(b, device=dev)[:, None, None, None]
+            cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
             x = padded[bidx, cidx, rows, cols]
         if self.flip:
-            coin = torch.rand(b, generator=gen) < 0.5
+            coin = (torch.rand(b, generator=gen) < 0.5).to(x.device)
             x = torch.where(coin[:, None, None, None], x.flip(3), x)
         return x
 
@@ -172,6 +188,7 @@ def iterate_batches(
     n = len(split)
     gen = torch.Generator().manual_seed(seed * 100003 + epoch)
     order = torch.randperm(n, generator=gen) if train else torch.arange(n)
+    order = order.to(split.images.device)  # a device-resident split (Split.resident) is indexed there
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         x = split.images[idx]
