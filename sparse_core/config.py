@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import reprlib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,10 +53,27 @@ class _Section(BaseModel):
     def _no_bool_for_numbers(cls, v: Any, info: Any) -> Any:
         # pydantic's lax mode reads True as 1; in YAML ``epochs: yes`` or ``on`` is a boolean, so
         # a boolean where a number belongs is a mistake, not a 1.
+        # The same holds for each item of a list of numbers (``seeds: [yes]``, ``milestones``).
         field = cls.model_fields.get(info.field_name) if info.field_name else None
-        if isinstance(v, bool) and field is not None and field.annotation in (int, float):
-            raise ValueError(f"expected a number, got the boolean {v} (YAML reads yes/no/on/off/true/false as booleans)")
+        if field is None or not _wants_number(field.annotation):
+            return v
+        items = v if isinstance(v, (list, tuple)) else [v]
+        for item in items:
+            if isinstance(item, bool):
+                where = "" if items is not v else f" in {reprlib.repr(v)}"
+                raise ValueError(f"expected a number, got the boolean {item}{where} (YAML reads yes/no/on/off/true/false as booleans)")
         return v
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether ``annotation`` is int or float, possibly optional or a list of them (and never
+    admits bool itself)."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    if bool in args or typing.get_origin(annotation) not in (list, tuple, typing.Union, types.UnionType):
+        return False
+    return any(_wants_number(a) for a in args if a is not type(None))
 
 
 #: Most training seeds a profile may list (each one trains every run of the profile again).

@@ -584,6 +584,9 @@ def _set(raw: dict, dotted: str, value) -> dict:
     [
         ("train.epochs", "ten", r"train\.epochs = 'ten': Input should be a valid integer"),
         ("train.epochs", True, r"train\.epochs = True: expected a number, got the boolean True"),
+        ("base.seeds", [0, True], r"base\.seeds = \[0, True\]: expected a number, got the boolean True in \[0, True\]"),
+        ("train.optim.milestones", [False], r"milestones = \[False\]: expected a number, got the boolean False"),
+        ("train.edst.refine_lr_multipliers", [1.0, True], r"refine_lr_multipliers = \[1\.0, True\]: expected a number"),
         ("train.optim.lr", float("inf"), r"train\.optim\.lr = inf: Input should be a finite number"),
         ("train.pruning.sparsity", float("nan"), r"train\.pruning\.sparsity = nan: Input should be a finite number"),
         ("train.edst.refine_lr_multipliers", [0.1, float("nan")], r"refine_lr_multipliers\.1 = nan"),
@@ -595,7 +598,7 @@ def _set(raw: dict, dotted: str, value) -> dict:
         ("train.optimizer", {"lr": 1}, r"train\.optimizer = .*Extra inputs are not permitted"),
         ("model.kwargs", list(range(10**4)), r"model\.kwargs = \[0, 1, 2, 3, 4, 5, \.\.\.\]: Input should be a valid dict"),
     ],
-    ids=["str-for-int", "bool-for-int", "inf", "nan", "nan-in-list", "range", "seed-range", "bool-junk", "date",
+    ids=["str-for-int", "bool-for-int", "bool-in-seeds", "bool-in-milestones", "bool-in-floats", "inf", "nan", "nan-in-list", "range", "seed-range", "bool-junk", "date",
          "int-key", "unknown-key", "long-value-shortened"],  # fmt: skip
 )
 def test_bad_params_values_name_key_value_and_problem(default_params_dict, key, value, problem):
