@@ -40,6 +40,12 @@ from sparse_core.methods.base import MaskedMethod
 from sparse_core.sparsity.distributions import active_counts, layer_densities, random_masks
 
 
+def cosine_drop_fraction(step: int, t_end: float, p0: float, floor: float) -> float:
+    """RigL's cosine decay (Evci et al. 2020, Eq. 1): ``floor + (p0 − floor) · (1 + cos(π t / T)) / 2``
+    with ``t = min(step, T)``, ``T = t_end`` steps."""
+    return floor + (p0 - floor) * 0.5 * (1 + math.cos(math.pi * min(step / t_end, 1.0)))
+
+
 class SET(MaskedMethod):
     """Sparse Evolutionary Training: magnitude drop, random grow."""
 
@@ -70,8 +76,7 @@ class SET(MaskedMethod):
         d = self.dst
         if d.drop_schedule == "constant":
             return d.drop_fraction
-        t_stop = max(d.stop_fraction * self.total_steps, 1.0)
-        return d.drop_fraction_floor + (d.drop_fraction - d.drop_fraction_floor) * 0.5 * (1 + math.cos(math.pi * min(step / t_stop, 1.0)))
+        return cosine_drop_fraction(step, max(d.stop_fraction * self.total_steps, 1.0), d.drop_fraction, d.drop_fraction_floor)
 
     def exploration_rate(self) -> float:
         """Fraction of prunable weights that have been active at some point (0-1)."""

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import math
 
 import torch
 from torch import nn
 
 from sparse_core.config import DSTSection, EDSTSection, PruningSection
-from sparse_core.methods.dst import SET, RigL
+from sparse_core.methods.dst import SET, RigL, cosine_drop_fraction
 
 
 class EDST(RigL):
@@ -104,7 +103,7 @@ class EDST(RigL):
         if e.drop_schedule == "constant":
             return e.drop_fraction
         floor = min(self.dst.drop_fraction_floor, e.drop_fraction)
-        return floor + (e.drop_fraction - floor) * 0.5 * (1 + math.cos(math.pi * min(step / max(self.total_steps, 1), 1.0)))
+        return cosine_drop_fraction(step, max(self.total_steps, 1), e.drop_fraction, floor)
 
     def planned_update(self, step: int) -> tuple[float, str] | None:
         if self._global_exploration_due(step):
