@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import torch
 from torch import nn
 
