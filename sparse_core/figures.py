@@ -24,15 +24,25 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+#: Marker cycle of the per-model figures; colours come from :func:`_colour`.
+MARKERS = "osD^vP*Xh<>"
+
+
+def _colour(i: int) -> tuple[float, float, float, float]:
+    """The ``i``-th model's colour: matplotlib's 20-colour ``tab20`` palette in the order dark
+    0, 2, …, 18 then light 1, 3, …, so up to 20 models never share a colour (the default cycle
+    has 10, and the default profile reports 12 models)."""
+    return plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2)
+
+
 def _scatter(summary: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    markers = "osD^vP*Xh<>"
     for i, (model, row) in enumerate(summary.iterrows()):
         if not (pd.isna(row[x]) or pd.isna(row[y])):
             # Error bars: the std over seeds (columns "<header> std" of the summary), when present.
             err = {k: row.get(f"{c} std") for k, c in (("xerr", x), ("yerr", y))}
             err = {k: v for k, v in err.items() if v is not None and not pd.isna(v) and v > 0}
-            ax.errorbar(row[x], row[y], **err, fmt=markers[i % len(markers)], ms=7, capsize=3, label=model)
+            ax.errorbar(row[x], row[y], **err, fmt=MARKERS[i % len(MARKERS)], color=_colour(i), ms=7, capsize=3, label=model)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -129,8 +139,8 @@ def corruption_accuracy(params: Params, order: list[str], path: Path) -> None:
         left.set_yticks(range(heat.shape[0]), heat.index, fontsize=8)
         fig.colorbar(im, ax=left, label="accuracy (mean over severities)")
         sev = df.pivot_table(index="severity", columns="model", values="accuracy")
-        for model in heat.index:
-            right.plot(sev.index, sev[model], marker="o", label=model)
+        for i, model in enumerate(heat.index):
+            right.plot(sev.index, sev[model], marker=MARKERS[i % len(MARKERS)], color=_colour(i), label=model)
         right.legend(fontsize=7)
     left.set_xlabel("corruption")
     left.set_ylabel("model")

@@ -115,3 +115,10 @@ def test_report_renders_every_column_and_the_warning_row(workdir):
     assert pd.read_parquet("reports/metrics.parquet").shape[0] == len(tidy_metrics(workdir))
     for name in ("accuracy_vs_sparsity", "nll_vs_training_flops", "training_curves", "reliability", "layer_density", "corruption_accuracy"):
         assert Path(f"reports/figures/{name}.png").stat().st_size > 1000
+
+
+def test_up_to_twenty_models_get_distinct_colours():
+    """The default profile reports 12 models; matplotlib's default cycle has 10 colours."""
+    from sparse_core.figures import _colour
+
+    assert len({_colour(i) for i in range(20)}) == 20
