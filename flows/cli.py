@@ -143,8 +143,7 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
         gc.disable()
     from prefect import tags
 
-    from flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX
-    from flows.stages import stage_settings
+    from flows.stages import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX, stage_settings
 
     if console:
         gc.freeze()

@@ -23,7 +23,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401 - defined beside the package, where stages read them cheaply
+# Defined with the stage flows (a stage process reads them without importing this module).
+from flows.stages import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401
 from flows.workspace import workspace_lock
 
 

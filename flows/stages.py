@@ -20,6 +20,11 @@ from sparse_core.config import load_params, seeded
 from flows.runners import fan_out, make_task_runner, task_threads
 from tasks import stages as t
 
+#: Environment variable through which stage commands learn the pipeline run that started them.
+PIPELINE_RUN_ENV = "SPARSEFLOW_PIPELINE_RUN_ID"
+#: Tag of every stage flow run a pipeline run started: this prefix + the pipeline's flow run id.
+PIPELINE_TAG_PREFIX = "pipeline-run:"
+
 #: Flows whose tasks fan out; :func:`with_task_runner` gives them the configured runner.
 FANOUT_FLOWS = ("train", "local-analysis", "sweep", "curves")
 
