@@ -61,6 +61,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -695,7 +696,9 @@ class CSRLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        csr = weight.detach().to_sparse_csr()
+        with warnings.catch_warnings():  # "CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = weight.detach().to_sparse_csr()
         self.shape = tuple(weight.shape)
         self.register_buffer("crow_indices", csr.crow_indices().clone())
         self.register_buffer("col_indices", csr.col_indices().clone())
@@ -705,7 +708,9 @@ class CSRLinear(nn.Module):
 
     def weight_csr(self) -> torch.Tensor:
         if self._w is None or self._w.values().data_ptr() != self.values.data_ptr():
-            self._w = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
+            with warnings.catch_warnings():  # invariants hold: the indices come from to_sparse_csr
+                warnings.simplefilter("ignore", UserWarning)
+                self._w = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
         return self._w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1025,8 +1030,6 @@ def export_onnx(run: LoadedRun, out: str | Path) -> Path:
 
 def to_onnx(model: nn.Module, input_shape: tuple[int, int, int], dest: str | Path) -> None:
     """``torch.onnx.export`` (dynamo exporter) of ``model`` with a dynamic batch axis."""
-    import warnings
-
     x = torch.zeros(2, *input_shape)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
