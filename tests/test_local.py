@@ -225,6 +225,86 @@ def test_gloo_pipeline_matches_the_simulation(variant):
             assert not torch.equal(v, start[k]), k  # it trained
 
 
+def test_pipeline_reports_threads_phases_and_step_clock():
+    """One intra-op thread per process; per-step clock stamps in order; the phases add up to
+    the loop's seconds (nothing of the step loop left out of the profile)."""
+    spec = _spec("chunked", steps=6)
+    _, info = run_pipeline(spec)
+    assert info["threads"] == [1, 1]
+    for k in range(2):
+        stamps = info["step_end"][k]
+        assert len(stamps) == 6 and stamps == sorted(stamps) and stamps[0] >= info["ready"][k]
+        assert sum(info["phases"][k].values()) == pytest.approx(info["seconds"][k], rel=0.05, abs=2e-3)
+    assert info["phases"][0]["recv_wait"] == 0.0 and info["phases"][1]["send"] == 0.0  # first chunk receives nothing
+
+
+def test_later_chunks_read_the_loaders_labels_without_the_images():
+    """Chunks after the first get labels only, in the loader's order, batch sizes and epochs
+    (with crop and flip drawing from the same generator), not the images."""
+    from sparse_core.data import iterate_batches
+    from sparse_core.local.pipeline import _label_batches
+
+    g = torch.Generator().manual_seed(1)
+    train = Split(torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 10, (70,), generator=g))
+    tf = BatchTransform([0.5] * 3, [0.25] * 3, crop_padding=2, flip=True)
+    spec = PipelineSpec(build=None, train=train, transform=tf, optim=OptimSection(batch_size=16), epochs=2, seed=5)
+    for epoch in range(2):
+        full = [y for _, y in iterate_batches(train, 16, tf, train=True, seed=5, epoch=epoch)]
+        labels = [(x, y) for x, y in _label_batches(spec, epoch, torch.device("cpu"))]
+        assert [len(y) for y in full] == [16, 16, 16, 16, 6]
+        assert all(x is None for x, _ in labels)
+        assert all(torch.equal(a, b) for a, (_, b) in zip(full, labels, strict=True))
+
+
+def test_minimax_split_is_the_best_contiguous_split():
+    """Exact against brute force; the last chunk has no head; ties go to the earliest split."""
+    import itertools
+
+    from sparse_core.local.accounting import minimax_split
+
+    assert minimax_split([1, 1, 1, 1, 4], [0, 0, 0, 0], 2) == [4]
+    assert minimax_split([1, 1, 1, 1, 4], [1, 1, 1, 1], 2) == [3]  # 3+1 | 1+4 ties 4+1 | 4: earliest
+    assert minimax_split([5, 1, 1], [9, 0], 2) == [2]  # a costly head on block 0 moves the split
+    assert minimax_split([1, 2, 3], [0, 0], 1) == []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, k = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        k = min(k, n)
+        blocks = torch.randint(1, 20, (n,), generator=g).tolist()
+        heads = torch.randint(0, 5, (n - 1,), generator=g).tolist()
+
+        def worst(starts):
+            bounds = [0, *starts, n]
+            return max(sum(blocks[a:b]) + (heads[b - 1] if b < n else 0) for a, b in zip(bounds[:-1], bounds[1:]))
+
+        best = min(worst(list(c)) for c in itertools.combinations(range(1, n), k - 1))
+        got = minimax_split(blocks, heads, k)
+        assert len(got) == k - 1 and got == sorted(set(got)) and worst(got) == best
+        assert got == min(list(c) for c in itertools.combinations(range(1, n), k - 1) if worst(list(c)) == best)
+    with pytest.raises(ValueError, match="chunks = 4"):
+        minimax_split([1, 1, 1], [0, 0], 4)
+
+
+def test_flops_balanced_split_points_of_resnet20_and_lenet5():
+    """ResNet-20's blocks: stem+layers.0 5.16 M MACs, then 4.72 M (3.54 M where a stage
+    downsamples): the best 2-chunk split is at block 4 (18.1 M + head | 22.4 M). LeNet-5's
+    conv2 dominates: conv1 alone is the first chunk. Neither the model nor the RNG changes."""
+    from sparse_core.local.accounting import flops_balanced_split_points
+
+    net = create_model("resnet20", in_channels=3, num_classes=10, image_size=32)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert flops_balanced_split_points(net, (3, 32, 32), 2) == [4]
+    assert flops_balanced_split_points(net, (3, 32, 32), 3) == [3, 6]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    lenet = create_model("lenet5", in_channels=1, num_classes=10, image_size=28)
+    assert flops_balanced_split_points(lenet, (1, 28, 28), 2) == [1]
+    # The chosen split has the smallest critical path of all 2-chunk splits (step_accounting).
+    paths = {s: step_accounting(_local("lenet5", "chunked", split_points=[s]), (1, 28, 28))["critical_path"] for s in (1, 2, 3)}
+    assert min(paths, key=paths.get) == 1
+
+
 def test_overlapping_pipeline_runs_with_one_step_stale_gradients():
     spec = _spec("overlapping", steps=4)
     trained, info = run_pipeline(spec)

@@ -85,3 +85,95 @@ def step_accounting(local: LocalNet, input_shape: tuple[int, int, int]) -> dict[
         "critical_path_ratio": critical / (3 * inference),
         "per_window": per_window,
     }
+
+
+def minimax_split(block_costs: list[float], head_costs: list[float], chunks: int) -> list[int]:
+    """Split points (block indices where chunks ``2 .. K`` start) that minimise the largest
+    chunk cost, ``max_k (Σ block_costs of chunk k + head_costs[last block of k])``, where the
+    last chunk has no head (it ends with the network's own classifier). Exact, by dynamic
+    programming over contiguous partitions (the "linear partition" problem), O(K n²); among
+    equally good splits the one with the earliest split points is returned.
+
+    Args:
+        block_costs: cost of every block, in forward order (any unit, e.g. FLOPs per example).
+        head_costs: ``head_costs[b]`` = cost of an auxiliary head on block ``b``'s output
+            (``len(block_costs) - 1`` entries at least; the last block never gets one).
+        chunks: ``K``, the number of chunks, ``1 <= K <= len(block_costs)``.
+
+    Returns:
+        ``K - 1`` increasing block indices in ``1 .. n - 1`` (empty for ``K = 1``), the form of
+        ``local.split_points``.
+
+    Raises:
+        ValueError: ``chunks`` out of range, or too few head costs.
+    """
+    n = len(block_costs)
+    if not 1 <= chunks <= n:
+        raise ValueError(f"chunks = {chunks}: must be between 1 and the number of blocks ({n})")
+    if len(head_costs) < n - 1:
+        raise ValueError(f"need a head cost for each of the first {n - 1} blocks, got {len(head_costs)}")
+    prefix = [0.0]
+    for c in block_costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(a: int, b: int) -> float:  # chunk of blocks a .. b-1
+        return prefix[b] - prefix[a] + (head_costs[b - 1] if b < n else 0.0)
+
+    inf = float("inf")
+    # best[k][b]: smallest achievable max cost of blocks 0 .. b-1 cut into k chunks; cut[k][b]: start of the k-th.
+    best = [[inf] * (n + 1) for _ in range(chunks + 1)]
+    cut = [[0] * (n + 1) for _ in range(chunks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, chunks + 1):
+        for b in range(k, n + 1):
+            for a in range(k - 1, b):  # ascending a, strict '<': the earliest start among ties
+                value = max(best[k - 1][a], cost(a, b))
+                if value < best[k][b]:
+                    best[k][b], cut[k][b] = value, a
+    starts, b = [], n
+    for k in range(chunks, 1, -1):
+        b = cut[k][b]
+        starts.append(b)
+    return starts[::-1]
+
+
+def flops_balanced_split_points(model: nn.Module, input_shape: tuple[int, int, int], chunks: int, head: str = "linear",
+                                head_hidden: int = 128) -> list[int]:  # fmt: skip
+    """``local.split_points`` for ``chunks`` chunks of ``model`` with balanced training FLOPs:
+    the split that minimises the critical path of :func:`step_accounting` for ``chunked``
+    (each process trains its blocks and its auxiliary head, ``3 (F(blocks) + F(head))`` per
+    example; Laskin et al. 2020, Sec. 5.1), by :func:`minimax_split` over the blocks of
+    :func:`sparse_core.local.blocks.split_blocks`.
+
+    The FLOPs are those of :mod:`sparse_core.flops` (conv and linear multiply-accumulates), so
+    the balance ignores the memory-bound layers (batch norm, activations) and each chunk's
+    start-up; a measured balance can differ. Neither ``model`` nor torch's random generator
+    is changed (the heads built for counting are thrown away).
+
+    Args:
+        model: a registry model with a block decomposition.
+        input_shape: ``(C, H, W)`` of one example.
+        head, head_hidden: the auxiliary head of the chunks (``local.head``, ``local.head_hidden``).
+
+    Raises:
+        ValueError: the model has no block decomposition, or ``chunks`` is out of range.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        probe = LocalNet(model, "greedy", input_shape, _num_outputs(model, input_shape), head=head, head_hidden=head_hidden)
+    fb = block_flops(probe, input_shape)
+    fh = head_flops(probe, input_shape)
+    return minimax_split(fb, [fh[b] for b in range(len(fb) - 1)], chunks)
+
+
+def _num_outputs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(torch.zeros(1, *input_shape, device=next(model.parameters()).device)).shape[-1])
+    finally:
+        model.train(was)

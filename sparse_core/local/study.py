@@ -6,7 +6,7 @@ Outputs (atomic writes)::
     reports/local/sweep.csv          variant, batch_size, lr, steps (to target; empty if not reached),
                                      examples, training_flops, critical_path, pareto
     reports/local/accounting.csv     variant, inference, training, critical_path (+ ratios), per example;
-                                     measured ms per step (simulation; pipeline: slowest chunk) and
+                                     measured ms per step (simulation; pipeline: steady state) and
                                      the pipeline's wall time with process start-up
     reports/local/cosine.csv         variant, layer, block, window, cosine
     reports/local/random_labels.csv  variant, train_accuracy
@@ -76,10 +76,12 @@ def sweep_point(params: Params, variant: str, batch_size: int) -> dict[str, Any]
 
 
 def measured_step_time(params: Params, variant: str, build, train: Split, tf: BatchTransform, steps: int = 20) -> dict[str, float]:
-    """Measured wall-clock per step at batch 128: the single-process simulation (median of
-    ``steps`` steps after 3 warm-up steps) and, for local variants, the pipeline (one process
-    per chunk; the slowest chunk's in-loop time per step, and the whole run's wall time with
-    process start-up)."""
+    """Measured wall-clock per step at batch 128 (3 warm-up steps first): the single-process
+    simulation (median of ``steps`` steps, the process's own thread count) and, for local
+    variants, the pipeline (one process per chunk, 1 thread each): its steady-state time per
+    step, read from the last chunk's per-step clock stamps over the same ``steps`` steps
+    (pipeline full; start-up, warm-up and the final drain excluded), and the whole run's wall
+    time with process start-up."""
     import statistics
     import time
 
@@ -88,6 +90,7 @@ def measured_step_time(params: Params, variant: str, build, train: Split, tf: Ba
     from sparse_core.local.analysis import _sgd, local_step
     from sparse_core.local.pipeline import PipelineSpec, run_pipeline
 
+    warmup, drain = 3, 3
     local = build_seeded(build, params.base.seed)
     local.train()
     opt = _sgd(local, lr_for(params, 128))
@@ -96,7 +99,7 @@ def measured_step_time(params: Params, variant: str, build, train: Split, tf: Ba
         for x, y in iterate_batches(train, 128, tf, train=True, seed=params.base.seed, epoch=epoch):
             t0 = time.perf_counter()
             local_step(local, opt, x, y)
-            if i >= 3:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
             i += 1
             if len(times) >= steps:
@@ -104,11 +107,13 @@ def measured_step_time(params: Params, variant: str, build, train: Split, tf: Ba
         epoch += 1
     out = {"simulate_ms_per_step": 1000 * statistics.median(times)}
     if variant != "backprop":
+        total = warmup + steps + drain
         spec = PipelineSpec(build=build, train=train, transform=tf, optim=OptimSection(batch_size=128, lr=lr_for(params, 128)),
-                            epochs=-(-(3 + steps) * 128 // len(train)), seed=params.base.seed, max_steps=3 + steps)  # fmt: skip
+                            epochs=-(-total * 128 // len(train)), seed=params.base.seed, max_steps=total)  # fmt: skip
         t0 = time.perf_counter()
         _, info = run_pipeline(spec)
-        out["pipeline_ms_per_step_slowest_chunk"] = 1000 * max(info["seconds"]) / info["steps"]
+        stamps = info["step_end"][-1]
+        out["pipeline_ms_per_step"] = 1000 * (stamps[warmup + steps - 1] - stamps[warmup - 1]) / steps
         out["pipeline_wall_s"] = time.perf_counter() - t0
     return out
 
