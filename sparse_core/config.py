@@ -502,7 +502,7 @@ class CorruptSection(_Section):
     def _known_corruptions(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
-        from sparse_core.corruptions import ALL_CORRUPTIONS
+        from sparse_core.corruption_names import ALL_CORRUPTIONS
 
         for name in v:
             if name not in ALL_CORRUPTIONS:
@@ -520,7 +520,7 @@ class CorruptSection(_Section):
         return sorted(v)
 
     def names(self) -> list[str]:
-        from sparse_core.corruptions import ALL_CORRUPTIONS
+        from sparse_core.corruption_names import ALL_CORRUPTIONS
 
         return list(ALL_CORRUPTIONS) if self.corruptions is None else list(self.corruptions)
 

@@ -142,28 +142,7 @@ __all__ = [
     "parameters",
 ]
 
-#: The 15 corruptions of CIFAR-10-C / ImageNet-C in the paper's order (Section 3, Figure 1).
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
-#: The four extra (validation) corruptions of the paper's appendix.
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + EXTRA_CORRUPTIONS
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+from sparse_core.corruption_names import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES  # noqa: E402
 
 #: Category of each corruption (paper, Section 3; the extras one per category as in ImageNet-C's extra set).
 CATEGORY: dict[str, str] = {

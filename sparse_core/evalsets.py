@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from sparse_core import artifacts
@@ -41,7 +40,6 @@ from sparse_core.config import SYNTHETIC_OOD, DataSection, Params
 from sparse_core.data import PreparedData, load_prepared
 from sparse_core.data.fetch import DataError, fetch_file, mirror_dir
 from sparse_core.data.prepare import prepared_path
-from sparse_core.data.registry import REGISTRY
 
 
 def ood_dir(params: Params) -> Path:
@@ -54,6 +52,8 @@ def corrupted_dir(params: Params) -> Path:
 
 def to_shape(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 ``(N, C', H', W')`` -> uint8 ``(N, C, H, W)`` of ``shape`` (module docstring)."""
+    from torchvision.transforms.v2 import functional as TF  # here: torchvision costs ~2 s to import
+
     c, h, w = shape
     if images.shape[1] == 3 and c == 1:
         images = TF.rgb_to_grayscale(images)
@@ -74,6 +74,8 @@ def noise_images(kind: str, n: int, shape: tuple[int, int, int], seed: int) -> t
 
 
 def _dataset_test_images(name: str, raw_dir: Path, download: bool, limit: int) -> torch.Tensor:
+    from sparse_core.data.registry import REGISTRY  # built on first use (torchvision)
+
     spec = REGISTRY[name]
     dest = raw_dir / spec.subdir
     dest.mkdir(parents=True, exist_ok=True)

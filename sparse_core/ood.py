@@ -19,7 +19,6 @@ positive rate reaches 95% (``roc_curve`` without dropping intermediate threshold
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 EPS = 1e-12
 
@@ -55,6 +54,8 @@ def ood_scores(member_probs: np.ndarray) -> dict[str, np.ndarray]:
 def fpr_at_tpr(score_in: np.ndarray, score_out: np.ndarray, tpr: float = 0.95) -> float:
     """False positive rate at the first threshold reaching true positive rate ``tpr``."""
     y, s = _labels_scores(score_in, score_out)
+    from sklearn.metrics import roc_curve  # imported here: scikit-learn costs ~1 s to import, and training never needs it
+
     fpr_curve, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
     return float(fpr_curve[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")])
 
@@ -74,6 +75,8 @@ def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict[str, float]
     Raises:
         ValueError: either set is empty.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     y, s = _labels_scores(score_in, score_out)
     return {
         "auroc": float(roc_auc_score(y, s)),

@@ -30,12 +30,20 @@ def _loaded_after(code: str) -> list[str]:
         "from flows.cli import _parser\n_parser().parse_args(['run', 'train', '--method', 'dpf', '--seed', '1'])",
         # the default params (no explicit corruption list): model names come from BUILTIN_MODELS
         "from sparse_core.config import load_params\nload_params('params.yaml')",
+        # an explicit corruption list is checked against sparse_core.corruption_names
+        "from sparse_core.config import load_params\nload_params('profiles/tiny.yaml')",
         "import flows.stages, tasks.stages, flows.runners, flows.pipeline\nflows.stages.train_flow, flows.stages.prepare_flow",
     ],
-    ids=["import-cli", "parse-args", "validate-params", "build-flows"],
+    ids=["import-cli", "parse-args", "validate-params", "validate-tiny-profile", "build-flows"],
 )
 def test_stage_path_does_not_import_heavy_libraries(code):
     assert _loaded_after(code) == []
+
+
+def test_a_training_stage_library_loads_without_torchvision_or_sklearn():
+    """Training reads the prepared Parquet file: the dataset registry (torchvision), the OOD
+    metrics (scikit-learn) and the corruptions (SciPy) load only where they are used."""
+    assert _loaded_after("import sparse_core.stages") == ["torch", "pandas"]
 
 
 def test_a_stage_task_still_gets_the_library():

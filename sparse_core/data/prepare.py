@@ -31,7 +31,6 @@ import pandera.pandas as pa
 from sparse_core.artifacts import atomic_dir, write_parquet
 from sparse_core.config import DataSection
 from sparse_core.data.fetch import DataError, extract_archive, fetch_file, mirror_dir, verify_md5
-from sparse_core.data.registry import REGISTRY
 
 SPLITS = ("train", "val", "test")
 
@@ -147,6 +146,8 @@ def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarr
     if cfg.dataset == "imagefolder":
         arrays, classes = _read_imagefolder(cfg, raw_dir)
         return arrays, classes, True
+    from sparse_core.data.registry import REGISTRY  # built on first use (torchvision)
+
     spec = REGISTRY[cfg.dataset]
     dest = raw_dir / spec.subdir
     dest.mkdir(parents=True, exist_ok=True)

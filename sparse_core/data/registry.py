@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torchvision.datasets as tvd
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,8 @@ def _cifar(cls: type) -> Callable[[str, bool], tuple[np.ndarray, np.ndarray, lis
 
 
 def _svhn_load(root: str, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import torchvision.datasets as tvd
+
     ds = tvd.SVHN(root=root, split="train" if train else "test", download=True)
     # SVHN stores (N, C, H, W); label 10 was already mapped to 0 by torchvision.
     return np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), ds.labels.astype(np.int64), [str(i) for i in range(10)]
@@ -146,21 +147,34 @@ def _mnist_files(cls: type) -> tuple[RawFile, ...]:
     return tuple(RawFile(f, md5, mirror + f) for f, md5 in cls.resources)
 
 
-def _svhn_files() -> tuple[RawFile, ...]:
+def _svhn_files(tvd: Any) -> tuple[RawFile, ...]:
     return tuple(RawFile(v[1], v[2], v[0]) for k, v in tvd.SVHN.split_list.items() if k in ("train", "test"))
 
 
-REGISTRY: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec("mnist", "MNIST/raw", _mnist_files(tvd.MNIST), _mnist_like(tvd.MNIST), flip=False),
-    "fashion_mnist": DatasetSpec(
-        "fashion_mnist", "FashionMNIST/raw", _mnist_files(tvd.FashionMNIST), _mnist_like(tvd.FashionMNIST), flip=False
-    ),
-    "cifar10": DatasetSpec(
-        "cifar10", ".", (RawFile(tvd.CIFAR10.filename, tvd.CIFAR10.tgz_md5, tvd.CIFAR10.url),), _cifar(tvd.CIFAR10), True
-    ),
-    "cifar100": DatasetSpec(
-        "cifar100", ".", (RawFile(tvd.CIFAR100.filename, tvd.CIFAR100.tgz_md5, tvd.CIFAR100.url),), _cifar(tvd.CIFAR100), True
-    ),
-    # Digits: a flipped 2 is not a 2.
-    "svhn": DatasetSpec("svhn", ".", _svhn_files(), _svhn_load, flip=False),
-}
+def _build_registry() -> dict[str, DatasetSpec]:
+    import torchvision.datasets as tvd
+
+    return {
+        "mnist": DatasetSpec("mnist", "MNIST/raw", _mnist_files(tvd.MNIST), _mnist_like(tvd.MNIST), flip=False),
+        "fashion_mnist": DatasetSpec(
+            "fashion_mnist", "FashionMNIST/raw", _mnist_files(tvd.FashionMNIST), _mnist_like(tvd.FashionMNIST), flip=False
+        ),
+        "cifar10": DatasetSpec(
+            "cifar10", ".", (RawFile(tvd.CIFAR10.filename, tvd.CIFAR10.tgz_md5, tvd.CIFAR10.url),), _cifar(tvd.CIFAR10), True
+        ),
+        "cifar100": DatasetSpec(
+            "cifar100", ".", (RawFile(tvd.CIFAR100.filename, tvd.CIFAR100.tgz_md5, tvd.CIFAR100.url),), _cifar(tvd.CIFAR100), True
+        ),
+        # Digits: a flipped 2 is not a 2.
+        "svhn": DatasetSpec("svhn", ".", _svhn_files(tvd), _svhn_load, flip=False),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``REGISTRY`` (dataset name -> :class:`DatasetSpec`), built on first use: it reads
+    torchvision's dataset classes, and importing ``torchvision.datasets`` costs about 2 s, which a
+    stage that only trains on the prepared Parquet file should not pay (PEP 562)."""
+    if name == "REGISTRY":
+        globals()["REGISTRY"] = registry = _build_registry()
+        return registry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
