@@ -17,7 +17,10 @@ is imported, the same synthetic uint8 images through the project's data path,
 4. ``2 x backprop, 1 thread each`` (the machine's limit): two independent copies of setup 1
    timed over the same interval; their summed throughput against setup 1 alone is what two
    processes can get out of this machine at all;
-5. (``--simulate``) ``simulation, 1 thread``: the same chunked local training in one process
+5. (``--measured``) the pipeline again, split at
+   :func:`sparse_core.local.accounting.measured_balanced_split_points` (block step times
+   measured in this process at 1 thread before the rounds);
+6. (``--simulate``) ``simulation, 1 thread``: the same chunked local training in one process
    (:meth:`LocalNet.local_losses`), the single-process reference of the pipeline.
 
 Timing: each process trains ``--warmup`` untimed steps, then ``--steps`` timed steps. The
@@ -52,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "lenet5": (1, 28, 28),
           "lenet_300_100": (1, 28, 28), "vgg16": (3, 32, 32)}  # fmt: skip
 SETUPS = {"bp1": "backprop, 1 thread", "bp2": "backprop, 2 threads", "pipe": "pipeline, 2 x 1 thread",
+          "pipem": "pipeline (measured split), 2 x 1 thread",
           "pair": "2 x backprop, 1 thread each", "sim1": "simulation, 1 thread"}  # fmt: skip
 
 
@@ -74,15 +78,23 @@ def _builder(model: str, variant: str, split_points: list[int] | None, chunks: i
     return functools.partial(build_local, model, {}, SHAPES[model], 10, variant, chunks, split_points, "linear", 128, 0)
 
 
-def split_points(model: str, chunks: int) -> list[int]:
+def split_points(model: str, chunks: int, balance: str = "flops", batch_size: int = 128) -> list[int]:
     import torch
 
-    from sparse_core.local.accounting import flops_balanced_split_points
+    from sparse_core.local.accounting import flops_balanced_split_points, measured_balanced_split_points
     from sparse_core.models import create_model
 
     torch.manual_seed(0)
     c, h, _ = SHAPES[model]
-    return flops_balanced_split_points(create_model(model, in_channels=c, num_classes=10, image_size=h), SHAPES[model], chunks)
+    net = create_model(model, in_channels=c, num_classes=10, image_size=h)
+    if balance == "flops":
+        return flops_balanced_split_points(net, SHAPES[model], chunks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every pipeline process
+    try:
+        return measured_balanced_split_points(net, SHAPES[model], chunks, batch_size)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----- child: one training process answering "go" / "stop" on stdin ------------------------------
@@ -187,7 +199,8 @@ def run_pipe(args: argparse.Namespace, points: list[int]) -> dict:
     seconds = stamps[w + s - 1] - stamps[w - 1]
     return {"images_per_s": s * args.batch_size / seconds, "wall_s": wall, "steps": total,
             "startup_s": max(info["ready"]) - t0,
-            "phases_ms": [{k: 1000 * v / info["steps"] for k, v in ph.items()} for ph in info["phases"]]}  # fmt: skip
+            "phases_ms": [{k: 1000 * v / info["steps"] for k, v in ph.items()} for ph in info["phases"]],
+            "cpu_ms": [1000 * c / info["steps"] for c in info["cpu_seconds"]]}  # fmt: skip
 
 
 def main() -> None:
@@ -199,6 +212,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--simulate", action="store_true", help="also time the single-process simulation (1 thread)")
+    ap.add_argument("--measured", action="store_true",
+                    help="also time the pipeline split by measured block times (measured_balanced_split_points, 1 thread)")
+    ap.add_argument("--split-points", type=int, nargs="+", help="block indices where chunks 2..K start (default: FLOPs-balanced)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--points", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,20 +227,23 @@ def main() -> None:
 
     from sparse_core.local.accounting import step_accounting
 
-    points = split_points(args.model, args.chunks)
-    acc_bp = step_accounting(_builder(args.model, "backprop", None, 1)(), SHAPES[args.model])
-    chunked = _builder(args.model, "chunked", points, args.chunks)()
-    acc_pipe = step_accounting(chunked, SHAPES[args.model])
     load0 = os.getloadavg()
-    setups = ["bp1", "bp2", "pipe", "pair"] + (["sim1"] if args.simulate else [])
+    # Pipeline setups: name -> (split points, how they were chosen).
+    pipelines = {"pipe": (args.split_points or split_points(args.model, args.chunks),
+                          "given" if args.split_points else "FLOPs-balanced")}  # fmt: skip
+    if args.measured:
+        pipelines["pipem"] = (split_points(args.model, args.chunks, "measured", args.batch_size), "measured-time-balanced, 1 thread")
+    acc_bp = step_accounting(_builder(args.model, "backprop", None, 1)(), SHAPES[args.model])
+    points = pipelines["pipe"][0]  # of the simulation
+    setups = ["bp1", "bp2", *pipelines, "pair"] + (["sim1"] if args.simulate else [])
     rates: dict[str, list[float]] = {k: [] for k in setups}
-    pipes = []
+    runs: dict[str, list[dict]] = {k: [] for k in pipelines}
     t_start = time.monotonic()
     for r in range(args.rounds):
         for name in setups[r % len(setups):] + setups[: r % len(setups)]:
-            if name == "pipe":
-                pipes.append(run_pipe(args, points))
-                rates[name].append(pipes[-1]["images_per_s"])
+            if name in pipelines:
+                runs[name].append(run_pipe(args, pipelines[name][0]))
+                rates[name].append(runs[name][-1]["images_per_s"])
             else:
                 kind = "simulate" if name == "sim1" else "backprop"
                 threads = 2 if name == "bp2" else 1
@@ -237,42 +256,47 @@ def main() -> None:
         return statistics.median(rs), min(rs), max(rs)
 
     def fmt(t: tuple[float, float, float]) -> str:
-        return f"{t[0]:.2f}x  [{t[1]:.2f}..{t[2]:.2f}]"
+        return f"{t[0]:.2f}x [{t[1]:.2f}..{t[2]:.2f}]"
 
-    windows = " | ".join(f"{w.start}-{w.end}" for w in chunked.windows)
     print()
-    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; load average before {load0[0]:.2f}, "
+    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}; load average (1 min) before {load0[0]:.2f}, "
           f"after {os.getloadavg()[0]:.2f}; {args.rounds} rounds in {minutes:.1f} min")  # fmt: skip
-    print(f"{args.model}, batch {args.batch_size}, input {'x'.join(map(str, SHAPES[args.model]))}; pipeline: chunked, "
-          f"{args.chunks} chunks, split points {points} (FLOPs-balanced), blocks {windows}, linear heads")  # fmt: skip
-    print(f"training FLOPs per image (3 x forward MACs): backprop {acc_bp['training'] / 1e6:.1f} M; pipeline "
-          f"{acc_pipe['training'] / 1e6:.1f} M (heads included; {acc_pipe['training_ratio']:.3f}x); pipeline critical "
-          f"path {acc_pipe['critical_path'] / 1e6:.1f} M per image ({acc_pipe['critical_path_ratio']:.3f}x of backprop: "
-          f"ideal speed-up {1 / acc_pipe['critical_path_ratio']:.2f}x)")  # fmt: skip
-    print(f"{args.warmup} warm-up + {args.steps} timed steps per setup and round; median [min..max] over rounds")
+    print(f"{args.model}, batch {args.batch_size}, input {'x'.join(map(str, SHAPES[args.model]))}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps per setup and round; median [min..max] over rounds")  # fmt: skip
+    print(f"training FLOPs per image (3 x forward MACs): backprop {acc_bp['training'] / 1e6:.2f} M")
+    for name, (pts, how) in pipelines.items():
+        chunked = _builder(args.model, "chunked", pts, args.chunks)()
+        acc = step_accounting(chunked, SHAPES[args.model])
+        windows = " | ".join(f"{w.start}-{w.end}" for w in chunked.windows)
+        print(f"  {SETUPS[name]}: chunked, split points {pts} ({how}), blocks {windows}, linear heads: "
+              f"{acc['training'] / 1e6:.2f} M ({acc['training_ratio']:.3f}x backprop), critical path "
+              f"{acc['critical_path'] / 1e6:.2f} M (FLOPs-ideal speed-up {1 / acc['critical_path_ratio']:.2f}x)")  # fmt: skip
+        pipelines[name] = (pts, how, acc["training"] / acc_bp["training"])
     print()
-    print(f"{'setup':32s} {'images/s':>9s} {'spread':>17s}")
+    print(f"{'setup':40s} {'images/s':>9s} {'spread':>17s}")
     for k in setups:
         v = rates[k]
-        print(f"{SETUPS[k]:32s} {statistics.median(v):9.1f} {min(v):8.1f}..{max(v):<8.1f}")
+        print(f"{SETUPS[k]:40s} {statistics.median(v):9.1f} {min(v):8.1f}..{max(v):<8.1f}")
     print()
-    flop_ratio = acc_pipe["training"] / acc_bp["training"]
-    p1, p2 = ratio("pipe", "bp1"), ratio("pipe", "bp2")
-    print(f"pipeline / backprop 1 thread:   {fmt(p1)}   target >= 1.5x: {'met' if p1[0] >= 1.5 else 'NOT met'}"
-          f"   (per training FLOP: {p1[0] * flop_ratio:.2f}x)")  # fmt: skip
-    print(f"pipeline / backprop 2 threads:  {fmt(p2)}   target >= 1.1x: {'met' if p2[0] >= 1.1 else 'NOT met'}"
-          f"   (per training FLOP: {p2[0] * flop_ratio:.2f}x)")  # fmt: skip
-    print(f"machine limit, 2 independent 1-thread processes / 1 alone: {fmt(ratio('pair', 'bp1'))}")
-    print(f"backprop 2 threads / 1 thread:  {fmt(ratio('bp2', 'bp1'))}")
-    print(f"pipeline / machine limit:       {fmt(ratio('pipe', 'pair'))}")
-    if args.simulate:
-        print(f"pipeline / simulation 1 thread: {fmt(ratio('pipe', 'sim1'))}")
-    print()
-    mid = sorted(pipes, key=lambda p: p["images_per_s"])[len(pipes) // 2]
-    print(f"pipeline (median round): {mid['steps']} steps, wall {mid['wall_s']:.1f} s with process start-up "
-          f"{mid['startup_s']:.1f} s (spawn, imports, process group, model)")  # fmt: skip
-    for k, ph in enumerate(mid["phases_ms"]):
-        print(f"  chunk {k} ms/step: " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items() if v >= 0.05))
+    for name, (_, _, flop_ratio) in pipelines.items():
+        p1, p2 = ratio(name, "bp1"), ratio(name, "bp2")
+        print(f"{SETUPS[name]} / backprop 1 thread:  {fmt(p1)}  target >= 1.5x: {'met' if p1[0] >= 1.5 else 'NOT met'}"
+              f"  (per training FLOP {p1[0] * flop_ratio:.2f}x)")  # fmt: skip
+        print(f"{SETUPS[name]} / backprop 2 threads: {fmt(p2)}  target >= 1.1x: {'met' if p2[0] >= 1.1 else 'NOT met'}"
+              f"  (per training FLOP {p2[0] * flop_ratio:.2f}x)")  # fmt: skip
+        print(f"{SETUPS[name]} / machine limit:      {fmt(ratio(name, 'pair'))}")
+        if args.simulate:
+            print(f"{SETUPS[name]} / simulation 1 thread: {fmt(ratio(name, 'sim1'))}")
+    print(f"machine limit: 2 independent 1-thread processes / 1 alone: {fmt(ratio('pair', 'bp1'))}")
+    print(f"backprop 2 threads / 1 thread: {fmt(ratio('bp2', 'bp1'))}")
+    for name in pipelines:
+        mid = sorted(runs[name], key=lambda p: p["images_per_s"])[len(runs[name]) // 2]
+        print()
+        print(f"{SETUPS[name]} (median round): {mid['steps']} steps, wall {mid['wall_s']:.1f} s, of which process "
+              f"start-up {mid['startup_s']:.1f} s (spawn, imports, process group, model); per step, all steps:")  # fmt: skip
+        for k, ph in enumerate(mid["phases_ms"]):
+            print(f"  chunk {k} ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items() if v >= 0.05)
+                  + f"; CPU {mid['cpu_ms'][k]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

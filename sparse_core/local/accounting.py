@@ -177,3 +177,73 @@ def _num_outputs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
             return int(model(torch.zeros(1, *input_shape, device=next(model.parameters()).device)).shape[-1])
     finally:
         model.train(was)
+
+
+def measured_block_costs(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int = 128, head: str = "linear",
+                         head_hidden: int = 128, reps: int = 3) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Measured seconds of one training step of every block and of an auxiliary head on every
+    block's output, in this process with its current thread count: forward and backward at
+    ``batch_size`` on random inputs (the median of ``reps`` after one warm-up). Block 0 gets
+    no input gradient (its input is the data), every later block does (inside a chunk it
+    must pass one on), as in a pipeline.
+
+    The costs the FLOPs count leaves out show here: batch norm, activations and the shortcut
+    are memory-bound, so a block on large, thin feature maps (ResNet's first stage) costs more
+    time per FLOP than a later one. The numbers vary with the machine and its load; batch-norm
+    running statistics, parameters, gradients and torch's random generator are left as they
+    were.
+
+    Returns:
+        ``(block seconds, head seconds)``: one entry per block, and one per block but the last.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    from sparse_core.local.model import frozen_bn_stats
+
+    with torch.random.fork_rng(devices=[]):
+        probe = LocalNet(model, "greedy", input_shape, _num_outputs(model, input_shape), head=head, head_hidden=head_hidden)
+        h = torch.randn(batch_size, *input_shape, device=next(model.parameters()).device)
+    grads = {id(p): p.grad for p in probe.parameters()}
+
+    def timed(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        times, out = [], x
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            with frozen_bn_stats(module):
+                out = module(x)
+                out.sum().backward()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]), out.detach()
+
+    was = model.training
+    model.train()
+    blocks, heads = [], []
+    try:
+        for b, block in enumerate(probe.blocks):
+            seconds, out = timed(block, h.detach().requires_grad_(b > 0))
+            blocks.append(seconds)
+            if str(b) in probe.heads:
+                heads.append(timed(probe.heads[str(b)], out)[0])
+            h = out
+    finally:
+        model.train(was)
+        for p in probe.parameters():
+            p.grad = grads.get(id(p))
+    return blocks, heads
+
+
+def measured_balanced_split_points(model: nn.Module, input_shape: tuple[int, int, int], chunks: int, batch_size: int = 128,
+                                   head: str = "linear", head_hidden: int = 128) -> list[int]:  # fmt: skip
+    """``local.split_points`` that balance the *measured* step time of the chunks
+    (:func:`measured_block_costs` in this process, then :func:`minimax_split`): the split to
+    use when the FLOPs balance (:func:`flops_balanced_split_points`) leaves one chunk slower
+    in practice. Measure with the thread count each pipeline process will use (1).
+
+    Raises:
+        ValueError: the model has no block decomposition, or ``chunks`` is out of range.
+    """
+    blocks, heads = measured_block_costs(model, input_shape, batch_size, head, head_hidden)
+    return minimax_split(blocks, heads, chunks)
