@@ -70,8 +70,9 @@ def prefect_server(home: Path):
 
 
 def sweep(work: Path, env: dict, runner: str, points: list[tuple[float, int]]) -> float:
-    """Wall seconds of ``sparseflow sweep`` with ``runner`` (a fresh runs/sweeps each time)."""
-    shutil.rmtree(work / "runs" / "sweeps", ignore_errors=True)
+    """Wall seconds of ``sparseflow sweep`` with ``runner`` (a fresh runs folder each time: a
+    finished run left there would be resumed, not retrained)."""
+    shutil.rmtree(work / "runs", ignore_errors=True)
     sparsities = sorted({s for s, _ in points})
     seeds = sorted({k for _, k in points})
     cmd = [str(BIN / "sparseflow"), "sweep", "--method", "rigl", "--sparsity", *map(str, sparsities), "--seeds", *map(str, seeds)]
@@ -81,8 +82,12 @@ def sweep(work: Path, env: dict, runner: str, points: list[tuple[float, int]]) -
 
 
 def files(work: Path) -> dict[str, bytes]:
-    root = work / "runs" / "sweeps"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+    """Every safetensors file (weights, masks) of the sweep points (``runs/s<seed>/sweeps/...``)."""
+    root = work / "runs"
+    found = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/sweeps/**/*.safetensors"))}
+    if not found:
+        raise RuntimeError(f"no sweep outputs under {root}: the byte-identity check would compare nothing")
+    return found
 
 
 NOOP = """
@@ -123,6 +128,7 @@ def parallel_capacity(work: Path) -> tuple[float, float]:
 
     cwd = os.getcwd()
     os.chdir(work)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # finished points would be resumed, not retrained
     try:
         alone = _point(0)
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
