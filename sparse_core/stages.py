@@ -440,8 +440,10 @@ def _local_pipeline_spec(params: Params, method: str, net: nn.Module, data: Prep
         {k: v.detach().clone() for k, v in net.state_dict().items()},
     )  # fmt: skip
     backend = lc.backend if lc.backend != "auto" else ("nccl" if resolve_device(params.base.device).type == "cuda" else "gloo")
+    precision_of(params, torch.device("cuda" if backend == "nccl" else "cpu"))  # fp16 without CUDA: refused here
     return PipelineSpec(build=build, train=data.splits["train"], transform=transform_for(params, data),
-                        optim=params.train.optim, epochs=params.train.epochs, seed=params.base.seed, backend=backend)  # fmt: skip
+                        optim=params.train.optim, epochs=params.train.epochs, seed=params.base.seed, backend=backend,
+                        precision=params.base.precision, channels_last=params.base.channels_last)  # fmt: skip
 
 
 def _export_local_pipeline(params: Params, method: str, local, info: dict, data: PreparedData, init: str, fingerprint: str,
@@ -453,7 +455,10 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
     optim, epochs = params.train.optim, params.train.epochs
     steps_per_epoch = -(-len(data.splits["train"]) // optim.batch_size)
     last = info["losses"][-1]  # the network's own loss (last chunk), per step
-    val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"))
+    # On the CPU, after the chunks have merged: fp16 (CUDA only) falls back to fp32 here.
+    base = params.base
+    precision = Precision("fp32" if base.precision == "fp16" else base.precision, base.channels_last)
+    val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"), precision)
     seconds = max(info["seconds"]) / epochs  # the slowest chunk's time in its step loop, per epoch
     nan = float("nan")
     # Same columns as every run's history; per-epoch validation happens once, at the end.

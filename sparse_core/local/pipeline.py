@@ -70,6 +70,7 @@ from sparse_core.config import OptimSection
 from sparse_core.data import BatchTransform, Split, iterate_batches
 from sparse_core.engine import lr_at
 from sparse_core.local.model import LocalNet, frozen_bn_stats
+from sparse_core.precision import Precision
 
 
 class PipelineError(RuntimeError):
@@ -94,6 +95,10 @@ class PipelineSpec:
     threads: int = 1
     #: Activations a chunk may have sent ahead of the next chunk's progress (non-blocking sends).
     send_depth: int = 2
+    #: ``base.precision`` and ``base.channels_last`` (:mod:`sparse_core.precision`): each chunk's
+    #: forward pass and loss run under autocast; activations travel between chunks in float32.
+    precision: str = "fp32"
+    channels_last: bool = False
     #: Fault injection for tests: ``{"rank": k, "step": t}`` kills process k (SIGKILL) at step t.
     fault: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -188,6 +193,7 @@ def _worker(rank: int, spec: PipelineSpec, port: int | None, out_dir: str) -> No
     # NCCL sends CUDA tensors: one GPU per process (untested here: no GPU on the development machine).
     device = torch.device(f"cuda:{rank % max(torch.cuda.device_count(), 1)}") if spec.backend == "nccl" else torch.device("cpu")
     try:
+        prec = Precision(spec.precision, spec.channels_last, device.type)
         local: LocalNet = spec.build().to(device)
         local.train()
         win = local.windows[rank]
@@ -245,30 +251,34 @@ def _worker(rank: int, spec: PipelineSpec, port: int | None, out_dir: str) -> No
                     grad = torch.empty(len(pending_label), *shapes[owned_blocks[-1]], device=device)
                     dist.recv(grad, src=rank + 1)
                     phases.lap("grad_wait")
-                    with frozen_bn_stats(local.blocks[owned_blocks[-1]]):
-                        local.blocks[owned_blocks[-1]](pending_input).backward(grad)
+                    with frozen_bn_stats(local.blocks[owned_blocks[-1]]), prec.autocast():
+                        out = local.blocks[owned_blocks[-1]](pending_input)
+                    out.backward(grad.to(out.dtype))
                     phases.lap("backward")
                 if rank == 0:
-                    h = x
+                    h = prec.inputs(x)
                 else:
                     h, work = incoming
                     work.wait()
+                    h = prec.inputs(h)
                     phases.lap("recv_wait")
                     incoming = post_recv(step + 1)
                 if shared_first:
                     h.requires_grad_(True)
                 received = h
-                for b in owned_blocks:
-                    if overlapping and b == owned_blocks[-1] and rank < world - 1:
-                        pending_input, pending_label = h.detach(), y
-                    h = local.blocks[b](h)
+                with prec.autocast():
+                    for b in owned_blocks:
+                        if overlapping and b == owned_blocks[-1] and rank < world - 1:
+                            pending_input, pending_label = h.detach(), y
+                        h = local.blocks[b](h)
                 phases.lap("forward")
                 if sends is not None:
-                    # A copy: the send reads it while we go on computing.
-                    sends.send(h.detach().clone(memory_format=torch.contiguous_format))
+                    # A float32 copy in the standard layout: the send reads it while we go on computing.
+                    sends.send(h.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True))
                     phases.lap("send")
                 head = local.heads[str(rank)] if str(rank) in local.heads else None
-                loss = F.cross_entropy(head(h) if head is not None else h, y)
+                with prec.autocast():
+                    loss = F.cross_entropy(head(h) if head is not None else h, y)
                 phases.lap("forward")
                 loss.backward()
                 phases.lap("backward")
