@@ -305,6 +305,23 @@ def test_flops_balanced_split_points_of_resnet20_and_lenet5():
     assert min(paths, key=paths.get) == 1
 
 
+def test_measured_block_costs_leave_the_model_as_it_was():
+    """One cost per block and per head (all blocks but the last), positive; weights, batch-norm
+    statistics, gradients and the random generator unchanged; the split is a valid one."""
+    from sparse_core.local.accounting import measured_balanced_split_points, measured_block_costs
+
+    net = create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    blocks, heads = measured_block_costs(net, (1, 28, 28), batch_size=8, reps=1)
+    n = len(split_blocks(net))
+    assert len(blocks) == n and len(heads) == n - 1 and min(blocks) > 0 and min(heads) > 0
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    (point,) = measured_balanced_split_points(net, (1, 28, 28), 2, batch_size=8)
+    assert 1 <= point < n
+
+
 def test_overlapping_pipeline_runs_with_one_step_stale_gradients():
     spec = _spec("overlapping", steps=4)
     trained, info = run_pipeline(spec)
