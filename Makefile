@@ -51,4 +51,4 @@ metrics: $(STAMP)
 	$(BIN)/dvc metrics show
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/step_time.py --precisions
