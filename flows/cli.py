@@ -1,6 +1,7 @@
 """The ``sparseflow`` command.
 
     sparseflow validate [--params params.yaml]
+    sparseflow methods               # the registered methods (the README's method table)
     sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
     sparseflow run train --method dpf [--seed 1]   # run-level stages take --seed (default: base.seeds[0])
     sparseflow run retrain --run dpf
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
+    sub.add_parser("methods", help="list the registered methods as a markdown table")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
     r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
     r.add_argument("--params", default="params.yaml")
@@ -210,6 +212,10 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             import json
 
             print(json.dumps(params.model_dump(mode="json"), indent=2))
+        elif args.command == "methods":
+            from sparse_core.methods.registry import markdown_table
+
+            print(markdown_table())
         elif args.command == "run":
             _run_stage(args, console)
         elif args.command == "local-worker":

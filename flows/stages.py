@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from sparse_core.config import load_params, seeded
+from sparse_core.methods import registry
 from flows.runners import fan_out, make_task_runner, task_threads
 from tasks import stages as t
 
@@ -149,12 +150,12 @@ def _train_flow(method: str, params_path: str = "params.yaml", seed: int | None 
     to the ``params.orchestration`` task runner (byte-identical to one after another)."""
     params = load_params(params_path)
     seed = seeded(params, seed).base.seed
-    if method == "dst_ensemble":
+    if registry.spec(method).ensemble == "members":
         threads = task_threads(params)
-        outs = fan_out(t.train_member, [(params_path, i, threads, seed) for i in range(params.train.dst_ensemble.members)])
+        outs = fan_out(t.train_member, [(params_path, method, i, threads, seed) for i in range(params.train.dst_ensemble.members)])
         for i, out in enumerate(outs):
-            t.publish_summary(f"dst_ensemble-member-{i}-s{seed}", out)
-        return t.finish_dst_ensemble(params_path, seed)
+            t.publish_summary(f"{method}-member-{i}-s{seed}", out)
+        return t.finish_members(params_path, method, seed)
     out = t.train_run(params_path, method, seed)
     t.publish_summary(f"{method}-s{seed}", out)
     return out

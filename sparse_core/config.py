@@ -23,20 +23,54 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparse_core.methods import registry
 
 #: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
-#: Training methods of the ``train`` stage (see :mod:`sparse_core.methods`).
-METHODS = ("dense", "oneshot", "gmp", "dpf", "set", "rigl", "dst_ensemble", "edst_ensemble",
-           "local_greedy", "local_overlap", "local_chunked")
-#: Local-parallelism methods (Laskin et al. 2020) and their window variant (sparse_core.local).
-LOCAL_METHODS = {"local_greedy": "greedy", "local_overlap": "overlapping", "local_chunked": "chunked"}
-#: Methods of the dynamic-sparse-training family: sparse from scratch, so they start from their
-#: own seeded random init, never from the dense warmup.
-DST_METHODS = ("set", "rigl", "dst_ensemble", "edst_ensemble")
-#: Methods whose run folder holds several members or tickets, collected by the ``collect`` stage.
-ENSEMBLES = ("dst_ensemble", "edst_ensemble")
+
+
+def _method_name(what: str, known: typing.Callable[[], list[str]]) -> Any:
+    """The type of a params value that names a method: a string in ``known()``, checked after
+    parsing (names come from the method registry, :mod:`sparse_core.methods.registry`)."""
+
+    def check(name: str) -> str:
+        allowed = known()
+        if name not in allowed:
+            raise ValueError(f"{name!r} is not {what}; allowed: {', '.join(allowed) or 'none'}")
+        return name
+
+    return typing.Annotated[str, AfterValidator(check)]
+
+
+def _trainable() -> list[str]:
+    return registry.trainable()
+
+
+def _single_runs() -> list[str]:
+    """Methods whose run is one model trained by a method class (what ``local.sparse_method`` composes)."""
+    return [n for n, s in registry.specs().items() if s.qualname and s.ensemble is None and s.family != "internal"]
+
+
+def _ensembles() -> list[str]:
+    return [n for n, s in registry.specs().items() if s.ensemble is not None]
+
+
+def sweep_methods() -> list[str]:
+    """Methods a sparsity sweep (``sparseflow sweep``, the curves stages) can run: every
+    registered method declared with ``sweep=True``, and each of them followed by fine-tuning
+    with its mask frozen (``<method>_retrain``)."""
+    base = registry.names(sweep=True)
+    return base + [retrain_run_name(m) for m in base]
+
+
+#: Types of params values that name methods (checked against the registry).
+MethodName = _method_name("a registered method", _trainable)
+DSTMethodName = _method_name("a dst-family method", lambda: registry.names(family="dst", ensemble=None))
+SingleRunMethodName = _method_name("a single-run method", _single_runs)
+EnsembleName = _method_name("an ensemble method", _ensembles)
+SweepMethodName = _method_name("a sweep method", sweep_methods)
 
 
 class ConfigError(ValueError):
@@ -349,11 +383,15 @@ class DSTEnsembleSection(_Section):
     ``base.seed + i``, each the full schedule of ``method``."""
 
     members: int = Field(3, ge=1)
-    method: Literal["rigl", "set"] = "rigl"
+    #: A single-run method of the ``dst`` family.
+    method: DSTMethodName = "rigl"
 
 
 class TrainSection(_Section):
-    methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
+    #: Registered method names (``sparseflow methods`` lists them).
+    methods: list[MethodName] = Field(
+        default_factory=_trainable
+    )
     epochs: int = Field(10, gt=0)
     #: Start from the warmup checkpoint (true) or from the seeded random init (false).
     from_warmup: bool = True
@@ -365,11 +403,12 @@ class TrainSection(_Section):
 
     @model_validator(mode="after")
     def _edst_phases_fit(self) -> "TrainSection":
-        if "edst_ensemble" in self.methods:
+        tickets = [m for m in self.methods if registry.spec(m).ensemble == "tickets"]
+        if tickets:
             refine = self.epochs - self.edst.exploration_epochs
             if refine < self.edst.tickets or refine % self.edst.tickets:
                 raise ValueError(
-                    f"edst_ensemble needs train.epochs - train.edst.exploration_epochs ({refine}) to be a positive "
+                    f"{tickets[0]} needs train.epochs - train.edst.exploration_epochs ({refine}) to be a positive "
                     f"multiple of train.edst.tickets ({self.edst.tickets})"
                 )
         return self
@@ -413,12 +452,12 @@ class LocalSection(_Section):
     optimizer: Literal["shared", "per_chunk"] = "shared"
     execution: Literal["simulate", "pipeline"] = "simulate"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    sparse_method: Literal["dense", "dpf", "gmp", "oneshot", "set", "rigl"] = "dense"
+    sparse_method: SingleRunMethodName = "dense"
     analysis: LocalAnalysisSection = LocalAnalysisSection()
 
     @model_validator(mode="after")
     def _pipeline_is_dense(self) -> "LocalSection":
-        if self.execution == "pipeline" and self.sparse_method != "dense":
+        if self.execution == "pipeline" and registry.spec(self.sparse_method).family != "dense":
             raise ValueError(
                 f"local.execution 'pipeline' trains dense chunks only; local.sparse_method {self.sparse_method!r} "
                 "needs execution 'simulate'"
@@ -437,7 +476,9 @@ class RetrainSection(_Section):
 class CollectSection(_Section):
     """Ensembles whose member probabilities are cached in ``ensembles/<name>/``."""
 
-    ensembles: list[Literal[ENSEMBLES]] = Field(default_factory=list)  # type: ignore[valid-type]
+    ensembles: list[EnsembleName] = Field(
+        default_factory=list
+    )
     batch_size: int = Field(1000, gt=0)
 
 
@@ -531,7 +572,7 @@ class CurvesSection(_Section):
     with the recipe of the ``train`` (and ``retrain``) sections and each seed's own warmup
     (``dvc repro curves/dvc.yaml``; results in ``reports/curves/``)."""
 
-    methods: list[Literal["dpf", "gmp", "oneshot", "oneshot_retrain", "set", "rigl"]] = Field(
+    methods: list[SweepMethodName] = Field(
         default_factory=lambda: ["dpf", "gmp", "rigl", "oneshot_retrain"], min_length=1
     )
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.98], min_length=1, max_length=50)
@@ -597,9 +638,9 @@ class Params(_Section):
             if name not in self.train.methods:
                 raise ValueError(f"collect.ensembles names {name!r}, which is not in train.methods {list(self.train.methods)}")
         for run in self.retrain.runs:
-            if run in ENSEMBLES:
+            if registry.spec(run).ensemble is not None:
                 raise ValueError(f"retrain.runs: {run!r} is an ensemble; retrain single runs only")
-        produced = [m for m in self.train.methods if m not in ENSEMBLES]
+        produced = [m for m in self.train.methods if registry.spec(m).ensemble is None]
         produced += [retrain_run_name(r) for r in self.retrain.runs]
         for run in self.evaluate.runs:
             if run not in produced:
@@ -610,8 +651,9 @@ class Params(_Section):
     def _gradual_schedule_reaches_target(self) -> "Params":
         from sparse_core.sparsity.schedules import gradual_schedule_problem
 
-        gradual = {m for m in self.train.methods if m in ("dpf", "gmp")}
-        if self.local.sparse_method in ("dpf", "gmp") and any(m in LOCAL_METHODS for m in self.train.methods):
+        scheduled = {m for m, spec in registry.specs().items() if spec.pruning_schedule}
+        gradual = {m for m in self.train.methods if m in scheduled}
+        if self.local.sparse_method in scheduled and any(registry.spec(m).family == "local" for m in self.train.methods):
             gradual.add(f"local.sparse_method {self.local.sparse_method}")
         n = train_images(self.data)
         if not gradual or n is None:

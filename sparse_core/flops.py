@@ -1,4 +1,6 @@
-"""Inference FLOPs of conv and linear layers, dense and under a mask.
+"""Inference FLOPs of conv and linear layers, dense and under a mask, and the training-FLOPs
+rules the methods count their cost with (each method picks its rule in its
+``training_flops_per_example``; :mod:`sparse_core.methods`).
 
 Convention (as in RigL, Evci et al. 2020, App. H, and FreeTickets): one multiply-accumulate
 counts as one FLOP, and only convolution and linear layers are counted (batch norm,
@@ -7,6 +9,9 @@ density ``d`` costs ``d`` times its dense FLOPs (unstructured sparse kernels ass
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,40 +68,54 @@ def inference_flops(model: nn.Module, input_shape: tuple[int, int, int], densiti
     return {"dense": dense, "sparse": sparse, "ratio": sparse / dense if dense else 1.0}
 
 
-def training_flops_per_example(
-    dense_flops: dict[str, int], densities: dict[str, float], method: str, update_period: int = 100
-) -> float:
-    """Training FLOPs per example seen, with the RigL convention (Evci et al. 2020, App. H).
+@dataclass
+class TrainingCost:
+    """What a method's training-FLOPs rule may read about one finished run.
 
-    A training step costs forward + backward ≈ 3× the forward FLOPs. With ``f_D`` the dense and
-    ``f_S`` the sparse forward FLOPs (per-layer density × dense FLOPs):
-
-    - ``dense``: ``3 f_D``;
-    - ``set`` (and any fixed or randomly regrown mask): ``3 f_S``;
-    - ``rigl`` / ``edst_ensemble`` (gradient growth): ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``,
-      since an update step also pays one dense weight gradient.
-
-    Raises:
-        ValueError: a method without a defined accounting.
+    Attributes:
+        dense_flops: dense forward FLOPs per example of each prunable weight (:func:`layer_flops`).
+        densities: final density (0-1) of each prunable weight; weights not named are dense.
+        total_steps: optimizer steps of the run.
+        update_period: ΔT of ``train.dst`` (steps between topology updates).
+        events: the run's mask-update log (``mask_updates.parquet`` rows, step order).
+        train: the run's ``train`` params section (for rules that depend on other keys).
     """
+
+    dense_flops: dict[str, int]
+    densities: dict[str, float]
+    total_steps: int = 1
+    update_period: int = 100
+    events: list[dict[str, Any]] = field(default_factory=list)
+    train: Any = None
+
+
+def _f_dense_sparse(dense_flops: dict[str, int], densities: dict[str, float]) -> tuple[float, float]:
     f_d = float(sum(dense_flops.values()))
-    f_s = float(sum(f * densities.get(n, 1.0) for n, f in dense_flops.items()))
-    if method == "dense":
-        return 3 * f_d
-    if method in ("set", "retrain"):
-        return 3 * f_s
-    if method in ("rigl", "edst_ensemble", "dst_ensemble"):
-        return (3 * f_s * update_period + 2 * f_s + f_d) / (update_period + 1)
-    raise ValueError(f"no training-FLOPs accounting for method {method!r}")
+    return f_d, float(sum(f * densities.get(n, 1.0) for n, f in dense_flops.items()))
+
+
+def fixed_mask_flops(dense_flops: dict[str, int], densities: dict[str, float]) -> float:
+    """Training FLOPs per example of a step under a fixed (or randomly regrown) mask, RigL
+    convention (Evci et al. 2020, App. H): forward + backward ≈ 3× the forward, ``3 f_S`` with
+    ``f_S`` the sparse forward FLOPs (per-layer density × dense FLOPs); ``3 f_D`` when
+    ``densities`` is empty (dense training)."""
+    return 3 * _f_dense_sparse(dense_flops, densities)[1]
+
+
+def gradient_growth_flops(dense_flops: dict[str, int], densities: dict[str, float], update_period: int) -> float:
+    """Training FLOPs per example of DST with gradient growth (RigL, App. H): every ``ΔT``-th
+    step also pays one dense weight gradient, ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``."""
+    f_d, f_s = _f_dense_sparse(dense_flops, densities)
+    return (3 * f_s * update_period + 2 * f_s + f_d) / (update_period + 1)
 
 
 def gradual_training_flops_per_example(
     dense_flops: dict[str, int],
     final_densities: dict[str, float],
-    method: str,
     update_steps: list[int],
     update_sparsities: list[float],
     total_steps: int,
+    feedback: bool = False,
 ) -> float:
     """Mean training FLOPs per example seen of a gradual pruning run (``gmp``, ``dpf``, ``oneshot``).
 
@@ -106,27 +125,22 @@ def gradual_training_flops_per_example(
     model: ``f(t) = f_D − (s(t) / s_T) (f_D − f_S)`` (exact at both ends; an approximation in
     between, where per-layer densities are not logged). Per step (RigL convention, App. H):
 
-    - ``gmp`` and ``oneshot``: ``3 f(t)`` (pruned weights get no gradient);
-    - ``dpf``: ``2 f(t) + f_D``: forward and activation gradients at the pruned model, but the
-      weight gradient is needed for every weight, pruned or not (Lin et al. 2020, Alg. 1).
+    - without feedback (``gmp``, ``oneshot``): ``3 f(t)`` (pruned weights get no gradient);
+    - with ``feedback`` (``dpf``): ``2 f(t) + f_D``: forward and activation gradients at the
+      pruned model, but the weight gradient is needed for every weight, pruned or not (Lin et
+      al. 2020, Alg. 1).
 
     Args:
         update_steps, update_sparsities: the mask-update log, in step order.
         total_steps: optimizer steps of the run.
-
-    Raises:
-        ValueError: another method.
     """
-    if method not in ("gmp", "dpf", "oneshot"):
-        raise ValueError(f"{method!r} is not a gradual pruning method")
-    f_d = float(sum(dense_flops.values()))
-    f_s = float(sum(f * final_densities.get(n, 1.0) for n, f in dense_flops.items()))
+    f_d, f_s = _f_dense_sparse(dense_flops, final_densities)
     s_final = update_sparsities[-1] if update_sparsities else 0.0
     bounds = [0, *[min(max(int(t), 0), total_steps) for t in update_steps], total_steps]
     levels = [0.0, *update_sparsities]
     total = 0.0
     for lo, hi, s in zip(bounds[:-1], bounds[1:], levels):
         f_t = f_d - (s / s_final) * (f_d - f_s) if s_final > 0 else f_d
-        per_step = 2 * f_t + f_d if method == "dpf" else 3 * f_t
+        per_step = 2 * f_t + f_d if feedback else 3 * f_t
         total += per_step * max(hi - lo, 0)
     return total / max(total_steps, 1)

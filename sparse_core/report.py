@@ -338,8 +338,8 @@ CURVE_CLAIMS = (
 
 def curve_points(params: Params) -> pd.DataFrame:
     """Every point of the curves stages: one row per method × sparsity × seed with
-    ``test_accuracy``, ``test_nll``, ``realised_sparsity``; an ``oneshot_retrain`` point also
-    yields the ``oneshot`` row of its model before fine-tuning.
+    ``test_accuracy``, ``test_nll``, ``realised_sparsity``; a ``<method>_retrain`` point (e.g.
+    ``oneshot_retrain``) also yields the ``<method>`` row of its model before fine-tuning.
 
     Raises:
         FileNotFoundError: a ``curves@<method>-<seed>`` stage has not written its points.
@@ -354,8 +354,8 @@ def curve_points(params: Params) -> pd.DataFrame:
                 raise FileNotFoundError(f"{path}: missing; run curves@{method}-{seed} first")
             df = pd.read_csv(path)
             frames.append(df[["method", "sparsity", "seed", "realised_sparsity", "test_accuracy", "test_nll"]])
-            if method == "oneshot_retrain":
-                frames.append(df.assign(method="oneshot", test_accuracy=df["pruned_test_accuracy"],
+            if "pruned_test_accuracy" in df:  # a <method>_retrain point: also its model before fine-tuning
+                frames.append(df.assign(method=method.removesuffix("_retrain"), test_accuracy=df["pruned_test_accuracy"],
                                         test_nll=df["pruned_test_nll"])[frames[-1].columns])  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 

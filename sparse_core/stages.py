@@ -31,14 +31,15 @@ import torch
 from torch import nn
 
 from sparse_core import artifacts, evalsets
-from sparse_core.config import DST_METHODS, LOCAL_METHODS, ConfigError, Params, retrain_run_name
+from sparse_core.config import ConfigError, Params, retrain_run_name, sweep_methods
 from sparse_core.data import BatchTransform, PreparedData, Split, load_prepared, prepare_dataset, prepared_path
 from sparse_core.distributed import active_parallel
 from sparse_core.checkpoint import CheckpointStore
 from sparse_core.engine import evaluate, fit, predict, resolve_device, seed_everything
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
-from sparse_core.flops import gradual_training_flops_per_example, inference_flops, layer_flops, training_flops_per_example
-from sparse_core.methods import MaskedMethod, Method, create_method
+from sparse_core.flops import TrainingCost, inference_flops, layer_flops
+from sparse_core.methods import registry
+from sparse_core.methods.base import MaskedMethod, Method, create_method
 from sparse_core.models import create_model
 from sparse_core.precision import Precision
 from sparse_core.sparsity import MaskSet, prunable_parameters
@@ -261,8 +262,8 @@ def _train_run(
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one
     extra = {"method": recorded_method or method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
-    if recorded_method in LOCAL_METHODS:
-        extra["local"] = {"variant": LOCAL_METHODS[recorded_method], "sparse_method": method_name,
+    if recorded_method and _local_variant(recorded_method):
+        extra["local"] = {"variant": _local_variant(recorded_method), "sparse_method": method_name,
                           "windows": [[w.start, w.end] for w in model.windows], "blocks": [b.name for b in model.blocks]}  # fmt: skip
     extra.update(parallel.describe())
     out = _export(params, run, net, method, result.history, extra) if parallel.is_main else run_dir(params, run)
@@ -288,29 +289,30 @@ def stage_train(params: Params, method: str) -> Path:
     """
     if method not in params.train.methods:
         raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
-    if method == "dst_ensemble":
+    spec = registry.spec(method)
+    if spec.ensemble == "members":
         for i in range(params.train.dst_ensemble.members):
-            stage_train_member(params, i)
-        return finish_dst_ensemble(params)
-    if method in LOCAL_METHODS:
+            stage_train_member(params, method, i)
+        return finish_members(params, method)
+    if spec.family == "local":
         return stage_train_local(params, method)
     return _train_single(params, method, method)
+
+
+def _local_variant(method: str) -> str | None:
+    """The window variant of a ``local``-family method (None for any other)."""
+    return registry.spec(method).local_variant
 
 
 def _train_single(params: Params, method: str, run: str, num_threads: int = 0) -> Path:
     """One run of a single-model method (from the warmup unless it is a DST method)."""
     device, data, model = _setup(params, num_threads=num_threads)
     init = "seed"
-    if params.train.from_warmup and method not in DST_METHODS:
+    if params.train.from_warmup and registry.spec(method).start == "warmup":
         load_exported(params, WARMUP_RUN, model)
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
     return _train_run(params, run, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
-
-
-#: Methods a sparsity × seed sweep can run, and the params key holding their target sparsity.
-#: ``oneshot_retrain``: a oneshot run, then its fine-tuning with the frozen mask (``retrain``).
-SWEEP_SPARSITY_KEY = {"dpf": "pruning", "gmp": "pruning", "oneshot": "pruning", "oneshot_retrain": "pruning", "set": "dst", "rigl": "dst"}
 
 
 def sweep_run(method: str, sparsity: float, seed: int, group: str = "sweeps") -> str:
@@ -338,28 +340,29 @@ def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, n
     """One point of a sparsity × seed sweep: ``method`` trained with its target sparsity set to
     ``sparsity`` on training seed ``seed`` (:meth:`Params.for_seed`: init, masks, data order and
     the seed's own warmup), in ``<runs_dir>/s<seed>/sweeps/<method>/s<sparsity>-seed<seed>/``;
-    points are independent tasks. ``oneshot_retrain`` trains ``oneshot`` (in ``…-pruned/``) and
-    fine-tunes it with its mask frozen for ``retrain.epochs``.
+    points are independent tasks. ``<method>_retrain`` (e.g. ``oneshot_retrain``) trains
+    ``<method>`` (in ``…-pruned/``) and fine-tunes it with its mask frozen for ``retrain.epochs``.
 
     Returns:
         ``{"method", "sparsity" (target), "seed", "realised_sparsity", "val_accuracy",
-        "test_accuracy", "test_nll", "run_dir"}`` (fractions; NLL in nats); ``oneshot_retrain``
+        "test_accuracy", "test_nll", "run_dir"}`` (fractions; NLL in nats); ``<method>_retrain``
         adds ``pruned_test_accuracy`` and ``pruned_test_nll`` (before fine-tuning).
 
     Raises:
-        ValueError: ``method`` has no target sparsity (see ``SWEEP_SPARSITY_KEY``).
+        ValueError: ``method`` is not a sweep method (:func:`sparse_core.config.sweep_methods`).
         FileNotFoundError: the seed's warmup is missing (``train.from_warmup`` and not a DST method).
     """
-    if method not in SWEEP_SPARSITY_KEY:
-        raise ValueError(f"sweep: method {method!r} has no target sparsity; use one of {sorted(SWEEP_SPARSITY_KEY)}")
+    if method not in sweep_methods():
+        raise ValueError(f"sweep: method {method!r} has no target sparsity; use one of {sorted(sweep_methods())}")
+    trained = method.removesuffix("_retrain") if method not in registry.specs() else method
     raw = params.for_seed(seed).model_dump(mode="json")
-    raw["train"][SWEEP_SPARSITY_KEY[method]]["sparsity"] = sparsity
+    raw["train"][registry.spec(trained).sparsity]["sparsity"] = sparsity
     point = Params.model_validate(raw)
     run = sweep_run(method, sparsity, seed, group)
     row: dict[str, Any] = {"method": method, "sparsity": sparsity, "seed": seed}
-    if method == "oneshot_retrain":
+    if trained != method:
         pruned = f"{run}-pruned"
-        _train_single(point, "oneshot", pruned, num_threads)
+        _train_single(point, trained, pruned, num_threads)
         data = load_data(point)
         before = _test_row(point, pruned, data)
         out = _retrain(point, pruned, run, num_threads)
@@ -397,7 +400,7 @@ def _local_net(params: Params, method: str, net: nn.Module, data: PreparedData):
     from sparse_core.local import LocalNet
 
     lc = params.local
-    return LocalNet(net, LOCAL_METHODS[method], data.shape, data.num_classes, lc.chunks, lc.split_points, lc.head,
+    return LocalNet(net, _local_variant(method), data.shape, data.num_classes, lc.chunks, lc.split_points, lc.head,
                     lc.head_hidden, per_chunk_optimizer=lc.optimizer == "per_chunk")  # fmt: skip
 
 
@@ -435,7 +438,7 @@ def _local_pipeline_spec(params: Params, method: str, net: nn.Module, data: Prep
 
     lc = params.local
     build = functools.partial(
-        build_local, params.model.name, params.model.kwargs, data.shape, data.num_classes, LOCAL_METHODS[method],
+        build_local, params.model.name, params.model.kwargs, data.shape, data.num_classes, _local_variant(method),
         lc.chunks, lc.split_points, lc.head, lc.head_hidden, params.base.seed,
         {k: v.detach().clone() for k, v in net.state_dict().items()},
     )  # fmt: skip
@@ -470,7 +473,7 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
          for e in range(epochs)]
     )  # fmt: skip
     extra = {"method": method, "init": init, "seed": params.base.seed, "fingerprint": fingerprint,
-             "local": {"variant": LOCAL_METHODS[method], "execution": "pipeline", "launcher": launcher, "backend": backend,
+             "local": {"variant": _local_variant(method), "execution": "pipeline", "launcher": launcher, "backend": backend,
                        "seconds_per_chunk": info["seconds"], "steps": info["steps"],
                        "windows": [[w.start, w.end] for w in local.windows], "blocks": [b.name for b in local.blocks]}}  # fmt: skip
     return _export(params, method, local.net, Method(local.net, 0), history, extra)
@@ -493,8 +496,8 @@ def stage_local_worker(params: Params, method: str) -> Path | None:
 
     from sparse_core.local.pipeline import run_pipeline_torchrun
 
-    if method not in LOCAL_METHODS:
-        raise ValueError(f"local-worker runs local methods {list(LOCAL_METHODS)}, not {method!r}")
+    if method not in registry.names(family="local"):
+        raise ValueError(f"local-worker runs local methods {registry.names(family='local')}, not {method!r}")
     _, data, net, init, fp = _local_setup(params, method)
     fingerprint = f"{fp}-{code_fingerprint()}"
     rank = int(os.environ.get("RANK", "0"))
@@ -528,7 +531,7 @@ def stage_train_ddp(params: Params, method: str) -> Path | None:
     """
     from sparse_core.distributed import data_parallel
 
-    if method in LOCAL_METHODS:
+    if registry.spec(method).family == "local":
         raise ValueError(f"{method} is not data-parallel; its chunks run one per process with `sparseflow local-worker`")
     if method not in params.train.methods:
         raise ValueError(f"method {method!r} is not listed in train.methods {list(params.train.methods)}")
@@ -537,20 +540,22 @@ def stage_train_ddp(params: Params, method: str) -> Path | None:
     return out if parallel.is_main else None
 
 
-def finish_dst_ensemble(params: Params) -> Path:
-    """After all members: one training-curve file with a ``member`` column (rank 0 under DDP)."""
+def finish_members(params: Params, name: str) -> Path:
+    """After all members of ensemble ``name``: one training-curve file with a ``member`` column
+    (rank 0 under DDP)."""
     if not active_parallel().is_main:
-        return run_dir(params, "dst_ensemble")
+        return run_dir(params, name)
     frames = []
     for i in range(params.train.dst_ensemble.members):
-        hist = artifacts.read_parquet(run_dir(params, member_run(i)) / "history.parquet")
+        hist = artifacts.read_parquet(run_dir(params, member_run(name, i)) / "history.parquet")
         frames.append(hist.assign(member=i))
-    artifacts.write_csv(pd.concat(frames, ignore_index=True), Path(params.base.plots_dir) / "history" / "dst_ensemble.csv")
-    return run_dir(params, "dst_ensemble")
+    artifacts.write_csv(pd.concat(frames, ignore_index=True), Path(params.base.plots_dir) / "history" / f"{name}.csv")
+    return run_dir(params, name)
 
 
-def member_run(i: int) -> str:
-    return f"dst_ensemble/member_{i}"
+def member_run(name: str, i: int) -> str:
+    """Run name of member ``i`` of the members ensemble ``name``: ``<name>/member_<i>``."""
+    return f"{name}/member_{i}"
 
 
 def member_seed(seed: int, i: int) -> int:
@@ -561,17 +566,17 @@ def member_seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0] >> 1)
 
 
-def stage_train_member(params: Params, i: int, num_threads: int = 0) -> Path:
-    """Member ``i`` of the DST Ensemble: a full ``train.dst_ensemble.method`` run with seed
-    :func:`member_seed` ``(base.seed, i)`` (init, masks and data order), in
-    ``runs/s<seed>/dst_ensemble/member_<i>/``. Members are independent: any task runner may
-    train them concurrently (``num_threads``: see :func:`_setup`)."""
+def stage_train_member(params: Params, name: str, i: int, num_threads: int = 0) -> Path:
+    """Member ``i`` of the members ensemble ``name`` (the DST Ensemble): a full
+    ``train.dst_ensemble.method`` run with seed :func:`member_seed` ``(base.seed, i)`` (init,
+    masks and data order), in ``runs/s<seed>/<name>/member_<i>/``. Members are independent: any
+    task runner may train them concurrently (``num_threads``: see :func:`_setup`)."""
     seed = member_seed(params.base.seed, i)
     device, data, model = _setup(params, seed, num_threads)
-    fp = params.fingerprint("base", "data", "augment", "model", "train") + f"-dst_ensemble-{i}"
+    fp = params.fingerprint("base", "data", "augment", "model", "train") + f"-{name}-{i}"
     method = params.train.dst_ensemble.method
     return _train_run(
-        params, member_run(i), method, model, data, device, params.train.optim, params.train.epochs, fp, "seed", seed=seed
+        params, member_run(name, i), method, model, data, device, params.train.optim, params.train.epochs, fp, "seed", seed=seed
     )
 
 
@@ -598,11 +603,10 @@ def _retrain(params: Params, source: str, out: str, num_threads: int = 0) -> Pat
 
 def target_sparsity(params: Params, run: str) -> float:
     """The sparsity a run was asked for (0 for dense runs)."""
-    method = run.removesuffix("_retrain")
-    method = params.local.sparse_method if method in LOCAL_METHODS else method
-    if method in ("set", "rigl", "edst_ensemble"):
-        return params.train.dst.sparsity
-    return params.train.pruning.sparsity if method in ("dpf", "gmp", "oneshot") else 0.0
+    spec = registry.spec(run if run in registry.specs() else run.removesuffix("_retrain"))
+    if spec.family == "local":
+        spec = registry.spec(params.local.sparse_method)
+    return getattr(params.train, spec.sparsity).sparsity if spec.sparsity else 0.0
 
 
 # ----- evaluation sets and evaluation --------------------------------------------------------
@@ -614,24 +618,24 @@ def _run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int,
     weights = _prunable_weights(params, model)
     dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
     f_d = float(sum(per_layer.values()))
-    if method in LOCAL_METHODS:
+    spec = registry.spec(method)
+    # The internal family is the retrain stage: its own epochs and optimizer.
+    optim, epochs = (params.retrain.optim, params.retrain.epochs) if spec.family == "internal" else (params.train.optim, params.train.epochs)
+    if spec.family == "local":
         from sparse_core.local.accounting import step_accounting
 
         # Dense accounting of trunk + heads (a composed sparse method's savings are not counted).
         per_example = step_accounting(_local_net(params, method, model, load_data(params)), shape)["training"]
-    elif method in ("gmp", "dpf", "oneshot"):
-        events = artifacts.read_parquet(run_dir(params, run) / "mask_updates.parquet")
-        steps = -(-n_train // params.train.optim.batch_size) * params.train.epochs
-        per_example = gradual_training_flops_per_example(
-            per_layer, dens, method, events["step"].tolist(), events["sparsity"].tolist(), steps
-        )
     else:
-        per_example = training_flops_per_example(per_layer, dens, method, params.train.dst.update_period)
-    epochs = {"retrain": params.retrain.epochs}.get(method, params.train.epochs)
+        log = run_dir(params, run) / "mask_updates.parquet"
+        events = artifacts.read_parquet(log).to_dict("records") if log.is_file() else []
+        cost_of = TrainingCost(per_layer, dens, -(-n_train // optim.batch_size) * epochs, params.train.dst.update_period,
+                               events, params.train)  # fmt: skip
+        per_example = registry.method_class(method).training_flops_per_example(cost_of)
     cost = per_example * epochs
     if init == WARMUP_RUN:
         cost += 3 * f_d * params.warmup.epochs
-    elif method == "retrain":  # fine-tuning pays for the run it started from
+    elif spec.family == "internal":  # fine-tuning pays for the run it started from
         parent = build_model(params, load_data(params))
         load_exported(params, init, parent)
         cost += _run_cost(params, init, parent, shape, n_train)
@@ -725,18 +729,21 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
 def ensemble_members(params: Params, name: str) -> list[dict[str, Any]]:
     """Members of ensemble ``name``: ``[{"run", "ticket", "seed", "weights" (path)}]``.
 
-    ``dst_ensemble``: the exported model of every member run; ``edst_ensemble``: the tickets
-    of the one run.
+    A ``members`` ensemble (``dst_ensemble``): the exported model of every member run; a
+    ``tickets`` ensemble (``edst_ensemble``): the tickets of the one run
+    (:class:`~sparse_core.methods.registry.MethodSpec`).
 
     Raises:
         FileNotFoundError: a member's weights are missing (the train stage has not run).
+        ValueError: ``name`` is not an ensemble method.
     """
-    if name == "dst_ensemble":
+    kind = registry.spec(name).ensemble
+    if kind == "members":
         members = []
         for i in range(params.train.dst_ensemble.members):
-            run = member_run(i)
+            run = member_run(name, i)
             members.append({"run": run, "ticket": None, "seed": member_seed(params.base.seed, i), "weights": run_dir(params, run) / "model.safetensors"})
-    elif name == "edst_ensemble":
+    elif kind == "tickets":
         folder = run_dir(params, name) / "tickets"
         members = [
             {"run": name, "ticket": m, "seed": params.base.seed, "weights": folder / f"ticket_{m}.safetensors"}
@@ -824,7 +831,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
 
     FLOPs ratios are relative to one dense model (inference) and to the profile's dense run
     (training; :func:`dense_reference_cost`, RigL convention, see
-    :func:`sparse_core.flops.training_flops_per_example`).
+    each method's ``training_flops_per_example``).
     """
     from sparse_core.ensemble import ensemble_metrics, stack_probs
 
@@ -842,23 +849,24 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     ev = evaluate_probs(probs, labels, params.evaluate.calibration_bins)
     per_layer = layer_flops(model, data.shape)
     dense_infer = float(sum(per_layer.values()))
-    method = params.train.dst_ensemble.method if name == "dst_ensemble" else name
-    if name == "edst_ensemble" and params.train.edst.grow == "random":
-        method = "set"
+    kind = registry.spec(name).ensemble
+    method = registry.method_class(params.train.dst_ensemble.method if kind == "members" else name)
+    steps = -(-len(data.splits["train"]) // params.train.optim.batch_size) * params.train.epochs
     infer, train_flops, nonzero, sparsities = 0.0, 0.0, 0, []
     for member in manifest:
         model.load_state_dict(artifacts.load_tensors(member["source"]))
         weights = _prunable_weights(params, model)
         dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
         infer += inference_flops(model, data.shape, dens)["sparse"]
-        # EDST's tickets come from one run: its training cost is counted once.
-        if name == "dst_ensemble" or member["member"] == 0:
-            train_flops += training_flops_per_example(per_layer, dens, method, params.train.dst.update_period)
+        # A tickets ensemble comes from one run: its training cost is counted once.
+        if kind == "members" or member["member"] == 0:
+            cost_of = TrainingCost(per_layer, dens, steps, params.train.dst.update_period, [], params.train)
+            train_flops += method.training_flops_per_example(cost_of)
         nonzero += sum(int(torch.count_nonzero(p)) for p in model.parameters())
         sparsities.append(1.0 - member["density"])
     out["sparsity"] = float(sum(sparsities) / len(sparsities))
     out["target_sparsity"] = params.train.dst.sparsity
-    if name == "edst_ensemble":
+    if kind == "tickets":
         events = artifacts.read_parquet(run_dir(params, name) / "mask_updates.parquet")
         out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}

@@ -144,12 +144,12 @@ def train_run(params_path: str, method: str, seed: int | None = None) -> str:
         return str(stages.stage_train(params, method))
 
 
-@task(name="train-member", **IO_RETRIES, task_run_name="train-dst_ensemble-member-{member}-s{seed}")
-def train_member(params_path: str, member: int, num_threads: int = 0, seed: int | None = None) -> str:
-    """Member ``member`` of the DST Ensemble -> ``runs/s<seed>/dst_ensemble/member_<i>/``."""
+@task(name="train-member", **IO_RETRIES, task_run_name="train-{name}-member-{member}-s{seed}")
+def train_member(params_path: str, name: str, member: int, num_threads: int = 0, seed: int | None = None) -> str:
+    """Member ``member`` of the members ensemble ``name`` (the DST Ensemble) -> ``runs/s<seed>/<name>/member_<i>/``."""
     params = run_params(params_path, seed)
     with stage_work("train-member", STAGES) as stages:
-        return str(stages.stage_train_member(params, member, num_threads))
+        return str(stages.stage_train_member(params, name, member, num_threads))
 
 
 @task(name="sweep-point", **IO_RETRIES, task_run_name="{group}-{method}-s{sparsity}-seed{seed}")
@@ -187,12 +187,12 @@ def write_sweep(params_path: str, method: str, rows: list) -> str:
     return str(out)
 
 
-@task(name="finish-dst-ensemble", **IO_RETRIES, task_run_name="finish-dst-ensemble-s{seed}")
-def finish_dst_ensemble(params_path: str, seed: int | None = None) -> str:
-    """Combined training curves of the DST Ensemble members -> ``plots/seeds/s<seed>/history/dst_ensemble.csv``."""
+@task(name="finish-members", **IO_RETRIES, task_run_name="finish-{name}-s{seed}")
+def finish_members(params_path: str, name: str, seed: int | None = None) -> str:
+    """Combined training curves of the members of ensemble ``name`` -> ``plots/seeds/s<seed>/history/<name>.csv``."""
     params = run_params(params_path, seed)
-    with stage_work("finish-dst-ensemble", STAGES) as stages:
-        return str(stages.finish_dst_ensemble(params))
+    with stage_work("finish-members", STAGES) as stages:
+        return str(stages.finish_members(params, name))
 
 
 @task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}-s{seed}")

@@ -239,7 +239,7 @@ def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_projec
     params = seeded(load_params("params.yaml"))  # the first training seed, as the flow picks it
     threads = task_threads(params)
     for i in range(2):  # sequential reference, in this process
-        stage_train_member(params, i, threads)
+        stage_train_member(params, "dst_ensemble", i, threads)
     sequential = _member_files(tiny_project)
     assert len(sequential) == 4  # model + masks of each member
     shutil.rmtree(tiny_project / "runs" / "s0" / "dst_ensemble")

@@ -11,24 +11,68 @@ The engine calls, for each minibatch (``step`` = iterations completed before thi
 plus ``on_train_end()`` once, and ``eval_weights()`` around every evaluation and export.
 A method owns a :class:`~sparse_core.sparsity.MaskSet` (``None`` for ``dense``) and a list
 of ``events`` (one dict per mask update) that the engine writes to ``mask_updates.parquet``.
+
+Every method is registered (:mod:`sparse_core.methods.registry`) with a literal declaration
+of its params name, family, paper and params; it is built from a :class:`MethodContext` by
+its ``from_context`` class method and counts its own training FLOPs
+(``training_flops_per_example``). :func:`create_method` builds any of them by name.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from sparse_core.config import DSTSection, EDSTSection, PruningSection
+from sparse_core.flops import TrainingCost, fixed_mask_flops
+from sparse_core.methods.registry import MethodSpec, method_class, register_method
 from sparse_core.sparsity import MaskSet, filter_masks, magnitude_masks, prunable_parameters
 
 
+@dataclass
+class MethodContext:
+    """Everything a method may be built from (``Method.from_context``).
+
+    Attributes:
+        model: the network (for local methods: its trunk); its prunable parameters are
+            found by :func:`~sparse_core.sparsity.prunable_parameters`.
+        total_steps: optimizer steps of the whole run (schedules are fractions of it).
+        pruning, dst, edst: the ``train.pruning``, ``train.dst`` and ``train.edst`` sections.
+        seed: the run's seed (masks drawn at random use their own generator from it).
+        epochs: epochs of the run (EDST's phases are whole epochs).
+    """
+
+    model: nn.Module
+    total_steps: int
+    pruning: PruningSection = field(default_factory=PruningSection)
+    dst: DSTSection = field(default_factory=DSTSection)
+    edst: EDSTSection = field(default_factory=EDSTSection)
+    seed: int = 0
+    epochs: int = 1
+
+
+@register_method(name="dense", family="dense", paper="standard end-to-end backpropagation (the baseline)",
+                 summary="plain training")
 class Method:
     """Dense training: every hook is a no-op. Subclasses override what they need."""
 
     name = "dense"
+    spec: MethodSpec  # set by register_method
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "Method":
+        """Build the method for one run (subclasses whose constructor takes more override this)."""
+        return cls(ctx.model, ctx.total_steps)
+
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """Training FLOPs per example seen (RigL's convention, Evci et al. 2020, App. H):
+        ``3 f_D`` for dense training (see :mod:`sparse_core.flops`)."""
+        return fixed_mask_flops(cost.dense_flops, {})
 
     def __init__(self, model: nn.Module, total_steps: int):
         self.model = model
@@ -74,6 +118,9 @@ class Method:
         self.events = list(sd["events"])
 
 
+@register_method(name="retrain", family="internal", sparsity="pruning",
+                 paper="Han et al. 2015, \"Learning both Weights and Connections for Efficient Neural Networks\" (NeurIPS)",
+                 summary="fine-tuning of a run with its mask frozen (masked gradients) → run `<run>_retrain` (the `retrain` stage)")
 class MaskedMethod(Method):
     """Training under a mask with masked gradients: ``retrain`` (fine-tuning a frozen mask).
 
@@ -88,6 +135,15 @@ class MaskedMethod(Method):
         self.pruning = pruning
         keep_last = pruning.keep_last_dense or pruning.granularity == "structured"
         self.masks = MaskSet(prunable_parameters(model, pruning.keep_first_dense, keep_last))
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "MaskedMethod":
+        return cls(ctx.model, ctx.total_steps, ctx.pruning)
+
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """``3 f_S`` at the final per-layer densities: a fixed mask (RigL, App. H)."""
+        return fixed_mask_flops(cost.dense_flops, cost.densities)
 
     def before_step(self, step: int) -> None:
         self.masks.mask_grads_()
@@ -131,30 +187,18 @@ def create_method(
     name: str,
     model: nn.Module,
     total_steps: int,
-    pruning: PruningSection,
+    pruning: PruningSection | None = None,
     dst: DSTSection | None = None,
     seed: int = 0,
     edst: EDSTSection | None = None,
     epochs: int = 1,
 ) -> Method:
-    """Build a method by its params name (``dense``, ``oneshot``, ``gmp``, ``dpf``, ``set``,
-    ``rigl``, ``edst_ensemble``, ``retrain``).
+    """Build a registered method by its params name (``sparse_core.methods.registry.trainable()``
+    and ``retrain``); sections left out take their defaults.
 
     Raises:
-        KeyError: unknown name.
+        sparse_core.methods.registry.RegistryError: an unknown name, or a method a stage
+            builds itself (``dst_ensemble``, ``local_*``: they have no class of their own).
     """
-    from sparse_core.methods.dst import SET, RigL
-    from sparse_core.methods.edst import EDST
-    from sparse_core.methods.gradual import DPF, GMP, OneShot
-
-    dst = dst or DSTSection()
-    if name == "dense":
-        return Method(model, total_steps)
-    if name in ("set", "rigl"):
-        return {"set": SET, "rigl": RigL}[name](model, total_steps, pruning, dst, seed)
-    if name == "edst_ensemble":
-        return EDST(model, total_steps, pruning, dst, edst or EDSTSection(), epochs, seed)
-    table: dict[str, Any] = {"retrain": MaskedMethod, "gmp": GMP, "dpf": DPF, "oneshot": OneShot}
-    if name not in table:
-        raise KeyError(f"unknown method {name!r}; known: dense, set, rigl, edst_ensemble, {', '.join(table)}")
-    return table[name](model, total_steps, pruning)
+    ctx = MethodContext(model, total_steps, pruning or PruningSection(), dst or DSTSection(), edst or EDSTSection(), seed, epochs)
+    return method_class(name).from_context(ctx)

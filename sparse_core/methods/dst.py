@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from sparse_core.config import DSTSection, PruningSection
-from sparse_core.methods.base import MaskedMethod
+from sparse_core.flops import TrainingCost, fixed_mask_flops, gradient_growth_flops
+from sparse_core.methods.base import MaskedMethod, MethodContext
+from sparse_core.methods.registry import declare_method, register_method
 from sparse_core.sparsity.distributions import active_counts, layer_densities, random_masks
 
 
@@ -46,10 +48,27 @@ def cosine_drop_fraction(step: int, t_end: float, p0: float, floor: float) -> fl
     return floor + (p0 - floor) * 0.5 * (1 + math.cos(math.pi * min(step / t_end, 1.0)))
 
 
+@register_method(name="set", family="dst", sparsity="dst", start="init", sweep=True,
+                 paper="Mocanu et al. 2018, \"Scalable training of artificial neural networks with adaptive sparse "
+                       "connectivity inspired by network science\" (Nature Communications)",
+                 summary="dynamic sparse training from a random ERK mask: every ΔT steps drop the `⌈p·n⌉` smallest active weights "
+                         "per layer (`drop_scores`), regrow as many at random (`grow_scores`); connections inactive before the "
+                         "update start at 0, a connection dropped and regrown in place keeps its value (RigL's "
+                         "`reinit_when_same: false`; `train.dst.reinit_when_same: true` zeroes it as the FreeTickets code does); "
+                         "layers at ERK density 1 take no part; `p` cosine-decays; updates stop at `train.dst.stop_fraction`")
 class SET(MaskedMethod):
     """Sparse Evolutionary Training: magnitude drop, random grow."""
 
     name = "set"
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "SET":
+        return cls(ctx.model, ctx.total_steps, ctx.pruning, ctx.dst, ctx.seed)
+
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """``3 f_S``: random growth needs no dense gradient (RigL, App. H)."""
+        return fixed_mask_flops(cost.dense_flops, cost.densities)
 
     def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection, dst: DSTSection, seed: int = 0):
         super().__init__(model, total_steps, pruning)
@@ -100,16 +119,33 @@ class SET(MaskedMethod):
         self._grow_scores = None
 
     def grow_scores(self) -> dict[str, torch.Tensor]:
-        """Scores of candidate positions (higher grows first): uniform noise for SET."""
+        """Scores of candidate positions (higher grows first): uniform noise for SET.
+
+        Called in ``before_step`` of a step that a topology update follows, before the gradient
+        is masked (so ``.grad`` is the dense gradient of the minibatch), and kept for the update.
+        A variant (e.g. a growth criterion) overrides this hook alone.
+        """
         return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in self.masks.params.items()}
+
+    def drop_scores(self) -> dict[str, torch.Tensor]:
+        """Scores of active positions (lower drops first), shape of each weight: ``|w|`` (SET,
+        RigL: magnitude pruning of the active weights).
+
+        Called at the update itself, after the optimizer step (``.grad`` there holds the
+        gradient of the last minibatch at the active positions; inactive positions are never
+        dropped, whatever their score). A variant overrides this hook alone: MEST (Yuan et al.
+        2021) drops by ``|w| + λ|g|``.
+        """
+        return {n: p.detach().abs() for n, p in self.masks.params.items()}
 
     # ----- the update -----------------------------------------------------------------------
     @torch.no_grad()
     def update_topology(
         self, step: int, fraction: float, scores: dict[str, torch.Tensor] | None = None, kind: str = "dst"
     ) -> int:
-        """Drop ``⌈fraction · n_active⌉`` smallest-magnitude active weights per layer and grow as
-        many at the best-scoring positions inactive after the drop; returns the number regrown.
+        """Drop the ``⌈fraction · n_active⌉`` active weights of lowest :meth:`drop_scores` per layer
+        (smallest magnitude) and grow as many at the positions inactive after the drop with the
+        highest :meth:`grow_scores` (``scores`` if given); returns the number regrown.
 
         Layers at density 1 are skipped (see the module docstring). The event logged in
         ``events`` (``mask_updates.parquet``) holds, besides step, kind, drop fraction, regrown
@@ -124,6 +160,7 @@ class SET(MaskedMethod):
         For ``a = 0.2 n`` and ``p = 0.8`` that is 0.667, not 0.8.
         """
         scores = scores if scores is not None else (self._grow_scores or self.grow_scores())
+        drop_scores = self.drop_scores()
         regrown, moved_total, active_total = 0, 0, 0
         moved_per_layer: dict[str, float] = {}
         for n, p in self.masks.params.items():
@@ -133,7 +170,7 @@ class SET(MaskedMethod):
             if k == 0 or n_active == mask.numel():
                 continue  # nothing to drop, or a dense layer: unchanged, as in the reference
             w = p.detach().flatten()
-            drop = torch.topk(w.abs().masked_fill(~mask, float("inf")), k, largest=False).indices
+            drop = torch.topk(drop_scores[n].flatten().masked_fill(~mask, float("inf")), k, largest=False).indices
             new = mask.clone()
             new[drop] = False
             grow = torch.topk(scores[n].flatten().masked_fill(new, float("-inf")), k).indices
@@ -179,11 +216,27 @@ class SET(MaskedMethod):
         self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}
 
 
+@register_method(name="rigl", family="dst", sparsity="dst", start="init", sweep=True,
+                 paper="Evci et al. 2020, \"Rigging the Lottery: Making All Tickets Winners\" (ICML)",
+                 summary="as `set`, but regrow where the dense gradient of the minibatch is largest in magnitude")
 class RigL(SET):
     """Rigging the Lottery: magnitude drop, grow where the dense gradient magnitude is largest."""
 
     name = "rigl"
 
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """Gradient growth: one dense weight gradient every ΔT steps (RigL, App. H)."""
+        return gradient_growth_flops(cost.dense_flops, cost.densities, cost.update_period)
+
     def grow_scores(self) -> dict[str, torch.Tensor]:
         # Called before the gradient is masked: .grad is the dense gradient of this minibatch.
         return {n: p.grad.detach().abs().clone() for n, p in self.masks.params.items()}
+
+
+declare_method(name="dst_ensemble", family="ensemble", sparsity="dst", start="init", ensemble="members",
+               paper="Liu et al. 2022, \"Deep Ensembling with No Overhead for either Training or Testing: The All-Round "
+                     "Blessings of Dynamic Sparsity\" (FreeTickets, ICLR), Sec. 4.1",
+               summary="`train.dst_ensemble.members` independent `train.dst_ensemble.method` (`rigl`) runs; member i of the "
+                       "ensemble of seed k has seed `SeedSequence([k, i])` (31 bits), so no two members of any ensemble seed "
+                       "share a seed (`runs/s<k>/dst_ensemble/member_<i>/`)")

@@ -33,9 +33,22 @@ import torch
 from torch import nn
 
 from sparse_core.config import DSTSection, EDSTSection, PruningSection
+from sparse_core.flops import TrainingCost
+from sparse_core.methods.base import MethodContext
 from sparse_core.methods.dst import SET, RigL, cosine_drop_fraction
+from sparse_core.methods.registry import register_method
 
 
+@register_method(name="edst_ensemble", family="ensemble", sparsity="dst", start="init", ensemble="tickets",
+                 paper="Liu et al. 2022, \"Deep Ensembling with No Overhead for either Training or Testing: The All-Round "
+                       "Blessings of Dynamic Sparsity\" (FreeTickets, ICLR), Sec. 4.2, Algorithm 1",
+                 summary="one run: exploration for `train.edst.exploration_epochs` at constant lr, then M refinement phases (lr "
+                         "×0.1 then ×0.01), a global exploration (`q` of each layer's active weights dropped and regrown) before "
+                         "phases 2..M; ticket m = best-validation checkpoint of phase m (`runs/s<k>/edst_ensemble/tickets/`). "
+                         "Topology updates as in the FreeTickets EDST script: random growth, constant drop fraction 0.5, every "
+                         "ΔT steps through every phase (`train.edst.grow`, `drop_fraction`, `drop_schedule`, "
+                         "`phase_stop_fraction`); `mask_updates.parquet` logs per update the fraction of active positions that "
+                         "moved, per layer")
 class EDST(RigL):
     """One run, ``edst.tickets`` tickets (see module docstring).
 
@@ -55,6 +68,16 @@ class EDST(RigL):
         self.steps_per_epoch = total_steps // epochs
         self.phase_epochs = (epochs - edst.exploration_epochs) // edst.tickets
         self.tickets: list[dict[str, Any] | None] = [None] * edst.tickets
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "EDST":
+        return cls(ctx.model, ctx.total_steps, ctx.pruning, ctx.dst, ctx.edst, ctx.epochs, ctx.seed)
+
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """SET's rule with random growth (``edst.grow: random``), RigL's with gradient growth."""
+        grow = cost.train.edst.grow if cost.train is not None else "gradient"
+        return (RigL if grow == "gradient" else SET).training_flops_per_example(cost)
 
     # ----- phases ---------------------------------------------------------------------------
     def phase_of_epoch(self, epoch: int) -> int:

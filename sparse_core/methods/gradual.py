@@ -23,15 +23,31 @@ import torch
 from torch import nn
 
 from sparse_core.config import SCHEDULE_KEYS_HINT, ConfigError, PruningSection
+from sparse_core.flops import TrainingCost, gradual_training_flops_per_example
 from sparse_core.methods.base import MaskedMethod
+from sparse_core.methods.registry import register_method
 from sparse_core.sparsity import cubic_sparsity
 from sparse_core.sparsity.schedules import gradual_schedule_problem, pruning_end_step
 
 
+@register_method(name="gmp", family="gradual", sparsity="pruning", sweep=True, pruning_schedule=True,
+                 paper="Zhu & Gupta 2017, \"To prune, or not to prune: exploring the efficacy of pruning for model compression\"",
+                 summary="same schedule and period as `dpf`, gradient masked, pruned weights held at 0")
 class GMP(MaskedMethod):
     """Gradual magnitude pruning: masked gradients, mask from ``|m ⊙ w|`` every ``ΔT`` steps."""
 
     name = "gmp"
+    #: Whether the weight gradient is needed at pruned positions (DPF's feedback), for the FLOPs.
+    feedback = False
+
+    @classmethod
+    def training_flops_per_example(cls, cost: TrainingCost) -> float:
+        """The gradual rule over the run's mask-update log
+        (:func:`~sparse_core.flops.gradual_training_flops_per_example`)."""
+        return gradual_training_flops_per_example(
+            cost.dense_flops, cost.densities, [e["step"] for e in cost.events], [e["sparsity"] for e in cost.events],
+            cost.total_steps, feedback=cls.feedback,
+        )  # fmt: skip
 
     def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection):
         problem = gradual_schedule_problem(total_steps, pruning.start_fraction, pruning.end_fraction, pruning.update_period)
@@ -73,6 +89,11 @@ class GMP(MaskedMethod):
             )
 
 
+@register_method(name="dpf", family="gradual", sparsity="pruning", sweep=True, pruning_schedule=True,
+                 paper="Lin et al. 2020, \"Dynamic Model Pruning with Feedback\" (ICLR)",
+                 summary="forward/backward at `m ⊙ w`, gradient applied to the dense `w` (swap-and-restore), mask re-estimated from "
+                         "`|w|` every 16 iterations, cubic schedule 0 → target ending at 75% of training (Lin et al. 2020, Eq. 2; "
+                         "Zhu & Gupta 2017, Eq. 1)")
 class DPF(GMP):
     """Dynamic pruning with feedback via swap-and-restore.
 
@@ -85,6 +106,7 @@ class DPF(GMP):
     """
 
     name = "dpf"
+    feedback = True
     zero_pruned = False  # the mask is re-estimated from the dense |w|; nothing is zeroed
 
     def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection):
@@ -125,6 +147,9 @@ class DPF(GMP):
             self._restore_dense()
 
 
+@register_method(name="oneshot", family="gradual", sparsity="pruning", sweep=True,
+                 paper="Han et al. 2015, \"Learning both Weights and Connections for Efficient Neural Networks\" (NeurIPS)",
+                 summary="dense training, then magnitude pruning to the target in one step at the end")
 class OneShot(MaskedMethod):
     """Dense training, then magnitude pruning to the target in one step at the end.
 
@@ -134,6 +159,7 @@ class OneShot(MaskedMethod):
     """
 
     name = "oneshot"
+    training_flops_per_example = GMP.training_flops_per_example  # dense until its one update
 
     def before_step(self, step: int) -> None:
         pass  # dense phase: all masks are ones
