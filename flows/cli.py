@@ -211,6 +211,16 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             params = load_params(args.params)
             import json
 
+            from sparse_core.methods import registry
+
+            if any(registry.spec(m).params_key for m in params.train.methods):
+                from sparse_core.methods.base import check_method_options
+
+                try:
+                    check_method_options(params.train)
+                except ConfigError as exc:
+                    raise ConfigError(f"{args.params}: {exc}") from None
+
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.command == "methods":
             from sparse_core.methods.registry import markdown_table

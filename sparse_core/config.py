@@ -388,6 +388,13 @@ class DSTEnsembleSection(_Section):
 
 
 class TrainSection(_Section):
+    """The ``train`` section. Besides the keys below it holds one section per method that declares
+    keys of its own (``train.<params_key>``, :class:`~sparse_core.methods.registry.MethodSpec`);
+    their values are checked by the method's ``Options`` model when the method is built and by
+    ``sparseflow validate``, any other key is refused."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
     #: Registered method names (``sparseflow methods`` lists them).
     methods: list[MethodName] = Field(
         default_factory=_trainable
@@ -400,6 +407,17 @@ class TrainSection(_Section):
     dst: DSTSection = DSTSection()
     edst: EDSTSection = EDSTSection()
     dst_ensemble: DSTEnsembleSection = DSTEnsembleSection()
+
+    @model_validator(mode="after")
+    def _only_method_sections(self) -> "TrainSection":
+        owners = registry.params_keys()
+        for key, value in (self.model_extra or {}).items():
+            if key not in owners:
+                known = ", ".join(f"{k} ({m})" for k, m in owners.items()) or "none"
+                raise ValueError(f"train.{key}: unknown key; method sections that registered methods declare: {known}")
+            if not isinstance(value, dict):
+                raise ValueError(f"train.{key}: the {owners[key]} method's section must be a mapping of its keys, got {value!r}")
+        return self
 
     @model_validator(mode="after")
     def _edst_phases_fit(self) -> "TrainSection":

@@ -243,7 +243,7 @@ def _train_run(
     net = getattr(model, "net", model)
     # Built before the run folder is touched: a schedule that cannot work (ConfigError) must not
     # cost the previous run's files.
-    method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs)
+    method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs, t.model_extra, data.shape)
     precision = precision_of(params, parallel.device or device)
     if parallel.is_main:
         _fresh_run_dir(params, run, fingerprint)

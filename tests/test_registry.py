@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 import yaml
@@ -220,3 +221,50 @@ def test_readme_worked_example_registers_and_builds(tmp_path, monkeypatch):
     finally:
         registry.unregister("mest_example")
         sys.modules.pop("mest_example", None)
+
+
+# ----- a method's own params keys ------------------------------------------------------------
+class Scaled(MaskedMethod):
+    """A test method with one key of its own, ``train.scaled.factor``."""
+
+    class Options(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        factor: float = pydantic.Field(1.0, gt=0)
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "Scaled":
+        method = cls(ctx.model, ctx.total_steps, ctx.pruning)
+        method.factor = cls.options(ctx).factor
+        return method
+
+
+@pytest.fixture
+def scaled():
+    register_method(name="scaled", family="pai", sparsity="pruning", params_key="scaled", paper="a test method")(Scaled)
+    yield
+    registry.unregister("scaled")
+
+
+def test_a_method_declares_its_own_params_keys(default_params_dict, scaled):
+    raw = copy.deepcopy(default_params_dict)
+    raw["train"]["scaled"] = {"factor": 2.5}
+    params = parse_params(raw, "params.yaml")
+    assert create_method("scaled", nn.Linear(4, 4), 10, options=params.train.model_extra).factor == 2.5
+    assert create_method("scaled", nn.Linear(4, 4), 10).factor == 1.0  # the section is optional
+    # Part of the train fingerprint: a checkpoint made with another factor is not resumed.
+    other = copy.deepcopy(raw)
+    other["train"]["scaled"] = {"factor": 3.0}
+    assert parse_params(other, "params.yaml").fingerprint("train") != params.fingerprint("train")
+    for bad, expect in (({"factor": -1}, r"train\.scaled\.factor: Input should be greater than 0"),
+                        ({"factr": 1}, r"train\.scaled\.factr: Extra inputs are not permitted")):
+        raw["train"]["scaled"] = bad
+        params = parse_params(raw, "params.yaml")  # structure only: the class is not imported here
+        with pytest.raises(ConfigError, match=expect):
+            create_method("scaled", nn.Linear(4, 4), 10, options=params.train.model_extra)
+    raw["train"]["scaled"] = 3
+    with pytest.raises(ConfigError, match="train.scaled: the scaled method's section must be a mapping"):
+        parse_params(raw, "params.yaml")
+    raw["train"].pop("scaled")
+    raw["train"]["scaledd"] = {"factor": 1}
+    with pytest.raises(ConfigError, match=r"train.scaledd: unknown key; method sections .*: scaled \(scaled\)"):
+        parse_params(raw, "params.yaml")

@@ -27,8 +27,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from sparse_core.config import DSTSection, EDSTSection, PruningSection
+from pydantic import BaseModel, ValidationError
+
+from sparse_core.config import ConfigError, DSTSection, EDSTSection, PruningSection
 from sparse_core.flops import TrainingCost, fixed_mask_flops
+from sparse_core.methods import registry
 from sparse_core.methods.registry import MethodSpec, method_class, register_method
 from sparse_core.sparsity import MaskSet, filter_masks, magnitude_masks, prunable_parameters
 
@@ -44,6 +47,10 @@ class MethodContext:
         pruning, dst, edst: the ``train.pruning``, ``train.dst`` and ``train.edst`` sections.
         seed: the run's seed (masks drawn at random use their own generator from it).
         epochs: epochs of the run (EDST's phases are whole epochs).
+        options: the methods' own params sections (``train.<params_key>`` mappings, unvalidated;
+            :meth:`Method.options` validates the one of the method being built).
+        input_shape: ``(C, H, W)`` of one example, for methods that score connections without
+            data (None when unknown).
     """
 
     model: nn.Module
@@ -53,6 +60,8 @@ class MethodContext:
     edst: EDSTSection = field(default_factory=EDSTSection)
     seed: int = 0
     epochs: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
 
 
 @register_method(name="dense", family="dense", paper="standard end-to-end backpropagation (the baseline)",
@@ -73,6 +82,26 @@ class Method:
         """Training FLOPs per example seen (RigL's convention, Evci et al. 2020, App. H):
         ``3 f_D`` for dense training (see :mod:`sparse_core.flops`)."""
         return fixed_mask_flops(cost.dense_flops, {})
+
+    #: The method's own params keys (a pydantic model), read from ``train.<spec.params_key>``.
+    Options: type[BaseModel] | None = None
+
+    @classmethod
+    def options(cls, ctx: MethodContext) -> Any:
+        """The method's own params (an ``Options`` instance), validated from ``ctx.options``.
+
+        Raises:
+            ConfigError: a key the ``Options`` model does not declare, or a bad value; the
+                message names ``train.<params_key>.<key>``.
+        """
+        key = cls.spec.params_key
+        if cls.Options is None or key is None:
+            raise TypeError(f"method {cls.spec.name!r} declares no options (Options and params_key)")
+        try:
+            return cls.Options.model_validate(ctx.options.get(key) or {})
+        except ValidationError as err:
+            problems = "; ".join(f"train.{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ConfigError(f"method {cls.spec.name!r}: {problems}") from None
 
     def __init__(self, model: nn.Module, total_steps: int):
         self.model = model
@@ -192,13 +221,30 @@ def create_method(
     seed: int = 0,
     edst: EDSTSection | None = None,
     epochs: int = 1,
+    options: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Method:
     """Build a registered method by its params name (``sparse_core.methods.registry.trainable()``
-    and ``retrain``); sections left out take their defaults.
+    and ``retrain``); sections left out take their defaults. ``options``: the methods' own
+    sections (``train.<params_key>``, e.g. ``params.train.model_extra``).
 
     Raises:
         sparse_core.methods.registry.RegistryError: an unknown name, or a method a stage
             builds itself (``dst_ensemble``, ``local_*``: they have no class of their own).
     """
-    ctx = MethodContext(model, total_steps, pruning or PruningSection(), dst or DSTSection(), edst or EDSTSection(), seed, epochs)
+    ctx = MethodContext(model, total_steps, pruning or PruningSection(), dst or DSTSection(), edst or EDSTSection(), seed,
+                        epochs, dict(options or {}), input_shape)  # fmt: skip
     return method_class(name).from_context(ctx)
+
+
+def check_method_options(train: Any) -> None:
+    """Validate every listed method's own section (``train.<params_key>``) with its ``Options``
+    model, importing only the methods that declare one (``sparseflow validate``).
+
+    Raises:
+        ConfigError: the first bad section (names ``train.<params_key>.<key>``).
+    """
+    for name in train.methods:
+        spec = registry.spec(name)
+        if spec.params_key:
+            method_class(name).options(MethodContext(nn.Identity(), 1, options=dict(train.model_extra or {})))

@@ -69,6 +69,9 @@ class MethodSpec:
             sparsity section only).
         pruning_schedule: whether it follows ``train.pruning``'s gradual schedule (start, end,
             update period), which params validation then checks against the run's step count.
+        params_key: the method's own params section, ``train.<params_key>``, whose keys the
+            class declares next to it as ``Options`` (a pydantic model; see
+            :meth:`~sparse_core.methods.base.Method.options`); None when it has none.
         summary: one line for the README's method table.
         module, qualname: where the class lives (empty qualname: no class, see ``declare_method``).
         source: ``file:line`` of the declaration (for error messages).
@@ -83,6 +86,7 @@ class MethodSpec:
     local_variant: str | None = None
     sweep: bool = False
     pruning_schedule: bool = False
+    params_key: str | None = None
     summary: str = ""
     module: str = field(default="", compare=False)
     qualname: str = field(default="", compare=False)
@@ -102,6 +106,8 @@ class MethodSpec:
             raise RegistryError(f"method {self.name!r}{where}: ensemble {self.ensemble!r} must be None, 'members' or 'tickets'")
         if (self.family == "local") != (self.local_variant is not None):
             raise RegistryError(f"method {self.name!r}{where}: local_variant is required for, and only for, family 'local'")
+        if self.params_key is not None and not (self.params_key.isidentifier() and self.params_key == self.params_key.lower()):
+            raise RegistryError(f"method {self.name!r}{where}: params_key {self.params_key!r} must be a lower-case identifier")
         if self.sweep and (self.sparsity is None or self.ensemble is not None):
             raise RegistryError(f"method {self.name!r}{where}: sweep needs a sparsity section and a single run")
         if not self.paper:
@@ -241,6 +247,11 @@ def spec(name: str) -> MethodSpec:
 def names(**where: Any) -> list[str]:
     """Names whose declarations match every ``field=value`` given, e.g. ``names(family="dst")``."""
     return [n for n, s in _index().items() if all(getattr(s, k) == v for k, v in where.items())]
+
+
+def params_keys() -> dict[str, str]:
+    """``{params_key: method name}`` of every method with a params section of its own."""
+    return {s.params_key: n for n, s in _index().items() if s.params_key}
 
 
 def trainable() -> list[str]:
