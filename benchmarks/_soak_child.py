@@ -18,21 +18,22 @@ import warnings
 
 
 def main() -> None:
-    from sparse_core import evalsets, stages
+    from sparse_core import evalsets
+    from sparse_core.jobs import rundirs, scoring, training
     from sparse_core.config import load_params
 
     warnings.filterwarnings("ignore", message="OOD set")  # absent sets are expected offline
     params = load_params("params.yaml")
     if sys.argv[1] == "setup":
-        stages.stage_prepare(params)
-        stages.stage_warmup(params)
+        rundirs.stage_prepare(params)
+        training.stage_warmup(params)
         evalsets.stage_ood(params)
         evalsets.stage_corrupt(params)
         return
     method = sys.argv[2]
     print("ready", flush=True)
-    stages.stage_train(params, method)
-    stages.stage_evaluate(params, method)
+    training.stage_train(params, method)
+    scoring.stage_evaluate(params, method)
     print("done", flush=True)
 
 

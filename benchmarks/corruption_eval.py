@@ -19,7 +19,7 @@ from sparse_core import evalsets
 from sparse_core.config import load_params
 from sparse_core.corruptions import corrupt
 from sparse_core.evaluation import evaluate_probs, model_probs
-from sparse_core.stages import _setup, load_exported, transform_for
+from sparse_core.jobs.rundirs import setup, load_exported, transform_for
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     params = load_params(args.params)
-    device, data, model = _setup(params)
+    device, data, model = setup(params)
     load_exported(params, args.run, model)
     model.to(device)
     t0 = time.perf_counter()

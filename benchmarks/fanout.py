@@ -114,7 +114,7 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f}")
 def _point(seed: int) -> float:
     """One sweep point trained in this process (1 thread); its wall seconds."""
     from sparse_core.config import load_params
-    from sparse_core.stages import stage_sweep_point
+    from sparse_core.jobs.sweeps import stage_sweep_point
 
     t0 = time.perf_counter()
     stage_sweep_point(load_params("params.yaml"), "rigl", 0.8, 100 + seed, 1)

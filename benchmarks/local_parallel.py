@@ -11,7 +11,7 @@ is imported, the same synthetic uint8 images through the project's data path,
 1. ``backprop, 1 thread``: one process, plain SGD step (zero_grad, forward, cross-entropy,
    backward, step) of the whole network;
 2. ``backprop, 2 threads``: the same with 2 intra-op threads;
-3. ``pipeline, 2 x 1 thread``: :func:`sparse_core.local.pipeline.run_pipeline`, ``chunked``
+3. ``pipeline, 2 x 1 thread``: :func:`sparse_core.local.chunk_processes.run_pipeline`, ``chunked``
    with ``--chunks`` chunks split at :func:`sparse_core.local.accounting.flops_balanced_split_points`
    (linear auxiliary heads), one process per chunk, 1 thread each;
 4. ``2 x backprop, 1 thread each`` (the machine's limit): two independent copies of setup 1
@@ -181,7 +181,7 @@ def run_processes(kind: str, threads: int, copies: int, args: argparse.Namespace
 
 def run_pipe(args: argparse.Namespace, points: list[int]) -> dict:
     from sparse_core.config import OptimSection
-    from sparse_core.local.pipeline import PipelineSpec, run_pipeline
+    from sparse_core.local.chunk_processes import PipelineSpec, run_pipeline
 
     split, transform = _data(args.model, args.batch_size)
     tail = 3  # steps after the timed ones: the last chunk's timed steps never run with the others idle

@@ -15,7 +15,7 @@ spent outside stage work.
       nothing; everything else is the real command (argument parsing, params validation, the
       ``aggregate`` Prefect flow run with its task run, reporting to the server). Target <= 1.5 s;
     - the same with Prefect's flow-run heartbeats on (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180``,
-      Prefect 3.9's default, which stage processes turn off: ``flows.stages.stage_settings``);
+      Prefect 3.9's default, which stage processes turn off: ``flows.stage_flows.stage_settings``);
     - the real ``aggregate`` stage (``sparseflow run aggregate``) on per-seed metrics files this
       script writes: its work (from ``SPARSEFLOW_TIMINGS``) and the import of its library.
 

@@ -145,7 +145,7 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
         gc.disable()
     from prefect import tags
 
-    from flows.stages import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX, stage_settings
+    from flows.stage_flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX, stage_settings
 
     if console:
         gc.freeze()
@@ -156,7 +156,7 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
 
 
 def _dispatch_stage(args: argparse.Namespace) -> None:
-    from flows import stages as f
+    from flows import stage_flows as f
 
     stage_flow = getattr(f, f"{args.stage}_flow")  # only this stage's flow is built
     if args.stage in ("prepare", "ood", "corrupt", "report", "local_analysis", "curves_report"):
@@ -172,7 +172,7 @@ def _dispatch_stage(args: argparse.Namespace) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from flows.pipeline import use_profile
+    from flows.repro_flow import use_profile
 
     src = use_profile(Path("."), args.name, args.params)
     print(f"{args.params} <- {src}; run `dvc repro` (or `make repro`); `git checkout {args.params}` restores the default")
@@ -229,14 +229,14 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         elif args.command == "run":
             _run_stage(args, console)
         elif args.command == "local-worker":
-            from sparse_core.stages import stage_local_worker
+            from sparse_core.jobs.local_runs import stage_local_worker
 
             out = stage_local_worker(seeded(load_params(args.params), args.seed), args.method)
             if out is not None:
                 print(f"sparseflow local-worker: {args.method} exported to {out}")
         elif args.command == "ddp-worker":
             from sparse_core.distributed import MaskDivergenceError
-            from sparse_core.stages import stage_train_ddp
+            from sparse_core.jobs.training import stage_train_ddp
 
             try:
                 out = stage_train_ddp(seeded(load_params(args.params), args.seed), args.method)
@@ -250,11 +250,11 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
 
             return compare.run(args)
         elif args.command == "pipeline":
-            from flows.pipeline import pipeline_flow
+            from flows.repro_flow import pipeline_flow
 
             pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait)
         elif args.command == "sweep":
-            from flows import stages as f
+            from flows import stage_flows as f
 
             load_params(args.params)
             out = f.with_task_runner(f.sweep_flow, args.params)(args.method, args.sparsity, args.seeds, args.params)

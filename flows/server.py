@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
+ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
 
 
 def _prefect_executable() -> str:
@@ -101,7 +101,7 @@ def ensure_process_pool(name: str) -> None:
 
 def serve_or_deploy(args: argparse.Namespace) -> None:
     """``sparseflow serve`` (blocks, serving runs) or ``sparseflow deploy`` (registers and returns)."""
-    from flows.pipeline import pipeline_flow
+    from flows.repro_flow import pipeline_flow
 
     repo = Path.cwd().resolve()
     if not (repo / "dvc.yaml").is_file():

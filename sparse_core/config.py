@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from sparse_core.methods import registry
 
-#: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.registry`).
+#: Datasets the ``prepare`` stage knows (see :mod:`sparse_core.data.sources`).
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 
 
@@ -414,7 +414,8 @@ class TrainSection(_Section):
         for key, value in (self.model_extra or {}).items():
             if key not in owners:
                 known = ", ".join(f"{k} ({m})" for k, m in owners.items()) or "none"
-                raise ValueError(f"train.{key}: unknown key; method sections that registered methods declare: {known}")
+                raise ValueError(f"train.{key} = {_REPR.repr(value)}: Extra inputs are not permitted (the train section's "
+                                 f"own keys, or a method section that a registered method declares: {known})")
             if not isinstance(value, dict):
                 raise ValueError(f"train.{key}: the {owners[key]} method's section must be a mapping of its keys, got {value!r}")
         return self

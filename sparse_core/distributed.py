@@ -1,7 +1,7 @@
 """Data-parallel training (DistributedDataParallel) of any training method, masks verified across ranks.
 
 Launch: ``torchrun --standalone --nproc-per-node W --no-python sparseflow ddp-worker --method dpf``
-(:func:`sparse_core.stages.stage_train_ddp`). :func:`init_distributed` reads torchrun's
+(:func:`sparse_core.jobs.training.stage_train_ddp`). :func:`init_distributed` reads torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and
 starts the process group: gloo on CPU, NCCL with one GPU per ``LOCAL_RANK`` on CUDA.
 

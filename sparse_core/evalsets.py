@@ -74,7 +74,7 @@ def noise_images(kind: str, n: int, shape: tuple[int, int, int], seed: int) -> t
 
 
 def _dataset_test_images(name: str, raw_dir: Path, download: bool, limit: int) -> torch.Tensor:
-    from sparse_core.data.registry import REGISTRY  # built on first use (torchvision)
+    from sparse_core.data.sources import REGISTRY  # built on first use (torchvision)
 
     spec = REGISTRY[name]
     dest = raw_dir / spec.subdir

@@ -1,6 +1,6 @@
 """Export a trained run so that its sparsity pays at inference: ``compact``, ``sparse``, ``onnx``.
 
-A run folder (``<runs_dir>/s<seed>/<run>/``, see :mod:`sparse_core.stages`) holds the masked
+A run folder (``<runs_dir>/s<seed>/<run>/``, see :mod:`sparse_core.jobs.rundirs`) holds the masked
 weights ``m ⊙ w`` (``model.safetensors``), the masks (``masks.safetensors``) and the resolved
 params (``config.json``). The *masked model* is the registry network with those weights, in
 eval mode; every export here computes the same function as the masked model.

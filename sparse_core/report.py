@@ -344,7 +344,7 @@ def curve_points(params: Params) -> pd.DataFrame:
     Raises:
         FileNotFoundError: a ``curves@<method>-<seed>`` stage has not written its points.
     """
-    from sparse_core.stages import curve_points_path
+    from sparse_core.jobs.sweeps import curve_points_path
 
     frames = []
     for method in params.curves.methods:

@@ -57,7 +57,7 @@ def stage_work(task: str, module: str) -> Iterator[ModuleType]:
     """Import ``module`` (a :mod:`sparse_core` module) and yield it; the ``with`` body is the
     stage's work. With ``SPARSEFLOW_TIMINGS`` set, one ``work`` line records both intervals.
 
-    The library is imported here, inside the task, rather than when :mod:`tasks.stages` is
+    The library is imported here, inside the task, rather than when :mod:`tasks.stage_tasks` is
     imported: a stage's command line, its validation and its Prefect flow run then start
     without torch, torchvision, pandas or scikit-learn (seconds per process).
     """

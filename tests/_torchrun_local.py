@@ -7,7 +7,7 @@ import torch
 
 from tests.test_local import _spec  # noqa: E402
 
-from sparse_core.local.pipeline import run_pipeline_torchrun  # noqa: E402
+from sparse_core.local.chunk_processes import run_pipeline_torchrun  # noqa: E402
 
 if __name__ == "__main__":
     out = run_pipeline_torchrun(_spec("chunked", steps=6), sys.argv[1] + "_parts")

@@ -32,7 +32,7 @@ def _loaded_after(code: str) -> list[str]:
         "from sparse_core.config import load_params\nload_params('params.yaml')",
         # an explicit corruption list is checked against sparse_core.corruption_names
         "from sparse_core.config import load_params\nload_params('profiles/tiny.yaml')",
-        "import flows.stages, tasks.stages, flows.runners, flows.pipeline\nflows.stages.train_flow, flows.stages.prepare_flow",
+        "import flows.stage_flows, tasks.stage_tasks, flows.runners, flows.repro_flow\nflows.stage_flows.train_flow, flows.stage_flows.prepare_flow",
     ],
     ids=["import-cli", "parse-args", "validate-params", "validate-tiny-profile", "build-flows"],
 )
@@ -43,12 +43,12 @@ def test_stage_path_does_not_import_heavy_libraries(code):
 def test_a_training_stage_library_loads_without_torchvision_or_sklearn():
     """Training reads the prepared Parquet file: the dataset registry (torchvision), the OOD
     metrics (scikit-learn) and the corruptions (SciPy) load only where they are used."""
-    assert _loaded_after("import sparse_core.stages") == ["torch", "pandas"]
+    assert _loaded_after("import sparse_core.jobs.training") == ["torch", "pandas"]
 
 
 def test_a_stage_task_still_gets_the_library():
     """The library arrives with the work: stage_work imports it (and the work then runs)."""
-    assert "torch" in _loaded_after("from tasks.timing import stage_work\nwith stage_work('t', 'sparse_core.stages') as s:\n    s.stage_train")
+    assert "torch" in _loaded_after("from tasks.timing import stage_work\nwith stage_work('t', 'sparse_core.jobs.training') as s:\n    s.stage_train")
 
 
 def test_builtin_model_names_equal_the_registry():
@@ -57,7 +57,7 @@ def test_builtin_model_names_equal_the_registry():
     from sparse_core import models
 
     before = models.available_models()
-    from sparse_core.models import registry
+    from sparse_core.models import builders as registry
 
     models.create_model("lenet5", in_channels=1, num_classes=10, image_size=28)  # loads every model module
     assert sorted(registry._MODELS) == sorted(models.BUILTIN_MODELS) == before == models.available_models()
@@ -66,7 +66,7 @@ def test_builtin_model_names_equal_the_registry():
 def test_lazy_flows_are_prefect_flows_built_once():
     from prefect import Flow
 
-    import flows.stages as f
+    import flows.stage_flows as f
 
     assert isinstance(f.train_flow, Flow) and f.train_flow.name == "train"
     assert f.train_flow is f.train_flow  # built on first access, then a plain module attribute
@@ -78,7 +78,7 @@ def test_lazy_flows_are_prefect_flows_built_once():
 def test_stage_settings_turn_heartbeats_off_unless_the_environment_sets_them(monkeypatch):
     from prefect.settings import get_current_settings
 
-    from flows.stages import HEARTBEAT_ENV, stage_settings
+    from flows.stage_flows import HEARTBEAT_ENV, stage_settings
 
     monkeypatch.delenv(HEARTBEAT_ENV, raising=False)
     outside = get_current_settings()

@@ -222,7 +222,8 @@ def test_loss_weights_make_the_rank_average_the_global_mean():
 
 def test_ddp_worker_cli_trains_dpf_on_the_tiny_profile(tmp_path, mirror, monkeypatch):
     from sparse_core.config import load_params
-    from sparse_core.stages import stage_prepare, stage_train
+    from sparse_core.jobs.rundirs import stage_prepare
+    from sparse_core.jobs.training import stage_train
 
     monkeypatch.chdir(tmp_path)  # the project folder: the profile's relative data/runs/plots paths land here
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())

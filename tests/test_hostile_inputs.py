@@ -31,7 +31,8 @@ from sparse_core.artifacts import ArtifactError, CheckpointError, load_checkpoin
 from sparse_core.config import PATH_KEYS, ConfigError, DataSection, load_params, parse_params
 from sparse_core.data import DataError, load_prepared, prepare_dataset
 from sparse_core.data.fetch import fetch_file, md5sum
-from sparse_core.data.registry import RawFile, load_array_pickle
+from sparse_core.data.fetch import RawFile
+from sparse_core.data.sources import load_array_pickle
 from sparse_core.sparsity.masks import MaskSet, prunable_parameters
 from tests.conftest import TinyNet
 
@@ -502,7 +503,7 @@ def _fake_cifar(root: Path, n: int = 4) -> type:
 
 
 def test_cifar_reader_equals_torchvision_on_a_cifar_format_archive(tmp_path):
-    from sparse_core.data.registry import _cifar
+    from sparse_core.data.sources import _cifar
 
     cls = _fake_cifar(tmp_path)
     ours = {t: _cifar(cls)(str(tmp_path / "raw"), t) for t in (True, False)}

@@ -15,7 +15,7 @@ from sparse_core.data import BatchTransform, Split
 from sparse_core.local import LocalNet, build_local, make_windows, owners, split_blocks
 from sparse_core.local.accounting import step_accounting
 from sparse_core.local.analysis import gradient_cosine, pareto_front, random_label_accuracy, steps_to_target
-from sparse_core.local.pipeline import PipelineError, PipelineSpec, run_pipeline
+from sparse_core.local.chunk_processes import PipelineError, PipelineSpec, run_pipeline
 from sparse_core.models import create_model
 
 MODELS = {
@@ -242,7 +242,7 @@ def test_later_chunks_read_the_loaders_labels_without_the_images():
     """Chunks after the first get labels only, in the loader's order, batch sizes and epochs
     (with crop and flip drawing from the same generator), not the images."""
     from sparse_core.data import iterate_batches
-    from sparse_core.local.pipeline import _label_batches
+    from sparse_core.local.chunk_processes import _label_batches
 
     g = torch.Generator().manual_seed(1)
     train = Split(torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 10, (70,), generator=g))

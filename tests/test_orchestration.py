@@ -208,7 +208,7 @@ def tiny_project(tmp_path, mirror, monkeypatch):
     """The tiny profile (2 DST Ensemble members) with its data prepared, in a temporary working
     directory."""
     from sparse_core.config import load_params
-    from sparse_core.stages import stage_prepare
+    from sparse_core.jobs.rundirs import stage_prepare
 
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
     raw["train"]["dst_ensemble"]["members"] = 2
@@ -229,9 +229,9 @@ def test_dst_members_on_a_two_worker_dask_cluster_are_byte_identical(tiny_projec
     from prefect_dask import DaskTaskRunner
 
     from flows.runners import task_threads
-    from flows.stages import train_flow
+    from flows.stage_flows import train_flow
     from sparse_core.config import load_params, seeded
-    from sparse_core.stages import stage_train_member
+    from sparse_core.jobs.training import stage_train_member
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -275,10 +275,10 @@ def test_sweep_points_train_at_their_sparsity_and_seed(tiny_project, prefect_ser
     import pandas as pd
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.stages import sweep_flow
+    from flows.stage_flows import sweep_flow
     from sparse_core.artifacts import load_tensors
     from sparse_core.config import load_params
-    from sparse_core.stages import stage_sweep_point
+    from sparse_core.jobs.sweeps import stage_sweep_point
 
     with pytest.raises(ValueError, match="sweep: method 'dense' has no target sparsity"):
         stage_sweep_point(load_params("params.yaml"), "dense", 0.5, 0)

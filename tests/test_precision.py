@@ -147,7 +147,7 @@ def test_config_refuses_fp16_on_cpu_and_fingerprints_precision(default_params_di
 def test_stage_refuses_fp16_without_cuda(tmp_path, default_params_dict):
     """``device: auto`` passes validation; the stage refuses fp16 on CPU before touching the run
     folder (the device is given, so this holds on machines with CUDA too)."""
-    from sparse_core.stages import precision_of
+    from sparse_core.jobs.rundirs import precision_of
 
     d = default_params_dict
     params = Params.model_validate({**d, "base": {**d["base"], "device": "auto", "precision": "fp16"}})
@@ -199,7 +199,7 @@ def test_local_pipeline_trains_in_bf16():
     """``local.execution: pipeline`` honours base.precision: each chunk computes in bf16 (its
     weights differ from the fp32 simulation's, though close), activations travel in float32
     and the merged weights are float32."""
-    from sparse_core.local.pipeline import run_pipeline
+    from sparse_core.local.chunk_processes import run_pipeline
     from tests.test_local import _simulate, _spec
 
     spec = _spec("chunked", steps=4, precision="bf16", channels_last=True)

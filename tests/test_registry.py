@@ -116,7 +116,8 @@ def registered_here():
 def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, monkeypatch, mirror, registered_here):
     """One class, registered here: trained from its own init, evaluated (FLOPs: the fixed-mask
     rule it inherits) and reported, with no other file changed."""
-    from sparse_core import evalsets, report, stages
+    from sparse_core import evalsets, report
+    from sparse_core.jobs import rundirs, scoring, training
     from sparse_core.config import load_params, seeded
 
     monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(mirror))
@@ -129,18 +130,18 @@ def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, 
     raw["corrupt"]["corruptions"], raw["corrupt"]["severities"] = ["contrast"], [1]
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params("params.yaml")
-    stages.stage_prepare(params)
+    rundirs.stage_prepare(params)
     evalsets.stage_ood(params)
     evalsets.stage_corrupt(params)
     run = seeded(params)
-    stages.stage_warmup(run)
+    training.stage_warmup(run)
     for method in ("dense", "half_magnitude"):
-        stages.stage_train(run, method)
-        stages.stage_evaluate(run, method)
+        training.stage_train(run, method)
+        scoring.stage_evaluate(run, method)
         report.stage_aggregate(params, method)
     report.stage_report(params)
 
-    config = json.loads((stages.run_dir(run, "half_magnitude") / "config.json").read_text())
+    config = json.loads((rundirs.run_dir(run, "half_magnitude") / "config.json").read_text())
     assert config["method"] == "half_magnitude" and config["init"] == "seed"  # start="init": not the warmup
     metrics = json.loads(Path(params.base.metrics_dir, "seeds", "s0", "half_magnitude.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01) and metrics["target_sparsity"] == 0.5
@@ -266,5 +267,5 @@ def test_a_method_declares_its_own_params_keys(default_params_dict, scaled):
         parse_params(raw, "params.yaml")
     raw["train"].pop("scaled")
     raw["train"]["scaledd"] = {"factor": 1}
-    with pytest.raises(ConfigError, match=r"train.scaledd: unknown key; method sections .*: scaled \(scaled\)"):
+    with pytest.raises(ConfigError, match=r"train.scaledd = .*Extra inputs are not permitted .*: .*scaled \(scaled\)"):
         parse_params(raw, "params.yaml")

@@ -3,7 +3,7 @@ two separate processes (no state shared), export byte-identical files.
 
 One subprocess per folder runs the stages in order (prepare, warmup, ood, corrupt, then
 train + evaluate of ``dpf`` and ``rigl``) on the tiny profile with one intra-op thread; CPU
-results are reproducible for a fixed thread count (see ``sparse_core.stages._setup``). The two
+results are reproducible for a fixed thread count (see ``sparse_core.jobs.rundirs.setup``). The two
 processes run concurrently to halve the wall time.
 """
 
@@ -33,18 +33,19 @@ TIMING_COLUMNS = ["seconds", "images_per_s"]
 
 SCRIPT = """
 import warnings
-from sparse_core import evalsets, stages
+from sparse_core import evalsets
+from sparse_core.jobs import rundirs, scoring, training
 from sparse_core.config import load_params
 
 warnings.filterwarnings("ignore", message="OOD set")
 params = load_params("params.yaml")
-stages.stage_prepare(params)
-stages.stage_warmup(params)
+rundirs.stage_prepare(params)
+training.stage_warmup(params)
 evalsets.stage_ood(params)
 evalsets.stage_corrupt(params)
 for method in {methods!r}:
-    stages.stage_train(params, method)
-    stages.stage_evaluate(params, method)
+    training.stage_train(params, method)
+    scoring.stage_evaluate(params, method)
 """
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from sparse_core.config import ConfigError
 from sparse_core.data import DataError
-from tasks.stages import IO_RETRIES, is_transient
+from tasks.stage_tasks import IO_RETRIES, is_transient
 
 
 @pytest.mark.parametrize(

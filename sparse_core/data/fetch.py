@@ -13,12 +13,21 @@ import hashlib
 import os
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from sparse_core.artifacts import atomic_dir, atomic_path
-from sparse_core.data.registry import RawFile
 
 MIRROR_ENV = "SPARSEFLOW_DATA_MIRROR"
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """One archive a dataset needs: its name, official md5 and download URL."""
+
+    filename: str
+    md5: str
+    url: str
 
 
 class DataError(RuntimeError):

@@ -146,7 +146,7 @@ def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarr
     if cfg.dataset == "imagefolder":
         arrays, classes = _read_imagefolder(cfg, raw_dir)
         return arrays, classes, True
-    from sparse_core.data.registry import REGISTRY  # built on first use (torchvision)
+    from sparse_core.data.sources import REGISTRY  # built on first use (torchvision)
 
     spec = REGISTRY[cfg.dataset]
     dest = raw_dir / spec.subdir

@@ -4,7 +4,7 @@ Updates", arXiv 2012.03837): chunk-wise truncated backprop with auxiliary heads.
 - :mod:`~sparse_core.local.blocks`: registry models as block sequences;
 - :mod:`~sparse_core.local.windows`: the variants (backprop, greedy, overlapping, chunked);
 - :mod:`~sparse_core.local.model`: :class:`LocalNet`, heads, the exact simulation;
-- :mod:`~sparse_core.local.pipeline`: one process per chunk with ``torch.distributed``;
+- :mod:`~sparse_core.local.chunk_processes`: one process per chunk with ``torch.distributed``;
 - :mod:`~sparse_core.local.accounting`: training FLOPs and critical path;
 - :mod:`~sparse_core.local.analysis`: batch-size sweep, gradient cosine, random labels.
 """

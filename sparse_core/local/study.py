@@ -88,7 +88,7 @@ def measured_step_time(params: Params, variant: str, build, train: Split, tf: Ba
     from sparse_core.config import OptimSection
     from sparse_core.data import iterate_batches
     from sparse_core.local.analysis import _sgd, local_step
-    from sparse_core.local.pipeline import PipelineSpec, run_pipeline
+    from sparse_core.local.chunk_processes import PipelineSpec, run_pipeline
 
     warmup, drain = 3, 3
     local = build_seeded(build, params.base.seed)

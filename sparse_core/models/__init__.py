@@ -28,18 +28,18 @@ def _registry():
     """The registry, with every built-in model module imported (registered)."""
     for name in MODEL_MODULES:
         importlib.import_module(f"{__name__}.{name}")
-    return importlib.import_module(f"{__name__}.registry")
+    return importlib.import_module(f"{__name__}.builders")
 
 
 def available_models() -> list[str]:
     """Sorted names of the built-in models and of any model registered in this process."""
-    registry = sys.modules.get(f"{__name__}.registry")
+    registry = sys.modules.get(f"{__name__}.builders")
     registered = registry.available_models() if registry is not None else []
     return sorted(BUILTIN_MODELS.union(registered))
 
 
 def create_model(name: str, **kwargs: Any):
-    """Build a registered model (see :func:`sparse_core.models.registry.create_model`).
+    """Build a registered model (see :func:`sparse_core.models.builders.create_model`).
 
     Raises:
         KeyError: unknown ``name`` (message lists the registered names).
@@ -50,7 +50,7 @@ def create_model(name: str, **kwargs: Any):
 
 def register_model(name: str) -> Callable:
     """Decorator registering a model constructor under ``name`` (see
-    :func:`sparse_core.models.registry.register_model`).
+    :func:`sparse_core.models.builders.register_model`).
 
     Raises:
         ValueError: ``name`` is registered already (built-in names included).

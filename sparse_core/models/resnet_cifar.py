@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_core.models.registry import register_model
+from sparse_core.models.builders import register_model
 
 
 class _PadShortcut(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_core.models.registry import register_model
+from sparse_core.models.builders import register_model
 from sparse_core.models.resnet_cifar import CifarResNet
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_core.models.registry import register_model
+from sparse_core.models.builders import register_model
 
 
 class WideBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""Tasks wrapping the stage functions of :mod:`sparse_core.stages`.
+"""Tasks wrapping the stage functions of the modules of :mod:`sparse_core.jobs`.
 
 Every task retries transient I/O failures (:func:`transient_io`: a flaky network file system,
 a busy file, a timeout) twice, 5 s apart; a stage function resumes from its last checkpoint,
@@ -6,7 +6,7 @@ so a retried training task continues instead of starting over. Deterministic fai
 params, missing or corrupt data, a diverged run) are never retried: a retry would fail the
 same way.
 
-The library (:mod:`sparse_core.stages` and the modules it pulls in: torch, torchvision,
+The library (the modules of :mod:`sparse_core.jobs` and the modules it pulls in: torch, torchvision,
 pandas, scikit-learn) is imported inside each task, by :func:`tasks.timing.stage_work`, not
 when this module is imported: a stage process validates its params and starts its Prefect
 flow run first, and a stage that fails validation never pays for those imports.
@@ -56,15 +56,13 @@ def transient_io(task, task_run, state) -> bool:
 #: Options shared by every task of this module.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient_io}
 
-STAGES = "sparse_core.stages"
-
 
 @task(name="prepare-dataset", **IO_RETRIES)
 def prepare_dataset(params_path: str) -> str:
     """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
     params = load_params(params_path)
-    with stage_work("prepare-dataset", STAGES) as stages:
-        return str(stages.stage_prepare(params))
+    with stage_work("prepare-dataset", "sparse_core.jobs.rundirs") as jobs:
+        return str(jobs.stage_prepare(params))
 
 
 @task(name="prepare-ood-sets", **IO_RETRIES)
@@ -132,40 +130,40 @@ def run_params(params_path: str, seed: int | None):
 def dense_warmup(params_path: str, seed: int | None = None) -> str:
     """Dense warmup run -> ``runs/s<seed>/warmup/``."""
     params = run_params(params_path, seed)
-    with stage_work("dense-warmup", STAGES) as stages:
-        return str(stages.stage_warmup(params))
+    with stage_work("dense-warmup", "sparse_core.jobs.training") as jobs:
+        return str(jobs.stage_warmup(params))
 
 
 @task(name="train-run", **IO_RETRIES, task_run_name="train-{method}-s{seed}")
 def train_run(params_path: str, method: str, seed: int | None = None) -> str:
     """One training run of ``method`` -> ``runs/s<seed>/<method>/``."""
     params = run_params(params_path, seed)
-    with stage_work("train-run", STAGES) as stages:
-        return str(stages.stage_train(params, method))
+    with stage_work("train-run", "sparse_core.jobs.training") as jobs:
+        return str(jobs.stage_train(params, method))
 
 
 @task(name="train-member", **IO_RETRIES, task_run_name="train-{name}-member-{member}-s{seed}")
 def train_member(params_path: str, name: str, member: int, num_threads: int = 0, seed: int | None = None) -> str:
     """Member ``member`` of the members ensemble ``name`` (the DST Ensemble) -> ``runs/s<seed>/<name>/member_<i>/``."""
     params = run_params(params_path, seed)
-    with stage_work("train-member", STAGES) as stages:
-        return str(stages.stage_train_member(params, name, member, num_threads))
+    with stage_work("train-member", "sparse_core.jobs.training") as jobs:
+        return str(jobs.stage_train_member(params, name, member, num_threads))
 
 
 @task(name="sweep-point", **IO_RETRIES, task_run_name="{group}-{method}-s{sparsity}-seed{seed}")
 def sweep_point(params_path: str, method: str, sparsity: float, seed: int, num_threads: int = 0, group: str = "sweeps") -> dict:
     """One sparsity × seed point -> ``runs/s<k>/<group>/<method>/s<S>-seed<k>/``; returns its row."""
     params = load_params(params_path)
-    with stage_work("sweep-point", STAGES) as stages:
-        return stages.stage_sweep_point(params, method, sparsity, seed, num_threads, group)
+    with stage_work("sweep-point", "sparse_core.jobs.sweeps") as jobs:
+        return jobs.stage_sweep_point(params, method, sparsity, seed, num_threads, group)
 
 
 @task(name="write-curve-points", **IO_RETRIES, task_run_name="write-curve-points-{method}-s{seed}")
 def write_curve_points(params_path: str, method: str, seed: int, rows: list) -> str:
     """``reports/curves/points/<method>-s<seed>.csv``."""
     params = run_params(params_path, seed)
-    with stage_work("write-curve-points", STAGES) as stages:
-        return str(stages.write_curve_points(params, method, rows))
+    with stage_work("write-curve-points", "sparse_core.jobs.sweeps") as jobs:
+        return str(jobs.write_curve_points(params, method, rows))
 
 
 @task(name="curves-report", **IO_RETRIES)
@@ -180,8 +178,8 @@ def curves_report(params_path: str) -> str:
 def write_sweep(params_path: str, method: str, rows: list) -> str:
     """``reports/sweeps/<method>.csv``; also the table artifact ``sweep-<method>``."""
     params = load_params(params_path)
-    with stage_work("write-sweep", STAGES) as stages:
-        out = stages.write_sweep(params, method, rows)
+    with stage_work("write-sweep", "sparse_core.jobs.sweeps") as jobs:
+        out = jobs.write_sweep(params, method, rows)
     table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"} for r in rows]
     create_table_artifact(key=f"sweep-{method.replace('_', '-')}", table=table, description=f"Sparsity × seed sweep of {method}")
     return str(out)
@@ -191,24 +189,24 @@ def write_sweep(params_path: str, method: str, rows: list) -> str:
 def finish_members(params_path: str, name: str, seed: int | None = None) -> str:
     """Combined training curves of the members of ensemble ``name`` -> ``plots/seeds/s<seed>/history/<name>.csv``."""
     params = run_params(params_path, seed)
-    with stage_work("finish-members", STAGES) as stages:
-        return str(stages.finish_members(params, name))
+    with stage_work("finish-members", "sparse_core.jobs.training") as jobs:
+        return str(jobs.finish_members(params, name))
 
 
 @task(name="collect-ensemble", **IO_RETRIES, task_run_name="collect-{name}-s{seed}")
 def collect_ensemble(params_path: str, name: str, seed: int | None = None) -> str:
     """Member probabilities of ensemble ``name`` -> ``ensembles/s<seed>/<name>/``."""
     params = run_params(params_path, seed)
-    with stage_work("collect-ensemble", STAGES) as stages:
-        return str(stages.stage_collect(params, name))
+    with stage_work("collect-ensemble", "sparse_core.jobs.ensembles") as jobs:
+        return str(jobs.stage_collect(params, name))
 
 
 @task(name="evaluate-ensemble", **IO_RETRIES, task_run_name="evaluate-{name}-s{seed}")
 def evaluate_ensemble(params_path: str, name: str, seed: int | None = None) -> dict:
     """Ensemble metrics from the cached probabilities -> ``metrics/seeds/s<seed>/<name>.json``."""
     params = run_params(params_path, seed)
-    with stage_work("evaluate-ensemble", STAGES) as stages:
-        metrics = stages.stage_evaluate_ensemble(params, name)
+    with stage_work("evaluate-ensemble", "sparse_core.jobs.ensembles") as jobs:
+        metrics = jobs.stage_evaluate_ensemble(params, name)
     row = {k: round(metrics["test"][k], 4) for k in ("accuracy", "nll", "ece", "member_accuracy_mean", "disagreement", "kl")}
     row["training_flops_ratio"] = round(metrics["flops"]["training_ratio"], 4)
     key = f"metrics-{name.replace('_', '-')}-s{params.base.seed}"
@@ -220,8 +218,8 @@ def evaluate_ensemble(params_path: str, name: str, seed: int | None = None) -> d
 def retrain_run(params_path: str, run: str, seed: int | None = None) -> str:
     """Fine-tune ``run`` with its mask frozen -> ``runs/s<seed>/<run>_retrain/``."""
     params = run_params(params_path, seed)
-    with stage_work("retrain-run", STAGES) as stages:
-        return str(stages.stage_retrain(params, run))
+    with stage_work("retrain-run", "sparse_core.jobs.training") as jobs:
+        return str(jobs.stage_retrain(params, run))
 
 
 @task(name="aggregate-model", **IO_RETRIES, task_run_name="aggregate-{model}")
@@ -236,8 +234,8 @@ def aggregate_model(params_path: str, model: str) -> str:
 def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
     """Metrics of ``run`` -> ``metrics/seeds/s<seed>/<run>.json``; also published as a Prefect table artifact."""
     params = run_params(params_path, seed)
-    with stage_work("evaluate-run", STAGES) as stages:
-        metrics = stages.stage_evaluate(params, run)
+    with stage_work("evaluate-run", "sparse_core.jobs.scoring") as jobs:
+        metrics = jobs.stage_evaluate(params, run)
     import pandas as pd  # loaded by the stage already
 
     row = {

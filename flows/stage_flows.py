@@ -4,7 +4,7 @@ any task writes a file.
 The flows (``prepare_flow``, ``train_flow``, ...) are Prefect flows built on first access
 (PEP 562 module ``__getattr__``), not when this module is imported: building one costs
 10-20 ms (Prefect derives a parameter schema with pydantic), and a stage process needs one
-of fourteen. ``from flows.stages import train_flow`` works as usual.
+of fourteen. ``from flows.stage_flows import train_flow`` works as usual.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from sparse_core.config import load_params, seeded
 from sparse_core.methods import registry
 from flows.runners import fan_out, make_task_runner, task_threads
-from tasks import stages as t
+from tasks import stage_tasks as t
 
 #: Environment variable through which stage commands learn the pipeline run that started them.
 PIPELINE_RUN_ENV = "SPARSEFLOW_PIPELINE_RUN_ID"

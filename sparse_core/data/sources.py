@@ -14,14 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class RawFile:
-    """One archive a dataset needs: its name, official md5 and download URL."""
-
-    filename: str
-    md5: str
-    url: str
+from sparse_core.data.fetch import DataError, RawFile
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,6 @@ def load_array_pickle(path: str | Path) -> Any:
     Raises:
         DataError: the file holds other objects (refused, not run), or is truncated or corrupt.
     """
-    from sparse_core.data.fetch import DataError  # fetch imports this module
 
     try:
         with open(path, "rb") as f:

@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 # Defined with the stage flows (a stage process reads them without importing this module).
-from flows.stages import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401
+from flows.stage_flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401
 from flows.workspace import workspace_lock
 
 

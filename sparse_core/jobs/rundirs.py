@@ -1,0 +1,238 @@
+"""Run folders, seeds, data and model set-up, export and fingerprints: what every job shares.
+
+Layout of a run folder ``<runs_dir>/s<seed>/<run>/``:
+
+==========================  ===========================================================
+``last.pt``                 checkpoint of the last finished epoch (resume)
+``model.safetensors``       exported weights (``m ⊙ w``) with buffers, for evaluation
+``masks.safetensors``       masks of the prunable set (pruning methods only)
+``layers.parquet``          per-layer table (name, shape, target/realised density, nonzeros)
+``history.parquet``         one row per epoch
+``mask_updates.parquet``    one row per mask update (gmp, dpf, oneshot, dst)
+``config.json``             resolved params, method, package/torch/data versions
+==========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import shutil
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sparse_core import artifacts
+from sparse_core.config import ConfigError, Params
+from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
+from sparse_core.checkpoint import CheckpointStore
+from sparse_core.engine import resolve_device, seed_everything
+from sparse_core.methods import registry
+from sparse_core.methods.base import Method
+from sparse_core.models import create_model
+from sparse_core.precision import Precision
+from sparse_core.sparsity import MaskSet, prunable_parameters
+
+
+WARMUP_RUN = "warmup"
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tuple[torch.device, PreparedData, nn.Module]:
+    """Seed, pick the device, load the prepared data and build the seeded model.
+
+    ``num_threads`` (else ``base.num_threads``; 0 keeps torch's default) sets torch's intra-op
+    threads. CPU results depend on it in the last bits, so a task fanned out to another
+    process gets the thread count of the process that would have run it sequentially.
+    """
+    seed = params.base.seed if seed is None else seed
+    seed_everything(seed, params.base.deterministic)
+    if num_threads or params.base.num_threads:
+        torch.set_num_threads(num_threads or params.base.num_threads)
+    device = resolve_device(params.base.device)
+    data = load_data(params)
+    return device, data, build_model(params, data, seed)
+
+
+def precision_of(params: Params, device: torch.device) -> Precision:
+    """``base.precision`` and ``base.channels_last`` on ``device`` (:mod:`sparse_core.precision`).
+
+    Raises:
+        ConfigError: fp16 on a device that is not CUDA (``base.device: auto`` without a GPU).
+    """
+    try:
+        return Precision.of(params.base, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_data(params: Params) -> PreparedData:
+    return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
+
+
+def build_model(params: Params, data: PreparedData, seed: int | None = None) -> nn.Module:
+    """The configured model, initialised from ``seed`` (default ``base.seed``: the same init in
+    every stage). Thread-safe: seeding torch's global generator and drawing the init happen
+    under one lock, so concurrent tasks of a thread runner get the same init as sequential ones."""
+    c, h, _ = data.shape
+    with _BUILD_LOCK:
+        torch.manual_seed(params.base.seed if seed is None else seed)
+        return create_model(params.model.name, in_channels=c, num_classes=data.num_classes, image_size=h, **params.model.kwargs)
+
+
+def transform_for(params: Params, data: PreparedData) -> BatchTransform:
+    aug = params.augment
+    flip = {"on": True, "off": False, "auto": data.flip}[aug.horizontal_flip]
+    return BatchTransform(data.mean, data.std, aug.crop_padding if aug.random_crop else 0, flip)
+
+
+def run_dir(params: Params, run: str) -> Path:
+    return Path(params.base.runs_dir) / run
+
+
+def _versions() -> dict[str, str]:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("sparseflow", "torch", "torchvision", "prefect", "dvc")},
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_version(params: Params) -> dict[str, str]:
+    """The prepared data a run trained on: ``{"dataset", "file", "sha256"}`` (sha256 of the
+    prepared Parquet, which fixes the images, labels, split and normalisation)."""
+    path = prepared_path(params.base.data_dir, params.data.dataset)
+    if not path.is_file():
+        return {"dataset": params.data.dataset, "file": str(path), "sha256": "missing"}
+    st = path.stat()
+    return {"dataset": params.data.dataset, "file": str(path), "sha256": _file_sha256(str(path), st.st_mtime_ns, st.st_size)}
+
+
+def load_exported(params: Params, run: str, model: nn.Module) -> MaskSet:
+    """Load ``model.safetensors`` (and masks when present) of ``run`` into ``model``.
+
+    Returns:
+        The run's masks over the configured prunable set (all ones for dense runs).
+
+    Raises:
+        FileNotFoundError: the run has no exported model (its stage has not run).
+    """
+    folder = run_dir(params, run)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; run the stage that produces run {run!r} first")
+    model.load_state_dict(artifacts.load_tensors(weights))
+    p = params.train.pruning
+    masks = MaskSet(prunable_parameters(model, p.keep_first_dense, p.keep_last_dense or p.granularity == "structured"))
+    if (folder / "masks.safetensors").is_file():
+        masks.load(folder / "masks.safetensors")
+    return masks
+
+
+def export_run(params: Params, run: str, model: nn.Module, method: Method, history: pd.DataFrame, extra: dict[str, Any]) -> Path:
+    """Write everything but ``last.pt`` for a finished run (each file atomically)."""
+    folder = run_dir(params, run)
+    with method.eval_weights():
+        artifacts.save_tensors(model.state_dict(), folder / "model.safetensors")
+        if method.masks is not None:
+            method.masks.save(folder / "masks.safetensors")
+            method.masks.write_layer_table(folder / "layers.parquet")
+    artifacts.write_parquet(history, folder / "history.parquet")
+    for m, ticket in enumerate(getattr(method, "tickets", [])):
+        # EDST: ticket m is the best-validation checkpoint of refinement phase m.
+        artifacts.save_tensors(ticket["state"], folder / "tickets" / f"ticket_{m}.safetensors")
+        artifacts.save_tensors({k: v.to(torch.uint8) for k, v in ticket["masks"].items()}, folder / "tickets" / f"ticket_{m}_masks.safetensors")
+    if getattr(method, "tickets", None):
+        manifest = [{"ticket": m, "epoch": t["epoch"], "val_accuracy": t["val_accuracy"]} for m, t in enumerate(method.tickets)]
+        artifacts.write_json(manifest, folder / "tickets" / "tickets.json")
+    if method.events:
+        artifacts.write_parquet(pd.DataFrame(method.events), folder / "mask_updates.parquet")
+    if "/" not in run:  # ensemble members are plotted together by their ensemble's stage
+        artifacts.write_csv(history, Path(params.base.plots_dir) / "history" / f"{run}.csv")
+    artifacts.write_json(
+        {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), "data": data_version(params), **extra},
+        folder / "config.json",
+    )
+    return folder
+
+
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex chars) of the library's source: a checkpoint written by other code
+    is never resumed, so a fixed bug cannot survive in a resumed run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
+    """Keep the folder when it holds a checkpoint to resume (``last.pt``, else ``prev.pt``, of
+    this configuration), less the temporary files of writes a killed process left behind;
+    otherwise start from an empty folder."""
+    folder = run_dir(params, run)
+    keep = params.base.resume and CheckpointStore(folder).resumable(fingerprint)
+    if not keep and folder.exists():
+        shutil.rmtree(folder)
+    elif keep:
+        # A process killed during an atomic write leaves its temporary file behind, and nothing
+        # would ever rename or remove it: ``.<name>.*.tmp`` (artifacts.atomic_path) and
+        # ``.tmp`` + 6 characters (safetensors' save_file stages its own file beside the target).
+        leftovers = [*folder.rglob(".*.tmp"), *folder.rglob(".tmp??????")]
+        for tmp in leftovers:  # listed first: removing a folder mid-walk
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def stage_prepare(params: Params) -> Path:
+    """``prepare``: the dataset's Parquet file (see :mod:`sparse_core.data.prepare`)."""
+    return prepare_dataset(params.data, params.base.data_dir, params.base.seed)
+
+
+def local_variant(method: str) -> str | None:
+    """The window variant of a ``local``-family method (None for any other)."""
+    return registry.spec(method).local_variant
+
+
+def member_run(name: str, i: int) -> str:
+    """Run name of member ``i`` of the members ensemble ``name``: ``<name>/member_<i>``."""
+    return f"{name}/member_{i}"
+
+
+def member_seed(seed: int, i: int) -> int:
+    """Seed of DST Ensemble member ``i`` of the ensemble trained with seed ``seed``: a 31-bit
+    draw of numpy's ``SeedSequence([seed, i])``, so the members of different ensemble seeds
+    never share a seed (``seed + i`` would: member 1 of seed 0 = member 0 of seed 1), and no
+    member repeats a single run of a small seed."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0] >> 1)
