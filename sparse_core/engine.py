@@ -256,6 +256,7 @@ def fit(
     nonfinite_retries: int = 0,
     nonfinite_lr_factor: float = 0.5,
     precision: Precision = FP32,
+    eval_batch_size: int = 1000,
 ) -> FitResult:
     """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing every epoch to
     ``run_dir/last.pt`` (the previous one kept as ``prev.pt``; see :mod:`sparse_core.checkpoint`).
@@ -274,6 +275,8 @@ def fit(
         precision: autocast dtype and input layout of training and validation
             (:mod:`sparse_core.precision`); fp16's loss scale is stored in the checkpoints. It
             belongs in ``fingerprint``: a checkpoint of another precision must not be resumed.
+        eval_batch_size: batch size of the per-epoch validation (``evaluate.batch_size``);
+            it changes memory use, and validation metrics only in the last bits (summation order).
 
     Returns:
         The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
@@ -308,7 +311,8 @@ def fit(
             state["lr_scale"] = lr_scale
         try:
             history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
-                                    fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler)  # fmt: skip
+                                    fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler,
+                                    eval_batch_size)  # fmt: skip
             return FitResult(pd.DataFrame(history), ckpt["epoch"] if ckpt else 0)
         except NonFiniteError as err:
             kept = f"the last good checkpoint {store.last} is kept" if store.last.is_file() else "no checkpoint had been written"
@@ -338,7 +342,7 @@ def _apply_checkpoint(
 def _train_epochs(
     model, method, optimizer, train, val, transform, cfg, epochs, seed, device, fingerprint, progress,
     stop_after_epoch, parallel, store: CheckpointStore, state: dict[str, Any], precision: Precision = FP32,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = None, eval_batch_size: int = 1000,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The epochs of :func:`fit` from ``state`` (``epoch``, ``step``, ``history``, ``lr_scale``)."""
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -355,7 +359,7 @@ def _train_epochs(
         seconds = time.perf_counter() - t0
         parallel.end_epoch(model, method, step)  # DDP: rank 0's BN statistics everywhere; masks verified
         with method.eval_weights():
-            val_stats = evaluate(model, val, transform, 1000, device, precision)
+            val_stats = evaluate(model, val, transform, eval_batch_size, device, precision)
             method.on_epoch_end(epoch, val_stats)
         history.append(
             {

@@ -48,7 +48,7 @@ def train_run(
         epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress and parallel.is_main,
         parallel=parallel, nonfinite_retries=params.base.nonfinite_retries, nonfinite_lr_factor=params.base.nonfinite_lr_factor,
-        precision=precision,
+        precision=precision, eval_batch_size=params.evaluate.batch_size,
     )  # fmt: skip
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one

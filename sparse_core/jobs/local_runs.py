@@ -87,7 +87,8 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
     # On the CPU, after the chunks have merged: fp16 (CUDA only) falls back to fp32 here.
     base = params.base
     precision = Precision("fp32" if base.precision == "fp16" else base.precision, base.channels_last)
-    val = evaluate(local.net, data.splits["val"], transform_for(params, data), 1000, torch.device("cpu"), precision)
+    val = evaluate(local.net, data.splits["val"], transform_for(params, data), params.evaluate.batch_size, torch.device("cpu"),
+                   precision)  # fmt: skip
     seconds = max(info["seconds"]) / epochs  # the slowest chunk's time in its step loop, per epoch
     nan = float("nan")
     # Same columns as every run's history; per-epoch validation happens once, at the end.
