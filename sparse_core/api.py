@@ -28,8 +28,9 @@ dense weights that DPF trains (and a resumed run would be GMP-like), and
 ``eval_weights()`` could not give the dense weights back. With the hook, between steps the
 model always holds the weights the method trains (dense ``w`` for dpf), and every forward,
 training or evaluation, runs at the weights the method wants. The hook sits on the model and on
-every module owning a masked weight, fires once per step (at the first of them to run), and
-ignores deep copies of the model (an EMA copy never moves the original's weights).
+every module owning a masked weight (so a submodule called directly is covered too), fires once
+per step (at the first of them to run), and is inert in a deep copy of the model (an EMA copy
+never moves the original's weights).
 
 Why a subclass of :class:`torch.optim.Optimizer`: LR schedulers (``CosineAnnealingLR`` and
 every other ``LRScheduler``) refuse anything else (``isinstance`` check), and code that holds
@@ -161,7 +162,7 @@ def sparsify(
         TypeError: ``model`` / ``optimizer`` of the wrong type, an already wrapped optimizer,
             an unknown keyword argument (the message lists the allowed ones).
         ValueError: unknown or unsupported method (with the reason), ``sparsity`` outside
-            [0, 1), ``total_steps`` not a positive integer, a section value out of range, a
+            [0, 1) or given to a method without a target (``dense``), ``total_steps`` not a positive integer, a section value out of range, a
             schedule that cannot reach its target in ``total_steps`` steps, ``epochs`` missing
             or not fitting the method, prunable weights missing from ``optimizer``.
     """
@@ -185,6 +186,9 @@ def sparsify(
     if sparsity is not None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsify(): sparsity must be a fraction in [0, 1), got {sparsity!r}")
+        if spec.sparsity is None:
+            raise ValueError(f"sparsify(): method {method!r} has no sparsity target (its registry declaration names no "
+                             "sparsity section); leave sparsity out")  # fmt: skip
         overrides["sparsity"] = float(sparsity)
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0 or total_steps % epochs):
         raise ValueError(f"sparsify(): epochs must be a positive integer dividing total_steps ({total_steps}), got {epochs!r}")
@@ -215,22 +219,21 @@ def sparsify(
 class _BeforeForward:
     """Forward pre-hook running the method's ``before_forward`` at the first forward of a step.
 
-    Holds only a weak reference to its :class:`SparseOptimizer` and the ids of the modules it
-    was registered on, so a deep copy of the model gets an inert copy of the hook (the copy's
-    modules have other ids) and pickling the model drops the link.
+    Holds only a weak reference to its :class:`SparseOptimizer`; a deep copy (or pickle) of the
+    model gets an inert copy of the hook, so running the copy (e.g. an EMA model) never
+    touches the original's weights.
     """
 
-    def __init__(self, owner: "SparseOptimizer", modules: list[nn.Module]):
-        self._owner = weakref.ref(owner)
-        self._ids = frozenset(id(m) for m in modules)
+    def __init__(self, owner: "SparseOptimizer"):
+        self._owner: weakref.ref | None = weakref.ref(owner)
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         owner = self._owner() if self._owner is not None else None
-        if owner is not None and id(module) in self._ids:
+        if owner is not None:
             owner._before_forward()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_owner": None, "_ids": frozenset()}
+        return {"_owner": None}
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -267,7 +270,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         model = method.model
         modules = [model] + [model.get_submodule(n.rpartition(".")[0]) for n in (method.masks.params if method.masks else {})]
-        hook = _BeforeForward(self, modules)
+        hook = _BeforeForward(self)
         self._handles = [m.register_forward_pre_hook(hook) for m in dict.fromkeys(modules)]
 
     # ----- the inner optimizer's tables (properties: load_state_dict replaces its group list) ---

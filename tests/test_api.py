@@ -188,7 +188,8 @@ def test_plain_loop_equals_the_engine(name):
     # the user's loop
     model = copy.deepcopy(model0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt = sparsify(model, opt, name, total_steps=total, seed=3, epochs=EPOCHS, **KEYS)
+    keys = {k: v for k, v in KEYS.items() if name != "dense" or k != "sparsity"}  # dense has no target
+    opt = sparsify(model, opt, name, total_steps=total, seed=3, epochs=EPOCHS, **keys)
     for epoch in range(EPOCHS):
         for x, y in iterate_batches(split, BATCH, transform, train=True, seed=5, epoch=epoch):
             opt.zero_grad()
@@ -300,6 +301,7 @@ def test_state_dict_round_trip_resumes_identically(name):
         (("rigl",), {"total_steps": 10, "sparsty": 0.9}, TypeError, "sparsty.*allowed:.*drop_fraction"),
         (("rigl",), {"total_steps": 10, "sparsity": 1.0}, ValueError, r"sparsity must be a fraction in \[0, 1\), got 1.0"),
         (("gmp",), {"total_steps": 10, "sparsity": -0.1}, ValueError, r"sparsity must be a fraction in \[0, 1\)"),
+        (("dense",), {"total_steps": 10, "sparsity": 0.5}, ValueError, "'dense' has no sparsity target"),
         (("rigl",), {"total_steps": 0}, ValueError, "total_steps must be a positive integer"),
         (("rigl",), {"total_steps": -5}, ValueError, "total_steps must be a positive integer"),
         (("rigl",), {"total_steps": 10.0}, ValueError, "total_steps must be a positive integer"),
