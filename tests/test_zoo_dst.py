@@ -110,7 +110,7 @@ def test_granet_sparsity_follows_the_cubic_schedule_exactly_while_regrowing():
         before = {n: m.clone() for n, m in method.masks.masks.items()}
         training_step(model, method, opt, *_batch(step), step)
         t = step + 1
-        if t % period:
+        if t % period or t == T:  # no update after the last step: nothing would train what it regrows
             assert all(torch.equal(before[n], method.masks.masks[n]) for n in before), t
             continue
         assert method.masks.active() == n_keep(N, _cubic(t, 0.5, 0.9, t1)), t
@@ -198,8 +198,8 @@ def test_granet_engine_run_reaches_the_target(tmp_path):
     assert method.masks.active() == n_keep(N, 0.8)
     with method.eval_weights():
         nonzero = sum(int(torch.count_nonzero(p)) for p in method.masks.params.values())
-    assert nonzero <= n_keep(N, 0.8)
-    assert any(e.get("regrown", 0) > 0 for e in method.events)
+    assert n_keep(N, 0.8) - 3 <= nonzero <= n_keep(N, 0.8)  # an active weight may sit at exactly 0
+    assert any(e.get("regrown", 0) > 0 for e in method.events) and method.events[-1]["step"] < 24
 
 
 # ----- MEST ------------------------------------------------------------------------------------

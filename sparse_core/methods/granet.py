@@ -59,6 +59,8 @@ Differences from the paper and its code, and why:
 - ``train.pruning.scope: layerwise`` prunes every layer to ``s_t`` (close to the reference's
   ``GraNet_uniform``, without its rule that keeps the last layer at density 0.2);
   ``granularity: structured`` is refused (regeneration is unstructured).
+- No update follows the last iteration (the reference regrows there too when ΔT divides the
+  run's length; those connections would be exported at 0, dropped weights lost untrained).
 - Weights that are pruned are zeroed in place and their gradient masked, as in every masked
   method of sparseflow; the reference also zeroes the momentum of every inactive weight at every
   step. The momentum buffer matters only when a connection comes back, so it is zeroed then.
@@ -187,8 +189,12 @@ class GraNet(GMP):
                               self.end_step / self.total_steps)  # fmt: skip
 
     def _update_due(self, step: int) -> bool:
+        """Whether an update follows optimizer step ``step`` (1-based): every ΔT steps from ``t0``
+        to ``update_end_fraction · T``, but not after the last step (connections regrown there
+        would be exported at 0, never trained)."""
         p = self.pruning
-        return step % p.update_period == 0 and p.start_fraction * self.total_steps <= step <= p.update_end_fraction * self.total_steps
+        T = self.total_steps
+        return step % p.update_period == 0 and p.start_fraction * T <= step <= p.update_end_fraction * T and step < T
 
     def regeneration_fraction(self, step: int) -> float:
         """``r_t``: cosine decay from ``regeneration_fraction`` to ``regeneration_floor`` over the run."""
