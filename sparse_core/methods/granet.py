@@ -1,9 +1,11 @@
 """GraNet: gradual magnitude pruning with zero-cost neuroregeneration (``granet``).
 
 Liu, Chen, Chen, Atashgahi, Yin, Kou, Shen, Pechenizkiy, Wang & Mocanu 2021, "Sparse Training
-via Boosting Pruning Plasticity with Neuroregeneration" (NeurIPS), Sec. 4 ("Gradual Pruning
-with Zero-Cost Neuroregeneration") and Algorithm 1; reference code VITA-Group/GraNet,
-``CIFAR/sparselearning/core.py`` (``Masking.step``, ``pruning``, ``truncate_weights``).
+via Boosting Pruning Plasticity with Neuroregeneration" (NeurIPS), the method section
+"Gradual Pruning with Zero-Cost Neuroregeneration"; reference code VITA-Group/GraNet,
+``CIFAR/sparselearning/core.py`` (``Masking.step``, ``pruning``, ``truncate_weights``), from
+which every detail below was checked (the paper's text was not at hand offline: the section is
+cited by its title, not its number).
 
 Every ``ΔT`` iterations from ``t0`` on (both from ``train.pruning``; see "Differences" for ΔT):
 
@@ -89,7 +91,7 @@ from sparse_core.sparsity.distributions import active_counts, layer_densities, r
 @register_method(name="granet", family="gradual", sparsity="pruning", start="init", sweep=True, pruning_schedule=True,
                  params_key="granet",
                  paper="Liu et al. 2021, \"Sparse Training via Boosting Pruning Plasticity with Neuroregeneration\" (GraNet, "
-                       "NeurIPS), Sec. 4, Algorithm 1",
+                       "NeurIPS), \"Gradual Pruning with Zero-Cost Neuroregeneration\"",
                  summary="from a random ERK mask at `train.granet.initial_sparsity` (0.5; 0 = dense start), every ΔT steps: "
                          "global magnitude pruning to the cubic schedule of `train.pruning`, then zero-cost neuroregeneration: "
                          "in each layer drop the `⌈r·n⌉` smallest active weights and regrow as many where the dense gradient is "

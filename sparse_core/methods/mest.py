@@ -1,9 +1,10 @@
 """MEST: memory-economic sparse training with elastic mutation (``mest``).
 
 Yuan et al. 2021, "MEST: Accurate and Fast Memory-Economic Sparse Training Framework on the
-Edge" (NeurIPS), Sec. 3 (the MEST+EM, "Elastic Mutation", variant); reference code
-boone891214/MEST (``prune_utils/retrain.py`` ``update_mask``, ``prune_utils/utils_pr.py``
-``weight_pruning`` / ``weight_growing``, ``scripts/resnet32/EM/``).
+Edge" (NeurIPS), the MEST+EM ("Elastic Mutation") scheme of its framework section; reference
+code boone891214/MEST (``prune_utils/retrain.py`` ``update_mask``, ``prune_utils/utils_pr.py``
+``weight_pruning`` / ``weight_growing``, ``scripts/resnet32/EM/``), from which the details below
+were checked (the paper's text was not at hand offline: no section or equation numbers).
 
 A SET variant (:class:`~sparse_core.methods.dst.SET`; the network is sparse from the start, ERK
 layer densities, ``train.dst``) that changes two things:
@@ -64,7 +65,7 @@ from sparse_core.methods.registry import register_method
 
 @register_method(name="mest", family="dst", sparsity="dst", start="init", sweep=True, params_key="mest",
                  paper="Yuan et al. 2021, \"MEST: Accurate and Fast Memory-Economic Sparse Training Framework on the Edge\" "
-                       "(NeurIPS), Sec. 3, MEST+EM",
+                       "(NeurIPS), MEST+EM (Elastic Mutation)",
                  summary="as `set` (random ERK mask, random growth, regrown connections start at 0), but every ΔT steps drop "
                          "the active weights of lowest `|w| + λ|g|` (`train.mest.lam`), with a mutation fraction that steps down "
                          "(`train.mest.mutation_fractions` 20% then 10% of the active weights, switching at "

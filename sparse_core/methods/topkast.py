@@ -1,21 +1,25 @@
 """Top-KAST: Top-K Always Sparse Training (``topkast``).
 
 Jayakumar, Pascanu, Rae, Osindero & Elsen 2020, "Top-KAST: Top-K Always Sparse Training"
-(NeurIPS), Sec. 2. The dense parameters ``θ`` are kept; at step ``t``, in every layer:
+(NeurIPS), the method section (sparse forward pass, sparse backward pass, exploration
+regularisation; the equation numbers (1)-(3) below are ours: the paper's text was not at hand
+offline, and the formulation was checked against its quotation in L. Weng, "Large Transformer
+Model Inference Optimization", 2023, section "Top-KAST"). The dense parameters ``θ`` are kept;
+at step ``t``, in every layer:
 
-- **Sparse forward** (Eq. 1): ``α_i = θ_i`` if ``i ∈ A^t``, else 0, where ``A^t`` holds the
+- **Sparse forward** (1): ``α_i = θ_i`` if ``i ∈ A^t``, else 0, where ``A^t`` holds the
   ``D`` fraction of the layer's weights of largest ``|θ|`` (``D = 1 −`` ``train.dst.sparsity``).
-- **Sparse backward** (Eq. 2): the gradient ``∇_α L(α)`` is applied to the weights of the larger
+- **Sparse backward** (2): the gradient ``∇_α L(α)`` is applied to the weights of the larger
   set ``B^t ⊇ A^t`` of the ``D + M`` fraction of largest ``|θ|``; weights outside ``B^t`` do not
   change. So the weights of ``B \\ A`` are trained without taking part in the forward pass, and
   can enter ``A`` when they outgrow its smallest members.
-- **Exploration regularisation** (Sec. 2.3): an L2 penalty on ``θ`` whose coefficient is scaled
+- **Exploration regularisation** (3): an L2 penalty on ``θ`` whose coefficient is scaled
   by ``1/D`` on ``B \\ A``: with scale ``c`` = ``train.topkast.penalty``, the gradient
   ``c · θ_i`` is added for ``i ∈ A`` and ``c · θ_i / D`` for ``i ∈ B \\ A`` (that of
   ``(c/2) · (Σ_A θ² + Σ_{B∖A} θ² / D)``), so a weight needs a lasting gradient to stay in ``B``
   and the sets keep changing ("rich get richer" is damped).
 - The sets are recomputed from ``|θ|`` every ``train.topkast.update_period`` steps (1: every
-  step, as Eq. 1-2 define them from ``θ^t``).
+  step, as (1)-(2) define them from ``θ^t``).
 
 Implementation: a swap-and-restore, as ``dpf``'s (:class:`~sparse_core.methods.gradual.DPF`).
 ``before_forward`` stashes ``θ`` and writes ``α = m_A ⊙ θ`` into the parameters, so forward and
@@ -23,7 +27,7 @@ backward run at ``α`` and ``.grad`` holds ``∂L/∂α`` for every position (th
 ``B \\ A`` are 0 in ``α`` but their gradient is exact); ``before_step`` restores ``θ``, masks the
 gradient to ``B`` and adds the penalty's gradient; after the optimizer step the weights outside
 ``B`` are put back to their values before the step, so neither the optimizer's weight decay nor
-its momentum moves them (Eq. 2: ``Δθ_i = 0`` outside ``B``). Between steps the parameters hold
+its momentum moves them ((2): ``Δθ_i = 0`` outside ``B``). Between steps the parameters hold
 ``θ``; evaluation and export see ``α`` (:meth:`TopKAST.eval_weights`). The masks
 (``self.masks``) are ``A``; ``self.backward_masks`` are ``B``. Memory: one extra copy of the
 prunable weights.
@@ -36,6 +40,9 @@ backward density ``D + M``. ``B`` is the first ``|B_l|`` of one descending sort 
 
 Differences from the paper, and why:
 
+- The penalty: the quoted formulation writes the per-weight penalty as ``|θ_i|`` on ``A`` and
+  ``|θ_i| / D`` on ``B∖A`` and calls it an L2 regularisation; we implement the L2 reading (the
+  squares, a gradient proportional to ``θ``), with the same ``1/D`` scaling.
 - ``M`` (``train.topkast.extra_density``, default 0.1) and the penalty scale
   (``train.topkast.penalty``, default 1e-4) are our defaults; the paper reports several
   forward/backward sparsity pairs. ``D`` in the penalty is each layer's own forward density (the
@@ -66,7 +73,7 @@ from sparse_core.sparsity.distributions import active_counts, layer_densities
 
 
 @register_method(name="topkast", family="dst", sparsity="dst", start="init", sweep=True, params_key="topkast",
-                 paper="Jayakumar et al. 2020, \"Top-KAST: Top-K Always Sparse Training\" (NeurIPS), Sec. 2",
+                 paper="Jayakumar et al. 2020, \"Top-KAST: Top-K Always Sparse Training\" (NeurIPS)",
                  summary="forward with the top-`D` weights of each layer by `|θ|` (set A, `D = 1 − train.dst.sparsity`), "
                          "gradient applied to the larger top-`(D+M)` set B ⊇ A (`train.topkast.extra_density`), weights "
                          "outside B unchanged; L2 exploration penalty `c·θ` on A, `c·θ/D` on B∖A (`train.topkast.penalty`); "
@@ -203,7 +210,7 @@ class TopKAST(MaskedMethod):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        if self._stashed:  # Eq. 2: Δθ = 0 outside B (no weight decay, no momentum there)
+        if self._stashed:  # (2): Δθ = 0 outside B (no weight decay, no momentum there)
             for n, p in self.masks.params.items():
                 p.copy_(torch.where(self.backward_masks[n], p, self._dense[n]))
             self._stashed = False
