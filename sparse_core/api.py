@@ -40,6 +40,11 @@ optimizer through ``load_state_dict``, which replaces its group list), ``zero_gr
 ``add_param_group`` go to it, and ``state_dict`` is the inner optimizer's standard dict plus one
 ``"sparseflow"`` entry (method, step count, masks, events, generator state).
 
+Settings: any key of the ``pruning``, ``dst`` and ``edst`` params sections and of the method's
+own section (``train.<params_key>``, declared with the method in the registry) is a keyword
+argument of :func:`sparsify`; a key several sections share is set in each, and a mapping named
+after a section (``dst={"update_period": 50}``) sets that section alone.
+
 Learning rate: a user's scheduler owns ``group["lr"]``. A method that sets its own learning
 rate (``edst_ensemble``: the exploration and refinement phases, Liu et al. 2022, Sec. 4.2) gets
 ``learning_rate(t, group["lr"], base)`` for the inner step only, ``base`` being the group's lr
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import pydantic
@@ -89,35 +95,64 @@ def unsupported_reason(spec: registry.MethodSpec) -> str | None:
     return None
 
 
-#: The params sections whose keys ``sparsify`` accepts as keyword arguments.
+#: The shared params sections whose keys ``sparsify`` accepts as keyword arguments.
 _SECTIONS: dict[str, type[pydantic.BaseModel]] = {"pruning": PruningSection, "dst": DSTSection, "edst": EDSTSection}
 #: Base learning rate of a param group for :meth:`~sparse_core.methods.Method.learning_rate`.
 BASE_LR_KEY = "sparseflow_base_lr"
 
 
-def allowed_keys() -> list[str]:
-    """Sorted keyword arguments :func:`sparsify` passes to the method's params sections."""
-    return sorted({k for section in _SECTIONS.values() for k in section.model_fields})
+def _scopes(spec: registry.MethodSpec) -> dict[str, type[pydantic.BaseModel]]:
+    """The sections ``spec`` may be configured by: ``pruning``, ``dst``, ``edst`` and its own
+    ``train.<params_key>`` (its class's ``Options``), by name."""
+    scopes = dict(_SECTIONS)
+    options = getattr(registry.method_class(spec.name), "Options", None) if spec.params_key else None
+    if options is not None:
+        scopes[spec.params_key] = options
+    return scopes
 
 
-def _sections(overrides: dict[str, Any]) -> dict[str, pydantic.BaseModel]:
-    """``{"pruning": PruningSection, "dst": DSTSection, "edst": EDSTSection}`` with every key of
-    ``overrides`` set in each section that has it (``sparsity`` and ``update_period`` live in
-    both ``pruning`` and ``dst``: a method reads one of them)."""
-    unknown = sorted(set(overrides) - set(allowed_keys()))
+def allowed_keys(method: str) -> list[str]:
+    """Sorted setting names :func:`sparsify` accepts as keyword arguments for ``method``: the
+    keys of the ``pruning``, ``dst`` and ``edst`` sections and of the method's own section.
+
+    Raises:
+        sparse_core.methods.registry.RegistryError: unknown ``method``.
+    """
+    return sorted({k for scope in _scopes(registry.spec(method)).values() for k in scope.model_fields})
+
+
+def _settings(spec: registry.MethodSpec, overrides: dict[str, Any]) -> tuple[dict[str, pydantic.BaseModel], dict[str, Any]]:
+    """``({"pruning", "dst", "edst": validated section}, {params_key: the method's own keys})``.
+
+    A flat key is set in every scope that has it; a keyword named after a scope (``pruning={...}``,
+    ``dst={...}``, ``edst={...}``, ``<params_key>={...}``) sets keys of that scope only, after the
+    flat ones.
+    """
+    scopes = _scopes(spec)
+    flat_allowed = sorted({k for scope in scopes.values() for k in scope.model_fields})
+    unknown = sorted(k for k in overrides if k not in scopes and k not in flat_allowed)
     if unknown:
-        raise TypeError(f"sparsify() got unknown keyword argument(s) {', '.join(unknown)}; allowed: "
-                        f"total_steps, sparsity, seed, epochs, {', '.join(k for k in allowed_keys() if k != 'sparsity')}")  # fmt: skip
-    out = {}
+        raise TypeError(f"sparsify() got unknown keyword argument(s) {', '.join(unknown)} for method {spec.name!r}; allowed: "
+                        f"total_steps, sparsity, seed, epochs, input_shape, {', '.join(k for k in flat_allowed if k != 'sparsity')}, "
+                        f"or one mapping per section: {', '.join(scopes)}")  # fmt: skip
+    values: dict[str, dict[str, Any]] = {}
+    for name, scope in scopes.items():
+        values[name] = {k: v for k, v in overrides.items() if k in scope.model_fields and k not in scopes}
+        scoped = overrides.get(name, {})
+        if not isinstance(scoped, Mapping):
+            raise TypeError(f"sparsify(): {name}= must be a mapping of that section's keys, got {type(scoped).__name__}")
+        values[name].update(scoped)
+    sections = {}
     for name, section in _SECTIONS.items():
         try:
-            out[name] = section(**{k: v for k, v in overrides.items() if k in section.model_fields})
+            sections[name] = section(**values[name])
         except pydantic.ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
             )
             raise ValueError(f"sparsify(): bad {name} setting: {problems}") from None
-    return out
+    own = {spec.params_key: values[spec.params_key]} if spec.params_key in scopes else {}
+    return sections, own  # the method validates its own keys when it is built
 
 
 def sparsify(
@@ -129,6 +164,7 @@ def sparsify(
     sparsity: float | None = None,
     seed: int = 0,
     epochs: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
     **overrides: Any,
 ) -> "SparseOptimizer":
     """Wrap ``optimizer`` so that its steps train ``model`` with sparseflow's ``method``.
@@ -150,10 +186,14 @@ def sparsify(
             torch's global generator is not touched.
         epochs: epochs of the run; needed by ``edst_ensemble`` (phases are whole epochs), then
             ``total_steps`` must be a multiple of it.
+        input_shape: ``(C, H, W)`` of one input example; needed by methods that score
+            connections without data (``synflow``).
         **overrides: any key of the ``pruning``, ``dst`` or ``edst`` params sections
-            (:mod:`sparse_core.config`; see :func:`allowed_keys`), e.g. ``update_period=16``,
-            ``distribution="erk"``, ``drop_fraction=0.3``, ``end_fraction=0.75``. A key found
-            in several sections is set in each.
+            (:mod:`sparse_core.config`) or of the method's own section (``train.<params_key>``,
+            e.g. ``train.mest``), see :func:`allowed_keys`: ``update_period=16``,
+            ``distribution="erk"``, ``drop_fraction=0.3``, ``end_fraction=0.75``. A key found in
+            several sections is set in each; to set one section only, pass a mapping named
+            after it (``dst={"update_period": 50}``, ``topkast={"update_period": 1}``).
 
     Returns:
         A :class:`SparseOptimizer` to use in place of ``optimizer``.
@@ -199,7 +239,7 @@ def sparsify(
         raise ValueError(f"sparsify(): the optimizer does not hold these prunable weights of the model: {', '.join(missing)} "
                          "(pass the optimizer of this model's parameters; freeze a weight with requires_grad=False "
                          "to leave it out)")  # fmt: skip
-    sections = _sections(overrides)
+    sections, options = _settings(spec, overrides)
     try:  # the params' own cross-checks (e.g. edst_ensemble's phases must fit the epochs)
         TrainSection(methods=[method], epochs=epochs or 1, **sections)
     except pydantic.ValidationError as exc:
@@ -208,9 +248,10 @@ def sparsify(
     try:
         built = create_method(
             name=method, model=model, total_steps=total_steps, pruning=sections["pruning"], dst=sections["dst"],
-            seed=seed, edst=sections["edst"], epochs=epochs or 1,
+            seed=seed, edst=sections["edst"], epochs=epochs or 1, options=options,
+            input_shape=tuple(input_shape) if input_shape is not None else None,
         )  # fmt: skip
-    except ValueError as exc:  # ConfigError: a schedule that cannot work in total_steps steps
+    except ValueError as exc:  # ConfigError: a schedule that cannot work, a bad key of the method's own section
         raise ValueError(f"sparsify(): method {method!r} with total_steps={total_steps}: {exc} (in sparsify these are the "
                          "keyword arguments of the same names)") from None
     return SparseOptimizer(optimizer, built)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_core.api import SparseOptimizer, sparsify
+from sparse_core.api import SparseOptimizer, sparsify, unsupported_reason
 from sparse_core.config import DSTSection, EDSTSection, OptimSection, PruningSection
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches
 from sparse_core.engine import make_optimizer, train_one_epoch
-from sparse_core.methods import create_method
+from sparse_core.methods import create_method, registry
 from sparse_core.models import create_model
 from sparse_core.sparsity import prunable_parameters
 from sparse_core.sparsity.criteria import n_keep
@@ -152,11 +152,18 @@ def test_a_deep_copy_of_the_model_never_moves_the_original_and_the_wrapper_is_no
 
 
 # ----- the engine's order --------------------------------------------------------------------
-KEYS = {"sparsity": 0.9, "update_period": 4, "end_fraction": 0.5, "stop_fraction": 0.75, "exploration_epochs": 1, "tickets": 2}
+PRUNING, DST, EDST = {"sparsity": 0.9, "update_period": 4, "end_fraction": 0.5}, {"sparsity": 0.9, "update_period": 4, "stop_fraction": 0.75}, {"exploration_epochs": 1, "tickets": 2}  # fmt: skip
 EPOCHS, BATCH = 3, 8
+#: Every built-in method that can run in a user's loop, read from the registry.
+SUPPORTED = [n for n, s in registry.specs().items() if s.module.startswith("sparse_core.methods.") and unsupported_reason(s) is None]
 
 
-@pytest.mark.parametrize("name", ["dense", "gmp", "dpf", "oneshot", "set", "rigl", "edst_ensemble"])
+def test_the_supported_methods_are_every_single_run_method():
+    assert {"dense", "gmp", "dpf", "oneshot", "set", "rigl", "edst_ensemble"} <= set(SUPPORTED)
+    assert not {"dst_ensemble", "local_greedy", "local_overlap", "local_chunked", "retrain"} & set(SUPPORTED)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
 def test_plain_loop_equals_the_engine(name):
     g = torch.Generator().manual_seed(1)
     split = Split(torch.randint(0, 256, (48, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (48,), generator=g))
@@ -169,9 +176,8 @@ def test_plain_loop_equals_the_engine(name):
     # sparseflow's engine
     engine_model = copy.deepcopy(model0)
     method = create_method(
-        name=name, model=engine_model, total_steps=total, seed=3, epochs=EPOCHS,
-        pruning=PruningSection(sparsity=0.9, update_period=4, end_fraction=0.5),
-        dst=DSTSection(sparsity=0.9, update_period=4, stop_fraction=0.75), edst=EDSTSection(exploration_epochs=1, tickets=2),
+        name=name, model=engine_model, total_steps=total, seed=3, epochs=EPOCHS, pruning=PruningSection(**PRUNING),
+        dst=DSTSection(**DST), edst=EDSTSection(**EDST), input_shape=(1, 28, 28),
     )  # fmt: skip
     engine_opt = make_optimizer(engine_model, cfg)
     method.bind_optimizer(engine_opt)
@@ -188,8 +194,8 @@ def test_plain_loop_equals_the_engine(name):
     # the user's loop
     model = copy.deepcopy(model0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    keys = {k: v for k, v in KEYS.items() if name != "dense" or k != "sparsity"}  # dense has no target
-    opt = sparsify(model, opt, name, total_steps=total, seed=3, epochs=EPOCHS, **keys)
+    opt = sparsify(model, opt, name, total_steps=total, seed=3, epochs=EPOCHS, input_shape=(1, 28, 28),
+                   pruning=PRUNING, dst=DST, edst=EDST)  # fmt: skip
     for epoch in range(EPOCHS):
         for x, y in iterate_batches(split, BATCH, transform, train=True, seed=5, epoch=epoch):
             opt.zero_grad()
@@ -316,6 +322,25 @@ def test_bad_input_is_refused_with_a_clear_error(args, kwargs, error, match):
     model = _lenet()
     with pytest.raises(error, match=match):
         sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), *args, **kwargs)
+
+
+def test_a_methods_own_keys_are_keywords_too_flat_or_per_section():
+    model = _lenet()
+    opt = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "mest", total_steps=20, sparsity=0.8, lam=0.25)
+    assert opt.method.opts.lam == 0.25 and opt.method.dst.sparsity == 0.8
+    model = _lenet()  # update_period is in pruning, dst and topkast: flat sets all, a mapping one only
+    opt = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "topkast", total_steps=20, update_period=5, dst={"update_period": 7})
+    assert (opt.method.opts.update_period, opt.method.dst.update_period) == (5, 7)
+    with pytest.raises(ValueError, match="train.mest.lam"):
+        sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "mest", total_steps=20, lam=-1.0)
+    with pytest.raises(TypeError, match="lam for method 'rigl'"):  # another method's key
+        sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "rigl", total_steps=20, lam=0.5)
+    with pytest.raises(ValueError, match="synflow.*input_shape"):
+        sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "synflow", total_steps=20)
+    model = _lenet()
+    opt = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "synflow", total_steps=20, sparsity=0.9,
+                   input_shape=(1, 28, 28), rounds=5)  # fmt: skip
+    assert opt.sparsity() == pytest.approx(0.9, abs=1e-4) and opt.method.rounds == 5
 
 
 def test_wrong_objects_and_steps_past_the_end_are_refused():
