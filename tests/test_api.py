@@ -151,6 +151,28 @@ def test_a_deep_copy_of_the_model_never_moves_the_original_and_the_wrapper_is_no
         copy.deepcopy(opt)
 
 
+def test_step_with_a_closure_equals_the_plain_loop():
+    batches = _batches(6, (1, 28, 28))
+    finals = []
+    for use_closure in (False, True):
+        model = _lenet()
+        opt = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "dpf", total_steps=6,
+                       sparsity=0.8, update_period=2, end_fraction=0.5)  # fmt: skip
+        for x, y in batches:
+            if use_closure:
+                def closure(x=x, y=y):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                assert torch.is_tensor(opt.step(closure))
+            else:
+                _train(model, opt, [(x, y)])
+        finals.append(model.state_dict())
+    assert all(torch.equal(v, finals[1][k]) for k, v in finals[0].items())
+
+
 # ----- the engine's order --------------------------------------------------------------------
 PRUNING, DST, EDST = {"sparsity": 0.9, "update_period": 4, "end_fraction": 0.5}, {"sparsity": 0.9, "update_period": 4, "stop_fraction": 0.75}, {"exploration_epochs": 1, "tickets": 2}  # fmt: skip
 EPOCHS, BATCH = 3, 8
