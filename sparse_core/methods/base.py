@@ -212,6 +212,66 @@ class MaskedMethod(Method):
         )
 
 
+class Explores:
+    """Mixin of masked methods whose mask moves: ``ever_active`` (per prunable weight, the bool
+    mask of positions active at some point) and the ``generator`` of their random draws (None
+    when they draw nothing), both checkpointed with the method. The exploration rate ("in-time
+    over-parameterization", Liu et al. 2021) is the fraction of prunable weights ever active."""
+
+    ever_active: dict[str, torch.Tensor]
+    generator: torch.Generator | None = None
+
+    def exploration_rate(self) -> float:
+        """Fraction of prunable weights that have been active at some point (0-1)."""
+        return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.generator is not None:
+            sd["generator"] = self.generator.get_state()
+        sd["ever_active"] = {n: m.cpu().clone() for n, m in self.ever_active.items()}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        if self.generator is not None:
+            self.generator.set_state(sd["generator"])
+        self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}
+
+
+class SwapAndRestore:
+    """Mixin of masked methods that run forward and backward at the masked weights ``m ⊙ w``
+    while the optimizer updates the dense ``w`` (DPF, Top-KAST).
+
+    :meth:`swap_in_masked` stashes the dense weights and writes ``m ⊙ w`` into the parameters;
+    :meth:`restore_dense` writes the dense ones back, leaving ``.grad`` (``∂L/∂(m ⊙ w)`` for
+    every coordinate) untouched. Computing ``w * m`` inside autograd instead would zero the
+    gradient of masked coordinates. Memory: one extra copy of the prunable weights
+    (:meth:`init_swap`).
+    """
+
+    def init_swap(self) -> None:
+        self._dense = {n: torch.empty_like(p) for n, p in self.masks.params.items()}
+        self._swapped = False
+
+    @torch.no_grad()
+    def swap_in_masked(self) -> None:
+        if self._swapped:
+            return
+        for n, p in self.masks.params.items():
+            self._dense[n].copy_(p)
+            p.mul_(self.masks.masks[n])
+        self._swapped = True
+
+    @torch.no_grad()
+    def restore_dense(self) -> None:
+        if not self._swapped:
+            return
+        for n, p in self.masks.params.items():
+            p.copy_(self._dense[n])
+        self._swapped = False
+
+
 def create_method(
     name: str,
     model: nn.Module,

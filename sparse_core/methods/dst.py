@@ -30,14 +30,13 @@ over-parameterization", Liu et al. 2021) is the fraction of prunable weights eve
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from sparse_core.config import DSTSection, PruningSection
 from sparse_core.flops import TrainingCost, fixed_mask_flops, gradient_growth_flops
-from sparse_core.methods.base import MaskedMethod, MethodContext
+from sparse_core.methods.base import Explores, MaskedMethod, MethodContext
 from sparse_core.methods.registry import declare_method, register_method
 from sparse_core.sparsity.distributions import active_counts, layer_densities, random_masks
 
@@ -56,7 +55,7 @@ def cosine_drop_fraction(step: int, t_end: float, p0: float, floor: float) -> fl
                          "update start at 0, a connection dropped and regrown in place keeps its value (RigL's "
                          "`reinit_when_same: false`; `train.dst.reinit_when_same: true` zeroes it as the FreeTickets code does); "
                          "layers at ERK density 1 take no part; `p` cosine-decays; updates stop at `train.dst.stop_fraction`")
-class SET(MaskedMethod):
+class SET(Explores, MaskedMethod):
     """Sparse Evolutionary Training: magnitude drop, random grow."""
 
     name = "set"
@@ -96,10 +95,6 @@ class SET(MaskedMethod):
         if d.drop_schedule == "constant":
             return d.drop_fraction
         return cosine_drop_fraction(step, max(d.stop_fraction * self.total_steps, 1.0), d.drop_fraction, d.drop_fraction_floor)
-
-    def exploration_rate(self) -> float:
-        """Fraction of prunable weights that have been active at some point (0-1)."""
-        return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
 
     def planned_update(self, step: int) -> tuple[float, str] | None:
         """``(drop fraction, kind)`` of the topology update after step ``step``, or None."""
@@ -204,16 +199,6 @@ class SET(MaskedMethod):
         )
         return regrown
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["generator"] = self.generator.get_state()
-        sd["ever_active"] = {n: m.cpu().clone() for n, m in self.ever_active.items()}
-        return sd
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        super().load_state_dict(sd)
-        self.generator.set_state(sd["generator"])
-        self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}
 
 
 @register_method(name="rigl", family="dst", sparsity="dst", start="init", sweep=True,

@@ -24,7 +24,7 @@ from torch import nn
 
 from sparse_core.config import SCHEDULE_KEYS_HINT, ConfigError, PruningSection
 from sparse_core.flops import TrainingCost, gradual_training_flops_per_example
-from sparse_core.methods.base import MaskedMethod
+from sparse_core.methods.base import MaskedMethod, SwapAndRestore
 from sparse_core.methods.registry import register_method
 from sparse_core.sparsity import cubic_sparsity
 from sparse_core.sparsity.schedules import gradual_schedule_problem, pruning_end_step
@@ -94,7 +94,7 @@ class GMP(MaskedMethod):
                  summary="forward/backward at `m ⊙ w`, gradient applied to the dense `w` (swap-and-restore), mask re-estimated from "
                          "`|w|` every 16 iterations, cubic schedule 0 → target ending at 75% of training (Lin et al. 2020, Eq. 2; "
                          "Zhu & Gupta 2017, Eq. 1)")
-class DPF(GMP):
+class DPF(SwapAndRestore, GMP):
     """Dynamic pruning with feedback via swap-and-restore.
 
     Before the forward pass the dense weights are stashed and ``m ⊙ w`` is written into the
@@ -111,40 +111,22 @@ class DPF(GMP):
 
     def __init__(self, model: nn.Module, total_steps: int, pruning: PruningSection):
         super().__init__(model, total_steps, pruning)
-        self._dense = {n: torch.empty_like(p) for n, p in self.masks.params.items()}
-        self._swapped = False
-
-    @torch.no_grad()
-    def _swap_in_pruned(self) -> None:
-        if self._swapped:
-            return
-        for n, p in self.masks.params.items():
-            self._dense[n].copy_(p)
-            p.mul_(self.masks.masks[n])
-        self._swapped = True
-
-    @torch.no_grad()
-    def _restore_dense(self) -> None:
-        if not self._swapped:
-            return
-        for n, p in self.masks.params.items():
-            p.copy_(self._dense[n])
-        self._swapped = False
+        self.init_swap()
 
     def before_forward(self, step: int) -> None:
-        self._swap_in_pruned()
+        self.swap_in_masked()
 
     def before_step(self, step: int) -> None:
-        self._restore_dense()  # .grad is untouched: it was computed at m ⊙ w
+        self.restore_dense()  # .grad is untouched: it was computed at m ⊙ w
 
     @contextlib.contextmanager
     def eval_weights(self) -> Iterator[None]:
         """Evaluate and export ``m ⊙ w``; the dense weights come back afterwards."""
-        self._swap_in_pruned()
+        self.swap_in_masked()
         try:
             yield
         finally:
-            self._restore_dense()
+            self.restore_dense()
 
 
 @register_method(name="oneshot", family="gradual", sparsity="pruning", sweep=True,

@@ -71,7 +71,6 @@ Differences from the paper and its code, and why:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pydantic
 import torch
@@ -80,7 +79,7 @@ from torch import nn
 
 from sparse_core.config import ConfigError, PruningSection
 from sparse_core.flops import TrainingCost, gradual_training_flops_per_example
-from sparse_core.methods.base import MethodContext
+from sparse_core.methods.base import Explores, MethodContext
 from sparse_core.methods.dst import cosine_drop_fraction
 from sparse_core.methods.gradual import GMP
 from sparse_core.methods.registry import register_method
@@ -97,7 +96,7 @@ from sparse_core.sparsity.distributions import active_counts, layer_densities, r
                          "in each layer drop the `⌈r·n⌉` smallest active weights and regrow as many where the dense gradient is "
                          "largest (new connections start at 0), so sparsity follows the schedule exactly; `r` cosine-decays "
                          "0.5 → 0.005 over the run; regeneration continues after pruning ends")
-class GraNet(GMP):
+class GraNet(Explores, GMP):
     """Gradual magnitude pruning with zero-cost neuroregeneration (see the module docstring).
 
     Attributes:
@@ -202,10 +201,6 @@ class GraNet(GMP):
         """``r_t``: cosine decay from ``regeneration_fraction`` to ``regeneration_floor`` over the run."""
         return cosine_drop_fraction(step, max(self.total_steps, 1), self.opts.regeneration_fraction, self.opts.regeneration_floor)
 
-    def exploration_rate(self) -> float:
-        """Fraction of prunable weights that have been active at some point (0-1)."""
-        return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
-
     # ----- hooks ----------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         if self._update_due(step + 1):
@@ -265,15 +260,3 @@ class GraNet(GMP):
         self.events[-1].update({"regrown": regrown, "regrown_new": fresh_total, "regeneration_fraction": float(fraction),
                                 "exploration_rate": self.exploration_rate()})  # fmt: skip
         return regrown
-
-    # ----- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["generator"] = self.generator.get_state()
-        sd["ever_active"] = {n: m.cpu().clone() for n, m in self.ever_active.items()}
-        return sd
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        super().load_state_dict(sd)
-        self.generator.set_state(sd["generator"])
-        self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}

@@ -67,7 +67,7 @@ from torch import nn
 
 from sparse_core.config import DSTSection, PruningSection
 from sparse_core.flops import TrainingCost
-from sparse_core.methods.base import MaskedMethod, MethodContext
+from sparse_core.methods.base import Explores, MaskedMethod, MethodContext, SwapAndRestore
 from sparse_core.methods.registry import register_method
 from sparse_core.sparsity.distributions import active_counts, layer_densities
 
@@ -78,7 +78,7 @@ from sparse_core.sparsity.distributions import active_counts, layer_densities
                          "gradient applied to the larger top-`(D+M)` set B ⊇ A (`train.topkast.extra_density`), weights "
                          "outside B unchanged; L2 exploration penalty `c·θ` on A, `c·θ/D` on B∖A (`train.topkast.penalty`); "
                          "A and B recomputed from `|θ|` every `train.topkast.update_period` steps (1)")
-class TopKAST(MaskedMethod):
+class TopKAST(Explores, SwapAndRestore, MaskedMethod):
     """Top-K Always Sparse Training via swap-and-restore (see the module docstring).
 
     Attributes:
@@ -132,8 +132,7 @@ class TopKAST(MaskedMethod):
         for n in self.masks.params:
             self.masks.target_density[n] = self.counts_forward[n] / numel[n]
         self.backward_masks: dict[str, torch.Tensor] = {}
-        self._dense = {n: torch.empty_like(p) for n, p in self.masks.params.items()}
-        self._swapped = False
+        self.init_swap()
         self._stashed = False  # whether _dense holds θ from before the current optimizer step
         self.recompute_sets()
         self.ever_active = {n: m.clone() for n, m in self.masks.masks.items()}
@@ -162,37 +161,16 @@ class TopKAST(MaskedMethod):
         """Fraction of prunable weights in ``B`` (0-1)."""
         return sum(int(m.sum()) for m in self.backward_masks.values()) / self.masks.numel()
 
-    def exploration_rate(self) -> float:
-        """Fraction of prunable weights that have been in ``A`` at some point (0-1)."""
-        return sum(int(m.sum()) for m in self.ever_active.values()) / self.masks.numel()
-
     # ----- swap and restore -----------------------------------------------------------------
-    @torch.no_grad()
-    def _swap_in_forward(self) -> None:
-        if self._swapped:
-            return
-        for n, p in self.masks.params.items():
-            self._dense[n].copy_(p)
-            p.mul_(self.masks.masks[n])
-        self._swapped = True
-
-    @torch.no_grad()
-    def _restore_dense(self) -> None:
-        if not self._swapped:
-            return
-        for n, p in self.masks.params.items():
-            p.copy_(self._dense[n])
-        self._swapped = False
-
     # ----- hooks ----------------------------------------------------------------------------
     def before_forward(self, step: int) -> None:
-        self._swap_in_forward()
+        self.swap_in_masked()
         self._stashed = True
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
         if self._swapped:
-            self._restore_dense()  # .grad keeps ∂L/∂α for every position
+            self.restore_dense()  # .grad keeps ∂L/∂α for every position
         else:  # no forward through the hooks this step: θ is in place; stash it for after_step
             for n, p in self.masks.params.items():
                 self._dense[n].copy_(p)
@@ -226,21 +204,19 @@ class TopKAST(MaskedMethod):
     def eval_weights(self) -> Iterator[None]:
         """Evaluate and export ``α = m_A ⊙ θ``; ``θ`` comes back afterwards."""
         was_swapped = self._swapped
-        self._swap_in_forward()
+        self.swap_in_masked()
         try:
             yield
         finally:
             if not was_swapped:
-                self._restore_dense()
+                self.restore_dense()
 
     # ----- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["backward_masks"] = {n: m.cpu().clone() for n, m in self.backward_masks.items()}
-        sd["ever_active"] = {n: m.cpu().clone() for n, m in self.ever_active.items()}
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
         self.backward_masks = {n: m.to(self.masks.params[n].device) for n, m in sd["backward_masks"].items()}
-        self.ever_active = {n: m.to(self.masks.params[n].device) for n, m in sd["ever_active"].items()}
