@@ -19,6 +19,7 @@ import warnings
 
 def main() -> None:
     from sparse_core import evalsets
+    from sparse_core import corrupted_sets
     from sparse_core.jobs import rundirs, scoring, training
     from sparse_core.config import load_params
 
@@ -28,7 +29,7 @@ def main() -> None:
         rundirs.stage_prepare(params)
         training.stage_warmup(params)
         evalsets.stage_ood(params)
-        evalsets.stage_corrupt(params)
+        corrupted_sets.stage_corrupt(params)
         return
     method = sys.argv[2]
     print("ready", flush=True)

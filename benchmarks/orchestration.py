@@ -11,7 +11,7 @@ spent outside stage work.
     - the floors: ``python -c pass``, importing Prefect's flow and task (``from prefect import
       flow, task``), importing the CLI (``import flows.cli``);
     - the no-op stage: ``sparseflow run aggregate --run <model>`` with the library module that
-      holds the work (``sparse_core.report``) replaced by a stub whose ``stage_aggregate`` does
+      holds the work (``sparse_core.aggregate``) replaced by a stub whose ``stage_aggregate`` does
       nothing; everything else is the real command (argument parsing, params validation, the
       ``aggregate`` Prefect flow run with its task run, reporting to the server). Target <= 1.5 s;
     - the same with Prefect's flow-run heartbeats on (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=180``,
@@ -63,9 +63,9 @@ from fanout import BIN, REPO, prefect_server  # noqa: E402  (one Prefect-server 
 
 STUB_REPORT = """
 import sys, types
-stub = types.ModuleType("sparse_core.report")  # the no-op work: nothing imported, nothing done
+stub = types.ModuleType("sparse_core.aggregate")  # the no-op work: nothing imported, nothing done
 stub.stage_aggregate = lambda params, model: "noop"
-sys.modules["sparse_core.report"] = stub
+sys.modules["sparse_core.aggregate"] = stub
 from flows.cli import main
 sys.exit(main())
 """
@@ -128,7 +128,7 @@ def stage_costs(rounds: int, profile: str | None) -> None:
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
         model = raw["evaluate"]["runs"][0]
         seeds = raw["base"].get("seeds") or [raw["base"]["seed"]]
-        for seed in seeds:  # what aggregate@<model> reads (sparse_core.report.seed_metrics_path)
+        for seed in seeds:  # what aggregate@<model> reads (sparse_core.aggregate.seed_metrics_path)
             path = work / raw["base"]["metrics_dir"] / "seeds" / f"s{seed}" / f"{model}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"test": {"accuracy": 0.9 + 0.01 * seed, "nll": 0.3}, "sparsity": 0.9}))
@@ -172,7 +172,7 @@ def stage_costs(rounds: int, profile: str | None) -> None:
           f"median [min .. max]; params: {profile or 'params.yaml'}; {os.cpu_count()} cores")  # fmt: skip
     for name, values in times.items():
         print(f"  {name:55s} {spread(values)}")
-    print(f"  real stage: its work {spread(work_s)}; importing its library (sparse_core.report: pandas, torch, ...) {spread(import_s)}")
+    print(f"  real stage: its work {spread(work_s)}; importing its library (sparse_core.aggregate: pandas, ...) {spread(import_s)}")
     completed = sum(r["state_type"] == "COMPLETED" for r in flow_runs)
     print(f"  server: {completed}/{len(flow_runs)} completed flow runs aggregate-{model} for {stage_runs} stage processes; "
           f"{sum(t['state_type'] == 'COMPLETED' for t in task_runs)} completed task runs")  # fmt: skip

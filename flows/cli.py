@@ -2,6 +2,7 @@
 
     sparseflow validate [--params params.yaml]
     sparseflow methods               # the registered methods (the README's method table)
+    sparseflow deps [--write]        # each stage's code deps (from the import graph) / write them into the dvc.yaml files
     sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
     sparseflow run train --method dpf [--seed 1]   # run-level stages take --seed (default: base.seeds[0])
     sparseflow run retrain --run dpf
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     sub.add_parser("methods", help="list the registered methods as a markdown table")
+    dp = sub.add_parser("deps", help="each stage's code (its import closure); --write puts it in the dvc.yaml files")
+    dp.add_argument("--write", action="store_true")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
     r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
     r.add_argument("--params", default="params.yaml")
@@ -226,6 +229,16 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             from sparse_core.methods.registry import markdown_table
 
             print(markdown_table())
+        elif args.command == "deps":
+            from flows import stage_code
+
+            root = Path(".")
+            if args.write:
+                for path in stage_code.write_all(root):
+                    print(f"sparseflow deps: updated {path}")
+            else:
+                for stage in sorted(stage_code.job_modules(root)):
+                    print(f"{stage}: {' '.join(stage_code.stage_files(root, stage))}")
         elif args.command == "run":
             _run_stage(args, console)
         elif args.command == "local-worker":

@@ -815,6 +815,11 @@ def seeded(params: Params, seed: int | None = None) -> Params:
     return params.for_seed(params.base.run_seeds()[0] if seed is None else seed)
 
 
+def curve_points_path(method: str, seed: int) -> Path:
+    """``reports/curves/points/<method>-s<seed>.csv``: one ``curves@<method>-<seed>`` stage's rows."""
+    return Path("reports") / "curves" / "points" / f"{method}-s{seed}.csv"
+
+
 def retrain_run_name(run: str) -> str:
     """Name of the fine-tuned copy of ``run`` (``dpf`` -> ``dpf_retrain``)."""
     return f"{run}_retrain"

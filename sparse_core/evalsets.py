@@ -33,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sparse_core import artifacts
-from sparse_core.config import SYNTHETIC_OOD, DataSection, Params
+from sparse_core.config import SYNTHETIC_OOD, Params
 from sparse_core.data import PreparedData, load_prepared
-from sparse_core.data.fetch import DataError, fetch_file, mirror_dir
+from sparse_core.data.fetch import DataError, fetch_file
 from sparse_core.data.prepare import prepared_path
 
 
@@ -88,6 +87,11 @@ def _dataset_test_images(name: str, raw_dir: Path, download: bool, limit: int) -
     return torch.from_numpy(np.ascontiguousarray(x[:limit])).permute(0, 3, 1, 2)
 
 
+def prepared(params: Params) -> PreparedData:
+    """The prepared dataset (``prepare`` stage output) the sets are made for."""
+    return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
+
+
 def stage_ood(params: Params) -> Path:
     """``ood``: every OOD set declared for ``data.dataset`` -> ``<data_dir>/ood/<dataset>/``.
 
@@ -98,7 +102,7 @@ def stage_ood(params: Params) -> Path:
         DataError: a set listed in ``ood.required`` is missing.
     """
     cfg = params.ood
-    shape = _load(params).shape
+    shape = prepared(params).shape
     names = cfg.sets.get(params.data.dataset, [])
     manifest = []
     out = ood_dir(params)
@@ -120,72 +124,6 @@ def stage_ood(params: Params) -> Path:
             artifacts.save_tensors({"images": images}, tmp / f"{name}.safetensors")
             manifest.append({**entry, "examples": int(images.shape[0])})
         artifacts.write_json(manifest, tmp / "manifest.json")
-    return out
-
-
-def _test_source_index(data_cfg: DataSection, data_dir: str) -> np.ndarray:
-    table = artifacts.read_parquet_table(prepared_path(data_dir, data_cfg.dataset), columns=["split", "source_index"])
-    split = table.column("split").to_numpy(zero_copy_only=False)
-    return table.column("source_index").to_numpy()[split == "test"]
-
-
-def _find_cifar10_c(params: Params) -> Path | None:
-    candidates = [Path(params.base.data_dir) / "raw" / "CIFAR-10-C"]
-    mirror = mirror_dir()
-    if mirror is not None:
-        candidates.append(mirror / "CIFAR-10-C")
-    return next((c for c in candidates if (c / "labels.npy").is_file()), None)
-
-
-def _load(params: Params) -> PreparedData:
-    return load_prepared(prepared_path(params.base.data_dir, params.data.dataset))
-
-
-def stage_corrupt(params: Params) -> Path:
-    """``corrupt``: corrupted copies of the first ``corrupt.test_subset`` test images.
-
-    Raises:
-        DataError: genuine CIFAR-10-C files are present but incomplete or inconsistent with
-            the test labels.
-    """
-    from sparse_core.corruptions import corrupt
-
-    cfg = params.corrupt
-    test = _load(params).splits["test"]
-    n = len(test) if not cfg.test_subset else min(cfg.test_subset, len(test))
-    clean, labels = test.images[:n], test.labels[:n]
-    names, sevs = cfg.names(), cfg.severities
-    genuine = _find_cifar10_c(params) if params.data.dataset == "cifar10" else None
-    source_index = _test_source_index(params.data, params.base.data_dir)[:n] if genuine is not None else None
-    out = corrupted_dir(params)
-    with artifacts.atomic_dir(out) as tmp:
-        if genuine is not None:
-            c_labels = np.load(genuine / "labels.npy")
-            if not np.array_equal(c_labels[source_index], labels.numpy()):
-                raise DataError(f"{genuine / 'labels.npy'}: labels differ from the CIFAR-10 test labels")
-        bar = tqdm(total=len(names) * len(sevs), desc="corrupt", unit="set", disable=not params.base.progress)
-        for name in names:
-            per_sev = []
-            for s in sevs:
-                if genuine is not None:
-                    path = genuine / f"{name}.npy"
-                    if not path.is_file():
-                        raise DataError(f"{path}: missing; genuine CIFAR-10-C needs every selected corruption")
-                    block = np.load(path, mmap_mode="r")[(s - 1) * 10000 + source_index]
-                    per_sev.append(torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2))
-                else:
-                    per_sev.append(corrupt(clean, name, s, seed=params.base.seed))
-                bar.update()
-            artifacts.save_tensors(
-                {"images": torch.stack(per_sev), "labels": labels, "severities": torch.tensor(sevs)},
-                tmp / f"{name}.safetensors",
-            )
-        bar.close()
-        source = f"genuine CIFAR-10-C ({genuine})" if genuine is not None else "generated (sparse_core.corruptions)"
-        artifacts.write_json(
-            {"source": source, "examples": n, "corruptions": names, "severities": sevs, "seed": params.base.seed},
-            tmp / "manifest.json",
-        )
     return out
 
 

@@ -17,6 +17,9 @@ import ast
 from pathlib import Path
 
 PACKAGES = ("sparse_core", "tasks", "flows")
+#: Names whose package loads a module by name when they are called (PEP 562 and registries):
+#: importing the name counts as importing that module.
+LAZY_NAMES = {("sparse_core.models", "create_model"): "sparse_core.models.builders"}
 LAYER = {name: i for i, name in enumerate(PACKAGES)}
 
 
@@ -61,6 +64,7 @@ def imports_of(path: Path, current: str, modules: dict[str, Path]) -> set[str]:
             base = _resolve(node, current, path.name == "__init__.py")
             targets.add(base)
             targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+            targets.update(LAZY_NAMES[(base, a.name)] for a in node.names if (base, a.name) in LAZY_NAMES)
     found = set()
     for target in targets:
         parts = target.split(".")
@@ -133,3 +137,21 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     """``(importer, imported)`` pairs where a module imports a layer above its own."""
     layer = lambda name: LAYER[name.split(".")[0]]  # noqa: E731
     return sorted((a, b) for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+
+
+#: Modules loaded by name at run time, which the source's import statements do not show:
+#: ``{trigger: package}``: where the closure holds ``trigger``, every module of ``package``
+#: counts (the method registry imports a method's module when the method is built; building a
+#: model imports every model module).
+DYNAMIC = {"sparse_core.methods.base": "sparse_core.methods", "sparse_core.models.builders": "sparse_core.models"}
+
+
+def library_code(graph: dict[str, set[str]], start: str | list[str], root: Path) -> set[str]:
+    """The closure of ``start`` with the modules of :data:`DYNAMIC` it loads by name (and
+    their closures): the code a job runs."""
+    modules = closure(graph, start)
+    names = project_modules(root)
+    for trigger, package in DYNAMIC.items():
+        if trigger in modules:
+            modules |= closure(graph, [m for m in names if m.startswith(package + ".")])
+    return modules

@@ -39,7 +39,8 @@ import pandas as pd
 import pandera.pandas as pa
 
 from sparse_core import artifacts, claims
-from sparse_core.config import Params
+from sparse_core.aggregate import models, per_seed_metrics, seed_metrics_path
+from sparse_core.config import Params, curve_points_path
 
 REPORT_DIR = Path("reports")
 FIGURES = ("accuracy_vs_sparsity", "nll_vs_training_flops", "training_curves", "reliability", "layer_density", "corruption_accuracy")
@@ -103,27 +104,6 @@ def _rows(model: str, kind: str, metrics: dict[str, Any], seed: int) -> list[dic
     return rows
 
 
-def seed_metrics_path(params: Params, model: str, seed: int) -> Path:
-    """``<metrics_dir>/seeds/s<seed>/<model>.json``: the evaluate stage's output for one seed."""
-    return Path(params.for_seed(seed).base.metrics_dir) / f"{model}.json"
-
-
-def per_seed_metrics(params: Params, model: str) -> dict[int, dict[str, Any]]:
-    """``{seed: metrics}`` of ``model`` for every training seed of ``base.seeds``.
-
-    Raises:
-        FileNotFoundError: a seed's metrics file is missing (names the file and the stage to run).
-    """
-    out = {}
-    for seed in params.base.run_seeds():
-        path = seed_metrics_path(params, model, seed)
-        if not path.is_file():
-            kind = "evaluate_ensemble" if model in params.collect.ensembles else "evaluate"
-            raise FileNotFoundError(f"{path}: missing; run {kind}@{model}-{seed} first")
-        out[seed] = artifacts.read_json(path)
-    return out
-
-
 def all_per_seed_metrics(params: Params) -> dict[str, dict[int, dict[str, Any]]]:
     """``{model: {seed: metrics}}`` of every evaluated run and ensemble."""
     return {model: per_seed_metrics(params, model) for model, _ in models(params)}
@@ -142,10 +122,6 @@ def tidy_metrics(params: Params, per_seed: dict[str, dict[int, dict[str, Any]]] 
             rows += _rows(model, kind, metrics, seed)
     df = pd.DataFrame(rows, columns=["model", "kind", "seed", "dataset", "metric", "value"]).astype({"seed": "int64"})
     return METRICS_SCHEMA.validate(df)
-
-
-def models(params: Params) -> list[tuple[str, str]]:
-    return [(r, "run") for r in params.evaluate.runs] + [(e, "ensemble") for e in params.collect.ensembles]
 
 
 def summary_table(tidy: pd.DataFrame, order: list[str]) -> pd.DataFrame:
@@ -183,21 +159,6 @@ def markdown_table(summary: pd.DataFrame) -> str:
                 cells.append(fmt.format(row[h]))
         lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def stage_aggregate(params: Params, model: str) -> Path:
-    """``aggregate@<model>``: ``<metrics_dir>/<model>.json`` = mean, std and per-seed values of
-    the model's metrics over ``base.seeds`` (layout: :func:`sparse_core.claims.aggregate`).
-
-    Raises:
-        ValueError: ``model`` is neither in ``evaluate.runs`` nor in ``collect.ensembles``.
-        FileNotFoundError: a seed's metrics are missing.
-    """
-    if model not in dict(models(params)):
-        raise ValueError(f"aggregate: {model!r} is not in evaluate.runs or collect.ensembles")
-    out = Path(params.base.metrics_dir) / f"{model}.json"
-    artifacts.write_json(claims.aggregate(per_seed_metrics(params, model)), out)
-    return out
 
 
 def claims_section(table: pd.DataFrame) -> str:
@@ -344,8 +305,6 @@ def curve_points(params: Params) -> pd.DataFrame:
     Raises:
         FileNotFoundError: a ``curves@<method>-<seed>`` stage has not written its points.
     """
-    from sparse_core.jobs.sweeps import curve_points_path
-
     frames = []
     for method in params.curves.methods:
         for seed in params.base.run_seeds():

@@ -61,8 +61,8 @@ IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": tran
 def prepare_dataset(params_path: str) -> str:
     """Raw archives -> ``data/prepared/<dataset>/data.parquet``."""
     params = load_params(params_path)
-    with stage_work("prepare-dataset", "sparse_core.jobs.rundirs") as jobs:
-        return str(jobs.stage_prepare(params))
+    with stage_work("prepare-dataset", "sparse_core.data.prepare") as prepare:
+        return str(prepare.prepare_dataset(params.data, params.base.data_dir, params.base.seed))
 
 
 @task(name="prepare-ood-sets", **IO_RETRIES)
@@ -77,8 +77,8 @@ def prepare_ood(params_path: str) -> str:
 def corrupt_test_set(params_path: str) -> str:
     """Corrupted test subset -> ``data/corrupted/<dataset>/``."""
     params = load_params(params_path)
-    with stage_work("corrupt-test-set", "sparse_core.evalsets") as evalsets:
-        return str(evalsets.stage_corrupt(params))
+    with stage_work("corrupt-test-set", "sparse_core.corrupted_sets") as corrupted_sets:
+        return str(corrupted_sets.stage_corrupt(params))
 
 
 @task(name="build-report", **IO_RETRIES)
@@ -226,8 +226,8 @@ def retrain_run(params_path: str, run: str, seed: int | None = None) -> str:
 def aggregate_model(params_path: str, model: str) -> str:
     """Mean ± std over ``base.seeds`` of one model's metrics -> ``metrics/<model>.json``."""
     params = load_params(params_path)
-    with stage_work("aggregate-model", "sparse_core.report") as report:
-        return str(report.stage_aggregate(params, model))
+    with stage_work("aggregate-model", "sparse_core.aggregate") as aggregate:
+        return str(aggregate.stage_aggregate(params, model))
 
 
 @task(name="evaluate-run", **IO_RETRIES, task_run_name="evaluate-{run}-s{seed}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparse_core import evalsets
+from sparse_core import corrupted_sets
 from sparse_core.config import parse_params
 from sparse_core.data import DataError, PreparedData, Split
 from sparse_core.evalsets import load_eval_sets, noise_images, to_shape
@@ -50,7 +51,7 @@ def params(tmp_path, monkeypatch, default_params_dict):
     empty = tmp_path / "empty_mirror"
     empty.mkdir()
     monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(empty))
-    monkeypatch.setattr(evalsets, "_load", lambda p: _fake_data())
+    monkeypatch.setattr(evalsets, "prepared", lambda p: _fake_data())
     raw = dict(default_params_dict)
     raw["ood"] = {"sets": {"fashion_mnist": ["mnist", "uniform"]}, "max_examples": 7}
     raw["corrupt"] = {"corruptions": ["contrast", "gaussian_noise"], "severities": [2, 4], "test_subset": 6}
@@ -64,7 +65,7 @@ def test_missing_optional_ood_set_is_recorded_and_warned(params):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(m["set"], m["status"]) for m in manifest] == [("mnist", "missing"), ("uniform", "ok")]
     assert "downloading is off" in manifest[0]["reason"]
-    evalsets.stage_corrupt(p)
+    corrupted_sets.stage_corrupt(p)
     sets = load_eval_sets(p)
     assert list(sets.ood) == ["uniform"] and sets.ood["uniform"].shape == (7, 1, 28, 28)
     assert [m["set"] for m in sets.ood_missing] == ["mnist"]
@@ -86,8 +87,8 @@ def test_genuine_cifar10_c_files_are_used(tmp_path, monkeypatch, default_params_
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SPARSEFLOW_DATA_MIRROR", raising=False)
     data = _fake_data((3, 32, 32), n=4)
-    monkeypatch.setattr(evalsets, "_load", lambda p: data)
-    monkeypatch.setattr(evalsets, "_test_source_index", lambda cfg, d: np.array([3, 1, 0, 2]))
+    monkeypatch.setattr(evalsets, "prepared", lambda p: data)
+    monkeypatch.setattr(corrupted_sets, "_test_source_index", lambda cfg, d: np.array([3, 1, 0, 2]))
     folder = Path("data/raw/CIFAR-10-C")
     folder.mkdir(parents=True)
     labels = np.zeros(50000, dtype=np.int64)
@@ -99,7 +100,7 @@ def test_genuine_cifar10_c_files_are_used(tmp_path, monkeypatch, default_params_
     raw = dict(default_params_dict) | {"data": {**default_params_dict["data"], "dataset": "cifar10"}}
     raw["corrupt"] = {"corruptions": ["fog"], "severities": [3], "test_subset": 0}
     p = parse_params(raw)
-    out = evalsets.stage_corrupt(p)
+    out = corrupted_sets.stage_corrupt(p)
     assert "genuine CIFAR-10-C" in json.loads((out / "manifest.json").read_text())["source"]
     from sparse_core.artifacts import load_tensors
 
@@ -107,4 +108,4 @@ def test_genuine_cifar10_c_files_are_used(tmp_path, monkeypatch, default_params_
     assert images.shape == (1, 4, 3, 32, 32) and (images[0, 0] == 77).all() and (images[0, 1:] == 0).all()
     np.save(folder / "labels.npy", labels[::-1].copy())
     with pytest.raises(DataError, match="labels differ"):
-        evalsets.stage_corrupt(p)
+        corrupted_sets.stage_corrupt(p)

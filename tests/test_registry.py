@@ -117,6 +117,7 @@ def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, 
     """One class, registered here: trained from its own init, evaluated (FLOPs: the fixed-mask
     rule it inherits) and reported, with no other file changed."""
     from sparse_core import evalsets, report
+    from sparse_core import corrupted_sets
     from sparse_core.jobs import rundirs, scoring, training
     from sparse_core.config import load_params, seeded
 
@@ -132,7 +133,7 @@ def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, 
     params = load_params("params.yaml")
     rundirs.stage_prepare(params)
     evalsets.stage_ood(params)
-    evalsets.stage_corrupt(params)
+    corrupted_sets.stage_corrupt(params)
     run = seeded(params)
     training.stage_warmup(run)
     for method in ("dense", "half_magnitude"):

@@ -11,7 +11,8 @@ import pytest
 
 from sparse_core import artifacts
 from sparse_core.config import parse_params
-from sparse_core.report import METRICS_SCHEMA, markdown_table, stage_aggregate, stage_report, summary_table, tidy_metrics
+from sparse_core.aggregate import stage_aggregate
+from sparse_core.report import METRICS_SCHEMA, markdown_table, stage_report, summary_table, tidy_metrics
 
 RUN = {
     "run": "dpf", "method": "dpf",

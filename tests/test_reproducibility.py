@@ -34,6 +34,7 @@ TIMING_COLUMNS = ["seconds", "images_per_s"]
 SCRIPT = """
 import warnings
 from sparse_core import evalsets
+from sparse_core import corrupted_sets
 from sparse_core.jobs import rundirs, scoring, training
 from sparse_core.config import load_params
 
@@ -42,7 +43,7 @@ params = load_params("params.yaml")
 rundirs.stage_prepare(params)
 training.stage_warmup(params)
 evalsets.stage_ood(params)
-evalsets.stage_corrupt(params)
+corrupted_sets.stage_corrupt(params)
 for method in {methods!r}:
     training.stage_train(params, method)
     scoring.stage_evaluate(params, method)

@@ -180,16 +180,25 @@ def export_run(params: Params, run: str, model: nn.Module, method: Method, histo
     return folder
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """sha256 (first 16 hex chars) of the library's source: a checkpoint written by other code
-    is never resumed, so a fixed bug cannot survive in a resumed run."""
+    """sha256 (first 16 hex chars) of the library code a training run executes: the import
+    closure of :mod:`sparse_core.jobs.training` with every method and model module
+    (:func:`sparse_core.imports.library_code`), the library part of the training stages' code
+    deps in ``dvc.yaml`` (:mod:`flows.stage_code`). A checkpoint written by other code is
+    never resumed, so a fixed bug cannot survive in a resumed run; a change to code that
+    training never runs (the report, the corruptions) leaves the fingerprint alone."""
     import hashlib
 
+    from sparse_core.imports import import_graph, library_code, project_modules
+
+    root = Path(__file__).resolve().parents[2]
+    paths = project_modules(root)
+    modules = library_code(import_graph(root), "sparse_core.jobs.training", root)
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
+    for name in sorted(m for m in modules if m.split(".")[0] == "sparse_core"):
+        h.update(paths[name].relative_to(root).as_posix().encode())
+        h.update(paths[name].read_bytes())
     return h.hexdigest()[:16]
 
 

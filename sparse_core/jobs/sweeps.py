@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from sparse_core import artifacts
-from sparse_core.config import Params, sweep_methods
+from sparse_core.config import curve_points_path, Params, sweep_methods
 from sparse_core.data import PreparedData
 from sparse_core.engine import evaluate, resolve_device
 from sparse_core.methods import registry
@@ -73,11 +73,6 @@ def stage_sweep_point(params: Params, method: str, sparsity: float, seed: int, n
         row.update(test_row(point, run, load_data(point)))
     row["run_dir"] = str(out)
     return row
-
-
-def curve_points_path(method: str, seed: int) -> Path:
-    """``reports/curves/points/<method>-s<seed>.csv``: one ``curves@<method>-<seed>`` stage's rows."""
-    return Path("reports") / "curves" / "points" / f"{method}-s{seed}.csv"
 
 
 def write_curve_points(params: Params, method: str, rows: list[dict[str, Any]]) -> Path:
