@@ -140,7 +140,7 @@ def test_two_pipeline_runs_on_one_workspace_the_second_waits(tmp_path, prefect_s
 def test_deploy_to_a_process_pool_and_a_worker_runs_it(tmp_path, prefect_server):
     repo = _slow_repo(tmp_path / "repo", seconds=0)
     (repo / "flows").mkdir()
-    (repo / "flows" / "pipeline.py").write_text((REPO / "flows" / "pipeline.py").read_text())
+    (repo / "flows" / "repro_flow.py").write_text((REPO / "flows" / "repro_flow.py").read_text())
     env = _env(prefect_server, tmp_path)
     pool = f"sf-test-{os.getpid()}"
     done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--pool", pool, "--name", "nightly", "--cron", "0 3 * * *"],

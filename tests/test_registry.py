@@ -116,8 +116,7 @@ def registered_here():
 def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, monkeypatch, mirror, registered_here):
     """One class, registered here: trained from its own init, evaluated (FLOPs: the fixed-mask
     rule it inherits) and reported, with no other file changed."""
-    from sparse_core import evalsets, report
-    from sparse_core import corrupted_sets
+    from sparse_core import aggregate, corrupted_sets, evalsets, report
     from sparse_core.jobs import rundirs, scoring, training
     from sparse_core.config import load_params, seeded
 
@@ -139,7 +138,7 @@ def test_a_method_defined_in_a_test_module_runs_train_evaluate_report(tmp_path, 
     for method in ("dense", "half_magnitude"):
         training.stage_train(run, method)
         scoring.stage_evaluate(run, method)
-        report.stage_aggregate(params, method)
+        aggregate.stage_aggregate(params, method)
     report.stage_report(params)
 
     config = json.loads((rundirs.run_dir(run, "half_magnitude") / "config.json").read_text())
