@@ -20,9 +20,10 @@ layout. Convolutions (oneDNN on CPU, cuDNN on GPU) pick their layout from the in
 activations of the whole network follow, while parameters, masks, gradients and optimizer
 state keep PyTorch's standard contiguous layout. Converting the parameters too, as PyTorch's
 memory-format tutorial does with ``model.to(memory_format=torch.channels_last)``, gave no
-further gain on ResNet-20 here, and would make every flat index into a weight (drop/grow,
-momentum resets, safetensors export) a copy instead of a view; this module therefore leaves
-parameters alone.
+consistent gain on ResNet-20 here (one run while other jobs loaded the machine: fp32 434 against
+395 ms per step, slower; bf16 133 against 142 ms, 7% faster; README "Speed"), and would make
+every flat index into a weight (drop/grow, momentum resets, safetensors export) a copy instead
+of a view; this module therefore leaves parameters alone.
 """
 
 from __future__ import annotations
