@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -29,6 +29,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+
+if TYPE_CHECKING:
+    import pandera.api.pandas.container
+    import pandera.errors
 
 
 class ArtifactError(ValueError):
@@ -86,7 +90,19 @@ def write_json(obj: Any, dest: str | Path) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON document in ``path``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is not UTF-8 JSON (the message names the file, line and column).
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                            "re-run the stage that writes it") from None  # fmt: skip
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not a UTF-8 text file ({_reason(exc)})") from None
 
 
 def write_parquet(df: pd.DataFrame, dest: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -131,18 +147,68 @@ def read_parquet_table(path: str | Path, columns: list[str] | None = None) -> pa
         raise ArtifactError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
 
 
-def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """:func:`read_parquet_table` as a pandas DataFrame (the reader for every Parquet artifact).
+def read_parquet(path: str | Path, *, schema: "pandera.api.pandas.container.DataFrameSchema", columns: list[str] | None = None) -> pd.DataFrame:
+    """Read the Parquet artifact ``path`` (optionally only ``columns``) as a pandas DataFrame
+    checked against its pandera ``schema`` (:mod:`sparse_core.schemas`). Every reader of a
+    Parquet artifact goes through here, so every table read back is validated.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ArtifactError: the file is truncated, corrupt, not Parquet, or lacks a requested column.
+        ArtifactError: the file is truncated, corrupt, not Parquet, lacks a requested column, or
+            breaks ``schema`` (the message names the file, the column and the check).
     """
     table = read_parquet_table(path, columns)
     try:
-        return table.to_pandas()
+        df = table.to_pandas()
     except Exception as exc:
         raise ArtifactError(f"{path}: Parquet data cannot be converted to a table ({_reason(exc)})") from None
+    return validated(df, schema, path)
+
+
+def read_csv(path: str | Path, *, schema: "pandera.api.pandas.container.DataFrameSchema") -> pd.DataFrame:
+    """Read the CSV artifact ``path`` (a plotted table under ``plots/``) checked against ``schema``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is empty, not CSV, or breaks ``schema`` (naming file and column).
+    """
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise ArtifactError(f"{path}: empty file (no header row); re-run the stage that writes it") from None
+    except Exception as exc:  # ParserError, UnicodeDecodeError, ...
+        raise ArtifactError(f"{path}: not a readable CSV file ({_reason(exc)})") from None
+    return validated(df, schema, path)
+
+
+def validated(df: pd.DataFrame, schema: "pandera.api.pandas.container.DataFrameSchema", path: str | Path) -> pd.DataFrame:
+    """``df`` checked against ``schema`` (all problems collected), or an :class:`ArtifactError`
+    that names ``path`` and the first few failing columns and checks."""
+    import pandera.errors
+
+    try:
+        return schema.validate(df, lazy=True)
+    except pandera.errors.SchemaErrors as exc:
+        raise ArtifactError(f"{path}: does not match its schema: {_schema_problems(exc)}") from None
+
+
+def _schema_problems(exc: "pandera.errors.SchemaErrors", limit: int = 3) -> str:
+    """``column 'step': dtype('int64') (failure: object); ...``: the first ``limit`` distinct
+    (column, check) failures of a lazy validation, with one failing value each."""
+    cases = exc.failure_cases
+    seen: list[str] = []
+    for row in cases.itertuples(index=False):
+        column = getattr(row, "column", None)
+        where = f"column {column!r}" if column not in (None, "") and column == column else "table"
+        text = f"{where}: {getattr(row, 'check', '?')} (failing value: {str(getattr(row, 'failure_case', '?'))[:60]})"
+        if text.split(" (failing")[0] not in [s.split(" (failing")[0] for s in seen]:
+            seen.append(text)
+        if len(seen) == limit:
+            break
+    more = len(cases) - len(seen)
+    return "; ".join(seen) + (f"; and {more} more failure(s)" if more > 0 else "")
 
 
 def _reason(exc: BaseException) -> str:

@@ -147,7 +147,7 @@ def load_eval_sets(params: Params) -> EvalSets:
     folder = ood_dir(params)
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"{folder / 'manifest.json'}: missing; run the ood stage first")
-    for row in json.loads((folder / "manifest.json").read_text()):
+    for row in artifacts.read_json(folder / "manifest.json"):
         if row["status"] == "ok":
             sets.ood[row["set"]] = artifacts.load_tensors(folder / f"{row['set']}.safetensors")["images"]
         else:
@@ -155,7 +155,7 @@ def load_eval_sets(params: Params) -> EvalSets:
     folder = corrupted_dir(params)
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"{folder / 'manifest.json'}: missing; run the corrupt stage first")
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = artifacts.read_json(folder / "manifest.json")
     for name in manifest["corruptions"]:
         t = artifacts.load_tensors(folder / f"{name}.safetensors")
         sets.corrupted_labels = t["labels"]

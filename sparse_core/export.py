@@ -168,7 +168,7 @@ def load_run(
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing; the run {folder.name!r} has not exported its model")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = artifacts.read_json(cfg_path)
         params = cfg["params"]
         model_name, model_kwargs = params["model"]["name"], dict(params["model"].get("kwargs") or {})
     except (ValueError, KeyError, TypeError) as exc:

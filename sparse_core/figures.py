@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sparse_core import artifacts  # noqa: E402
+from sparse_core import artifacts, schemas  # noqa: E402
 from sparse_core.config import Params  # noqa: E402
 
 
@@ -51,12 +51,16 @@ def _scatter(summary: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, ti
     _save(fig, path)
 
 
-def training_curves(params: Params, path: Path) -> None:
+def training_curves(params: Params, order: list[str], path: Path) -> None:
+    """Validation accuracy per epoch of the warmup run and of each model in ``order`` (this
+    profile's models only: a CSV left in ``plots/history/`` by another profile is not drawn)."""
     history = Path(params.base.plots_dir) / "history"
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    for csv in sorted(history.glob("*.csv")):
-        df = pd.read_csv(csv)
-        if df.empty:
+    for csv in [history / f"{name}.csv" for name in ["warmup", *order]]:
+        if not csv.is_file():
+            continue
+        df = artifacts.read_csv(csv, schema=schemas.HISTORY_SCHEMA)
+        if df.empty:  # a stage with zero epochs
             continue
         if "member" in df:
             for m, g in df.groupby("member"):
@@ -74,7 +78,8 @@ def training_curves(params: Params, path: Path) -> None:
 
 def reliability(params: Params, order: list[str], path: Path) -> None:
     folder = Path(params.base.plots_dir) / "reliability"
-    frames = {m: pd.read_csv(folder / f"{m}.csv") for m in order if (folder / f"{m}.csv").is_file()}
+    frames = {m: artifacts.read_csv(folder / f"{m}.csv", schema=schemas.RELIABILITY_CSV_SCHEMA)
+              for m in order if (folder / f"{m}.csv").is_file()}  # fmt: skip
     cols = min(len(frames), 5) or 1
     rows = math.ceil(max(len(frames), 1) / cols)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(3.2 * cols, 5.2 * rows), squeeze=False,
@@ -109,7 +114,7 @@ def layer_density(params: Params, order: list[str], path: Path) -> None:
     for model in order:
         f = Path(params.base.plots_dir) / "layers" / f"{model}.csv"
         if f.is_file():
-            tables[model] = pd.read_csv(f).set_index("name")["density"]
+            tables[model] = artifacts.read_csv(f, schema=schemas.LAYERS_CSV_SCHEMA).set_index("name")["density"]
     fig, ax = plt.subplots(figsize=(8, 4.4))
     if tables:
         df = pd.DataFrame(tables)
@@ -128,7 +133,8 @@ def layer_density(params: Params, order: list[str], path: Path) -> None:
 
 def corruption_accuracy(params: Params, order: list[str], path: Path) -> None:
     folder = Path(params.base.plots_dir) / "corruption"
-    frames = [pd.read_csv(folder / f"{m}.csv") for m in order if (folder / f"{m}.csv").is_file()]
+    frames = [artifacts.read_csv(folder / f"{m}.csv", schema=schemas.CORRUPTION_CSV_SCHEMA)
+              for m in order if (folder / f"{m}.csv").is_file()]  # fmt: skip
     frames = [f for f in frames if not f.empty]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2.2, 1]})
     if frames:
@@ -159,7 +165,7 @@ def draw_all(params: Params, summary: pd.DataFrame, order: list[str], folder: Pa
              "Accuracy vs sparsity", folder / "accuracy_vs_sparsity.png")  # fmt: skip
     _scatter(summary, "Training FLOPs ×", "NLL", "training FLOPs (× dense run)", "test NLL (nats)",
              "NLL vs training FLOPs", folder / "nll_vs_training_flops.png")  # fmt: skip
-    training_curves(params, folder / "training_curves.png")
+    training_curves(params, order, folder / "training_curves.png")
     reliability(params, order, folder / "reliability.png")
     layer_density(params, order, folder / "layer_density.png")
     corruption_accuracy(params, order, folder / "corruption_accuracy.png")

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from sparse_core import artifacts, claims
+from sparse_core import artifacts, claims, schemas
 from sparse_core.aggregate import models, per_seed_metrics, seed_metrics_path
 from sparse_core.config import Params, curve_points_path
 
@@ -180,7 +180,7 @@ def claims_section(table: pd.DataFrame) -> str:
 
 def _ood_section(params: Params, tidy: pd.DataFrame) -> str:
     manifest_path = Path(params.base.data_dir) / "ood" / params.data.dataset / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else []
+    manifest = artifacts.read_json(manifest_path) if manifest_path.is_file() else []
     sets = [m["set"] for m in manifest if m["status"] == "ok"]
     lines = [
         "## Out-of-distribution detection",
@@ -217,7 +217,7 @@ def _corruption_section(params: Params, order: list[str]) -> str:
     if df.empty:
         return "## Corruption robustness\n\nNo corrupted sets were evaluated."
     manifest = Path(params.base.data_dir) / "corrupted" / params.data.dataset / "manifest.json"
-    source = json.loads(manifest.read_text())["source"] if manifest.is_file() else "unknown"
+    source = artifacts.read_json(manifest)["source"] if manifest.is_file() else "unknown"
     by_type = df.pivot_table(index="corruption", columns="model", values="accuracy").reindex(columns=order)
     by_sev = df.pivot_table(index="severity", columns="model", values="accuracy").reindex(columns=order)
 
@@ -235,7 +235,7 @@ def _corruption_section(params: Params, order: list[str]) -> str:
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
+    return artifacts.read_csv(path, schema=schemas.CORRUPTION_CSV_SCHEMA) if path.is_file() else None
 
 
 def stage_report(params: Params) -> Path:
@@ -311,7 +311,7 @@ def curve_points(params: Params) -> pd.DataFrame:
             path = curve_points_path(method, seed)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; run curves@{method}-{seed} first")
-            df = pd.read_csv(path)
+            df = artifacts.read_csv(path, schema=schemas.CURVE_POINTS_SCHEMA)
             frames.append(df[["method", "sparsity", "seed", "realised_sparsity", "test_accuracy", "test_nll"]])
             if "pruned_test_accuracy" in df:  # a <method>_retrain point: also its model before fine-tuning
                 frames.append(df.assign(method=method.removesuffix("_retrain"), test_accuracy=df["pruned_test_accuracy"],

@@ -236,7 +236,8 @@ def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
     params = run_params(params_path, seed)
     with stage_work("evaluate-run", "sparse_core.jobs.scoring") as jobs:
         metrics = jobs.stage_evaluate(params, run)
-    import pandas as pd  # loaded by the stage already
+    from sparse_core.artifacts import read_csv  # loaded by the stage already
+    from sparse_core.schemas import LAYERS_CSV_SCHEMA
 
     row = {
         "run": run,
@@ -248,7 +249,7 @@ def evaluate_run(params_path: str, run: str, seed: int | None = None) -> dict:
     }
     key = f"{run.replace('_', '-')}-s{params.base.seed}"
     create_table_artifact(key=f"metrics-{key}", table=[row], description=f"Metrics of run {run}, seed {params.base.seed}")
-    layers = pd.read_csv(f"{params.base.plots_dir}/layers/{run}.csv")
+    layers = read_csv(f"{params.base.plots_dir}/layers/{run}.csv", schema=LAYERS_CSV_SCHEMA)
     create_table_artifact(
         key=f"sparsity-{key}",
         table=[{"layer": r.name, "numel": int(r.numel), "density": round(float(r.density), 4)} for r in layers.itertuples()],
@@ -262,8 +263,9 @@ def publish_summary(run: str, run_dir: str) -> None:
     """Markdown artifact with the run's last history row (for the Prefect UI); ``run`` names the
     run and its seed (``dpf-s0``)."""
     from sparse_core.artifacts import read_parquet  # loaded by the stage already
+    from sparse_core.schemas import HISTORY_SCHEMA
 
-    hist = read_parquet(f"{run_dir}/history.parquet")
+    hist = read_parquet(f"{run_dir}/history.parquet", schema=HISTORY_SCHEMA)
     if hist.empty:
         return
     last = hist.iloc[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sparse_core import artifacts, evalsets
+from sparse_core import artifacts, evalsets, schemas
 from sparse_core.config import Params
 from sparse_core.engine import predict
 from sparse_core.evaluation import evaluate_probs, model_probs
@@ -125,10 +125,10 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     from sparse_core.ensemble import ensemble_metrics, stack_probs
 
     folder = ensemble_dir(params, name)
-    df = artifacts.read_parquet(folder / "probs.parquet")
-    manifest = json.loads((folder / "members.json").read_text())
+    manifest = artifacts.read_json(folder / "members.json")
     out: dict[str, Any] = {"run": name, "method": name, "members": len(manifest)}
     _, data, model = setup(params)
+    df = artifacts.read_parquet(folder / "probs.parquet", schema=schemas.probs_schema(data.num_classes))
     sets = evalsets.load_eval_sets(params)
     probs = {k: v.numpy() for k, v in artifacts.load_tensors(folder / "eval_probs.safetensors").items()}
     labels = {"corrupted": sets.corrupted_labels.numpy()} if sets.corrupted_labels is not None else {}
@@ -156,7 +156,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     out["sparsity"] = float(sum(sparsities) / len(sparsities))
     out["target_sparsity"] = params.train.dst.sparsity
     if kind == "tickets":
-        events = artifacts.read_parquet(run_dir(params, name) / "mask_updates.parquet")
+        events = artifacts.read_parquet(run_dir(params, name) / "mask_updates.parquet", schema=schemas.MASK_UPDATES_SCHEMA)
         out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])
     out["params"] = {"nonzero": nonzero, "total_per_member": sum(p.numel() for p in model.parameters())}
     out["flops"] = {

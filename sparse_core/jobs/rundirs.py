@@ -37,6 +37,7 @@ from sparse_core.methods import registry
 from sparse_core.methods.base import Method
 from sparse_core.models import create_model
 from sparse_core.precision import Precision
+from sparse_core.schemas import empty_history
 from sparse_core.sparsity import MaskSet, prunable_parameters
 
 
@@ -156,6 +157,8 @@ def load_exported(params: Params, run: str, model: nn.Module) -> MaskSet:
 def export_run(params: Params, run: str, model: nn.Module, method: Method, history: pd.DataFrame, extra: dict[str, Any]) -> Path:
     """Write everything but ``last.pt`` for a finished run (each file atomically)."""
     folder = run_dir(params, run)
+    if history.empty and history.columns.empty:  # zero epochs: a valid table with no rows
+        history = empty_history()
     with method.eval_weights():
         artifacts.save_tensors(model.state_dict(), folder / "model.safetensors")
         if method.masks is not None:

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sparse_core import artifacts, evalsets
+from sparse_core import artifacts, evalsets, schemas
 from sparse_core.config import Params
 from sparse_core.data import PreparedData, Split
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
@@ -32,7 +32,7 @@ def target_sparsity(params: Params, run: str) -> float:
 
 def run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int, int], n_train: int) -> float:
     """Training FLOPs per training example of ``run`` and of what it was started from."""
-    cfg = json.loads((run_dir(params, run) / "config.json").read_text())
+    cfg = artifacts.read_json(run_dir(params, run) / "config.json")
     method, init = cfg["method"], cfg.get("init", "seed")
     per_layer = layer_flops(model, shape)
     weights = prunable_weights(params, model)
@@ -48,7 +48,7 @@ def run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int, 
         per_example = step_accounting(local_net(params, method, model, load_data(params)), shape)["training"]
     else:
         log = run_dir(params, run) / "mask_updates.parquet"
-        events = artifacts.read_parquet(log).to_dict("records") if log.is_file() else []
+        events = artifacts.read_parquet(log, schema=schemas.MASK_UPDATES_SCHEMA).to_dict("records") if log.is_file() else []
         cost_of = TrainingCost(per_layer, dens, -(-n_train // optim.batch_size) * epochs, params.train.dst.update_period,
                                events, params.train)  # fmt: skip
         per_example = registry.method_class(method).training_flops_per_example(cost_of)
@@ -113,7 +113,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     splits, sets, labels = evaluation_inputs(params, data)
     probs = model_probs(model, splits, sets, transform, params.evaluate.batch_size, device, precision_of(params, device))
     ev = evaluate_probs({k: v[None] for k, v in probs.items()}, labels, params.evaluate.calibration_bins)
-    cfg = json.loads((run_dir(params, run) / "config.json").read_text())
+    cfg = artifacts.read_json(run_dir(params, run) / "config.json")
     out: dict[str, Any] = {"run": run, "method": cfg["method"]}
     weights = {n: p.detach().cpu() for n, p in masks.params.items()}
     nonzero = {n: int(torch.count_nonzero(w)) for n, w in weights.items()}
@@ -138,7 +138,7 @@ def stage_evaluate(params: Params, run: str) -> dict[str, Any]:
     }  # fmt: skip
     updates = run_dir(params, run) / "mask_updates.parquet"
     if updates.is_file():
-        events = artifacts.read_parquet(updates)
+        events = artifacts.read_parquet(updates, schema=schemas.MASK_UPDATES_SCHEMA)
         if "exploration_rate" in events:
             # In-time over-parameterization (Liu et al. 2021): fraction of weights ever active.
             out["exploration_rate"] = float(events["exploration_rate"].iloc[-1])

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from sparse_core import artifacts
+from sparse_core import artifacts, schemas
 from sparse_core.config import curve_points_path, Params, sweep_methods
 from sparse_core.data import PreparedData
 from sparse_core.engine import evaluate, resolve_device
@@ -29,7 +29,7 @@ def test_row(params: Params, run: str, data: PreparedData) -> dict[str, Any]:
     masks = load_exported(params, run, model)
     device = resolve_device(params.base.device)
     model.to(device)
-    val = artifacts.read_parquet(run_dir(params, run) / "history.parquet")["val_accuracy"]
+    val = artifacts.read_parquet(run_dir(params, run) / "history.parquet", schema=schemas.HISTORY_SCHEMA)["val_accuracy"]
     test = evaluate(model, data.splits["test"], transform_for(params, data), params.evaluate.batch_size, device,
                     precision_of(params, device))  # fmt: skip
     return {"realised_sparsity": masks.sparsity(), "val_accuracy": float(val.iloc[-1]) if len(val) else float("nan"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sparse_core import artifacts
+from sparse_core import artifacts, schemas
 from sparse_core.config import Params, retrain_run_name
 from sparse_core.distributed import active_parallel
 from sparse_core.methods import registry
@@ -22,7 +22,7 @@ def stage_warmup(params: Params) -> Path:
     fp = params.fingerprint("base", "data", "augment", "model", "warmup")
     if params.warmup.epochs == 0:
         fresh_run_dir(params, WARMUP_RUN, fp)
-        return export_run(params, WARMUP_RUN, model, Method(model, 0), pd.DataFrame(), {"method": "init", "fingerprint": fp})
+        return export_run(params, WARMUP_RUN, model, Method(model, 0), schemas.empty_history(), {"method": "init", "fingerprint": fp})
     return train_run(params, WARMUP_RUN, "dense", model, data, device, params.warmup.optim, params.warmup.epochs, fp, "seed")
 
 
@@ -88,7 +88,7 @@ def finish_members(params: Params, name: str) -> Path:
         return run_dir(params, name)
     frames = []
     for i in range(params.train.dst_ensemble.members):
-        hist = artifacts.read_parquet(run_dir(params, member_run(name, i)) / "history.parquet")
+        hist = artifacts.read_parquet(run_dir(params, member_run(name, i)) / "history.parquet", schema=schemas.HISTORY_SCHEMA)
         frames.append(hist.assign(member=i))
     artifacts.write_csv(pd.concat(frames, ignore_index=True), Path(params.base.plots_dir) / "history" / f"{name}.csv")
     return run_dir(params, name)
