@@ -14,6 +14,7 @@ Parquet file. A missing file stays a ``FileNotFoundError``.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import pickle
@@ -60,19 +61,65 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+class ForeignFolderError(ArtifactError):
+    """A stage was about to delete or replace a folder that holds files it does not write: the
+    folder belongs to something else (another stage's output, the user's files), so it is left
+    untouched."""
+
+
+#: Names of leftovers of an interrupted atomic write (:func:`atomic_path`, safetensors' own
+#: temporary file), allowed in any folder a stage replaces.
+TEMPORARY_NAMES = (".*.tmp", ".tmp??????")
+
+
+def check_replaceable(folder: str | Path, holds: tuple[str, ...], owner: str) -> None:
+    """Refuse to let ``owner`` delete or replace ``folder`` unless every entry in it matches one
+    of the glob patterns ``holds`` (the names ``owner`` writes there) or is a leftover temporary
+    file. A missing folder passes.
+
+    This is the guard that keeps a stage from destroying what it did not create: with
+    overlapping output settings (``base.runs_dir: ensembles``) or a mistyped ``--out``, the
+    folder at the destination holds someone else's files, and the stage stops before touching it.
+
+    Raises:
+        ForeignFolderError: ``folder`` is not a folder, or holds an entry ``owner`` does not write
+            (the message names the folder and up to five such entries).
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ForeignFolderError(f"{folder}: {owner} would replace it, but it is not a folder {owner} created; "
+                                 "move it away or change the output setting")  # fmt: skip
+    patterns = holds + TEMPORARY_NAMES
+    foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ForeignFolderError(f"{folder}: {owner} would replace this folder, but it holds {shown}, which {owner} "
+                                 f"does not write (it writes {', '.join(holds)}); nothing was changed. Is an output "
+                                 "setting pointing at another stage's folder? Move the folder away or change the setting")  # fmt: skip
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, *, holds: tuple[str, ...], owner: str = "this stage") -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; swap it in for ``dest`` if the block succeeds.
 
-    On failure the temporary folder is removed and an existing ``dest`` is left untouched.
+    On failure the temporary folder is removed and an existing ``dest`` is left untouched. An
+    existing ``dest`` is replaced only if it holds nothing but what the caller writes there
+    (glob patterns ``holds``; :func:`check_replaceable`), checked before the block runs.
+
+    Raises:
+        ForeignFolderError: ``dest`` exists and holds files the caller does not write.
     """
     dest = Path(dest)
+    check_replaceable(dest, holds, owner)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if dest.exists():
+            check_replaceable(dest, holds, owner)  # still ours after the (possibly long) block
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)

@@ -710,6 +710,13 @@ class Params(_Section):
             raise ValueError("\n  - ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _outputs_apart(self) -> "Params":
+        problems = output_overlaps({key: self._get(key) for key in OUTPUT_KEYS})
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
+
     def _get(self, dotted: str) -> Any:
         node: Any = self
         for part in dotted.split("."):
@@ -780,6 +787,58 @@ PATH_KEYS = (
     "data.imagefolder.archive",
     "data.imagefolder.root",
 )
+#: Params values that name an output folder of the stages. Each must be apart from every other
+#: (neither the same folder nor inside another) and from :data:`RESERVED_PATHS`, or one stage's
+#: outputs would land in, or replace, another's (:func:`output_overlaps`).
+OUTPUT_KEYS = ("base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots_dir", "base.ensembles_dir")
+#: Project paths no output setting may name, contain or lie inside: version control, DVC, the
+#: code, the profiles, the fixed report folder (``reports/``: report, curves, sweeps, local
+#: study) and the files at the top of the project.
+RESERVED_PATHS = (".git", ".dvc", ".ci", ".venv", "sparse_core", "flows", "tasks", "tests", "benchmarks", "profiles",
+                  "reports", "curves", "analysis", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile",
+                  "README.md")  # fmt: skip
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether the folder ``inner`` is ``outer`` or lies inside it (both absolute, normalised)."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def output_overlaps(outputs: dict[str, str | None], root: str | Path = ".") -> list[str]:
+    """Why the output folders ``{params key: path}`` are not apart, one line per clash (empty
+    when they are). Paths are relative to ``root`` (the project folder, the working directory of
+    every stage) or absolute; the check is lexical (``os.path.normpath``), like
+    :func:`path_escape`.
+
+    Two outputs clash when they are the same folder or one lies inside the other; an output
+    clashes with a reserved path (:data:`RESERVED_PATHS`) when either lies inside the other
+    (``base.runs_dir: .`` contains the code; ``base.plots_dir: reports/plots`` lies in reports).
+    """
+    root = os.path.abspath(root)
+    where = {k: os.path.normpath(os.path.join(root, v)) for k, v in outputs.items() if v and "\x00" not in v}
+    problems = []
+    keys = list(where)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            pa, pb = where[a], where[b]
+            if pa == pb:
+                problems.append(f"{a} = {outputs[a]!r} and {b} = {outputs[b]!r} name the same folder; "
+                                "every output setting needs its own folder")  # fmt: skip
+            elif _within(pa, pb) or _within(pb, pa):
+                inner, outer = (a, b) if _within(pa, pb) else (b, a)
+                problems.append(f"{inner} = {outputs[inner]!r} lies inside {outer} = {outputs[outer]!r}; a stage "
+                                f"clearing {outer} would delete it. Give each output setting its own folder")  # fmt: skip
+    for key, path in where.items():
+        for name in RESERVED_PATHS:
+            reserved = os.path.join(root, name)
+            if _within(path, reserved) or _within(reserved, path):
+                what = "is" if path == reserved else ("lies inside" if _within(path, reserved) else "contains")
+                problems.append(f"{key} = {outputs[key]!r} {what} the project's {name!r}, which no output setting "
+                                "may use; choose another folder")  # fmt: skip
+                break
+    return problems
+
+
 #: Per section, settings excluded from :meth:`Params.fingerprint`.
 #: The non-finite retry settings are left out too: turning retries on after a failed run must
 #: resume that run's last good checkpoint, not start it over.

@@ -52,7 +52,7 @@ def stage_corrupt(params: Params) -> Path:
     genuine = _find_cifar10_c(params) if params.data.dataset == "cifar10" else None
     source_index = _test_source_index(params.data, params.base.data_dir)[:n] if genuine is not None else None
     out = corrupted_dir(params)
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out, holds=evalsets.EVAL_SET_FILES, owner="corrupt") as tmp:
         if genuine is not None:
             c_labels = np.load(genuine / "labels.npy")
             if not np.array_equal(c_labels[source_index], labels.numpy()):

@@ -41,6 +41,11 @@ from sparse_core.data.fetch import DataError, fetch_file
 from sparse_core.data.prepare import prepared_path
 
 
+#: What an evaluation-set folder holds (``ood`` and ``corrupt`` stages): one tensor file per set
+#: and the manifest.
+EVAL_SET_FILES = ("manifest.json", "*.safetensors")
+
+
 def ood_dir(params: Params) -> Path:
     return Path(params.base.data_dir) / "ood" / params.data.dataset
 
@@ -106,7 +111,7 @@ def stage_ood(params: Params) -> Path:
     names = cfg.sets.get(params.data.dataset, [])
     manifest = []
     out = ood_dir(params)
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out, holds=EVAL_SET_FILES, owner="ood") as tmp:
         for name in names:
             entry = {"set": name, "status": "ok", "reason": ""}
             try:

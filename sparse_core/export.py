@@ -664,7 +664,7 @@ def compact_model(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[
 def save_compact(compact: nn.Module, arch: dict[str, Any], folder: str | Path) -> Path:
     """Write ``model.safetensors`` + ``arch.json`` into ``folder`` (atomically, as one folder)."""
     folder = Path(folder)
-    with artifacts.atomic_dir(folder) as tmp:
+    with artifacts.atomic_dir(folder, holds=("model.safetensors", "arch.json"), owner="export (compact)") as tmp:
         artifacts.save_tensors(compact.state_dict(), tmp / "model.safetensors")
         artifacts.write_json(arch, tmp / "arch.json")
     return folder
@@ -973,7 +973,7 @@ def export_sparse(
         "source": _source(run, {"max_abs_diff_vs_masked": diff}),
     }  # fmt: skip
     folder = Path(out)
-    with artifacts.atomic_dir(folder) as tmp:
+    with artifacts.atomic_dir(folder, holds=("model.safetensors", "sparse.json"), owner="export (sparse)") as tmp:
         artifacts.save_tensors(sparse.state_dict(), tmp / "model.safetensors")
         artifacts.write_json(spec, tmp / "sparse.json")
     return folder
@@ -1003,7 +1003,7 @@ def export_onnx(run: LoadedRun, out: str | Path) -> Path:
     else:
         model, arch, which = run.model, None, "masked"
     folder = Path(out)
-    with artifacts.atomic_dir(folder) as tmp:
+    with artifacts.atomic_dir(folder, holds=("model.onnx", "onnx.json"), owner="export (onnx)") as tmp:
         path = tmp / "model.onnx"
         to_onnx(model, run.input_shape, path)
         check: dict[str, Any] = {"onnxruntime": "skipped: onnxruntime is not importable"}

@@ -162,7 +162,10 @@ def extract_archive(archive: Path, dest: Path, inner: str = ".") -> None:
         DataError: the archive is corrupt or truncated, holds an unsafe member, or lacks
             ``inner``; the message names the archive.
     """
-    with atomic_dir(dest) as tmp:
+    # Any name: an archive's content is not known in advance. ``dest`` is a dataset's folder under
+    # ``<data_dir>/raw`` (a registry name, never a name from the user), which validation keeps
+    # apart from every other output.
+    with atomic_dir(dest, holds=("*",), owner="extract") as tmp:
         try:
             with tarfile.open(archive) as tar:
                 safe_extract(tar, tmp, archive)

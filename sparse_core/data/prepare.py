@@ -222,6 +222,6 @@ def prepare_dataset(cfg: DataSection, data_dir: str | Path, seed: int) -> Path:
         "seed": str(seed),
     }
     out = prepared_path(data_dir, cfg.dataset)
-    with atomic_dir(out.parent) as tmp:
+    with atomic_dir(out.parent, holds=("*.parquet",), owner="prepare") as tmp:
         write_parquet(df, tmp / out.name, metadata=meta)
     return out

@@ -51,6 +51,10 @@ def ensemble_members(params: Params, name: str) -> list[dict[str, Any]]:
     return members
 
 
+#: What an ensemble's ``collect`` folder holds (see :func:`stage_collect`).
+ENSEMBLE_FILES = ("members.json", "probs.parquet", "eval_probs.safetensors")
+
+
 def ensemble_dir(params: Params, name: str) -> Path:
     return Path(params.base.ensembles_dir) / name
 
@@ -99,7 +103,7 @@ def stage_collect(params: Params, name: str) -> Path:
     df = pd.concat(frames, ignore_index=True).astype({"member": "int64", "index": "int64", "label": "int64"})
     probs_schema(data.num_classes).validate(df)
     out = ensemble_dir(params, name)
-    with artifacts.atomic_dir(out) as tmp:
+    with artifacts.atomic_dir(out, holds=ENSEMBLE_FILES, owner=f"collect@{name}") as tmp:
         artifacts.write_json(manifest, tmp / "members.json")
         artifacts.write_parquet(df, tmp / "probs.parquet")
         stacked = {k: torch.from_numpy(np.stack([member[k] for member in extra])) for k in extra[0]} if extra else {}

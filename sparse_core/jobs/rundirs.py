@@ -205,11 +205,38 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+#: What a run folder holds (:func:`export_run`, the checkpoint store, ``export`` and an
+#: ensemble's member folders); anything else means the folder is not this run's.
+RUN_FOLDER_ENTRIES = ("config.json", "last.pt", "prev.pt", "model.safetensors", "masks.safetensors", "layers.parquet",
+                      "history.parquet", "mask_updates.parquet", "tickets", "export", "member_*")  # fmt: skip
+
+
+def check_run_folder(folder: Path, run: str) -> None:
+    """Refuse to clear ``folder`` for run ``run`` unless it is that run's folder: it holds only
+    what a run writes (:data:`RUN_FOLDER_ENTRIES`) and its ``config.json``, if any, names ``run``.
+
+    Raises:
+        artifacts.ForeignFolderError: the folder holds other files, or another run's config.
+        artifacts.ArtifactError: its ``config.json`` is not valid JSON.
+    """
+    owner = f"run {run!r}"
+    artifacts.check_replaceable(folder, RUN_FOLDER_ENTRIES, owner)
+    config = folder / "config.json"
+    if config.is_file():
+        recorded = artifacts.read_json(config)
+        name = recorded.get("run") if isinstance(recorded, dict) else None
+        if name != run:
+            raise artifacts.ForeignFolderError(f"{config}: names run {name!r}, not {run!r}; {owner} would replace its "
+                                               "folder, so nothing was changed. Is base.runs_dir shared with another "
+                                               "setting or profile?")  # fmt: skip
+
+
 def fresh_run_dir(params: Params, run: str, fingerprint: str) -> Path:
     """Keep the folder when it holds a checkpoint to resume (``last.pt``, else ``prev.pt``, of
     this configuration), less the temporary files of writes a killed process left behind;
     otherwise start from an empty folder."""
     folder = run_dir(params, run)
+    check_run_folder(folder, run)
     keep = params.base.resume and CheckpointStore(folder).resumable(fingerprint)
     if not keep and folder.exists():
         shutil.rmtree(folder)
