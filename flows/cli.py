@@ -40,7 +40,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 # scikit-learn load inside the commands (and, for `run`, inside the stage's task) that use
 # them, so argument parsing, validation and a stage's Prefect flow run start in well under a
 # second (tests/test_cli_imports.py checks it, benchmarks/orchestration.py times it).
-from sparse_core.config import ConfigError, load_params, seeded  # noqa: E402
+from sparse_core.config import ConfigError, Params, load_params, plain_name, seeded, sweep_methods  # noqa: E402
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -137,7 +137,7 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
         raise SystemExit(f"sparseflow run {args.stage}: --method is required")
     if args.stage in ("retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate") and not args.run:
         raise SystemExit(f"sparseflow run {args.stage}: --run is required")
-    load_params(args.params)  # fail before Prefect starts (and before it is imported)
+    _check_names(args, load_params(args.params))  # fail before Prefect starts (and before it is imported)
     import gc
 
     if console:
@@ -156,6 +156,32 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
     parent = os.environ.get(PIPELINE_RUN_ENV)  # set when a pipeline flow run started this stage
     with stage_settings(), tags(*([PIPELINE_TAG_PREFIX + parent] if parent else [])):
         _dispatch_stage(args)
+
+
+def _check_names(args: argparse.Namespace, params: "Params") -> None:
+    """Match ``--method`` / ``--run`` against the names the params define for the command
+    (:func:`sparse_core.config.plain_name`): a name becomes a folder, so it is never used as given.
+
+    Raises:
+        UnknownNameError: the name is not one of the command's (the message lists them).
+    """
+    from sparse_core.methods import registry
+
+    t = params.train
+    ensembles = [m for m in t.methods if registry.spec(m).ensemble is not None]
+    known = {
+        "train": ("--method", t.methods), "local-worker": ("--method", t.methods), "ddp-worker": ("--method", t.methods),
+        "curves": ("--method", params.curves.methods), "sweep": ("--method", sweep_methods()),
+        "retrain": ("--run", params.retrain.runs), "evaluate": ("--run", params.evaluate.runs),
+        "collect": ("--run", ensembles), "evaluate_ensemble": ("--run", ensembles),
+        "aggregate": ("--run", [*params.evaluate.runs, *params.collect.ensembles]),  # aggregate.models
+    }  # fmt: skip
+    command = args.stage if args.command == "run" else args.command
+    if command in known:
+        option, names = known[command]
+        value = getattr(args, option.lstrip("-"))
+        if value is not None:
+            plain_name(value, names, f"{command} {option}")
 
 
 def _dispatch_stage(args: argparse.Namespace) -> None:
@@ -244,15 +270,19 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         elif args.command == "local-worker":
             from sparse_core.jobs.local_runs import stage_local_worker
 
-            out = stage_local_worker(seeded(load_params(args.params), args.seed), args.method)
+            params = load_params(args.params)
+            _check_names(args, params)
+            out = stage_local_worker(seeded(params, args.seed), args.method)
             if out is not None:
                 print(f"sparseflow local-worker: {args.method} exported to {out}")
         elif args.command == "ddp-worker":
             from sparse_core.distributed import MaskDivergenceError
             from sparse_core.jobs.training import stage_train_ddp
 
+            params = load_params(args.params)
+            _check_names(args, params)
             try:
-                out = stage_train_ddp(seeded(load_params(args.params), args.seed), args.method)
+                out = stage_train_ddp(seeded(params, args.seed), args.method)
             except MaskDivergenceError as exc:
                 print(f"sparseflow ddp-worker: {exc}", file=sys.stderr)
                 return 1
@@ -269,7 +299,7 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         elif args.command == "sweep":
             from flows import stage_flows as f
 
-            load_params(args.params)
+            _check_names(args, load_params(args.params))
             out = f.with_task_runner(f.sweep_flow, args.params)(args.method, args.sparsity, args.seeds, args.params)
             print(f"sparseflow sweep: {out}")
         elif args.command == "export":

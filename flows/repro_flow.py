@@ -32,16 +32,19 @@ def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> P
     """Copy ``profiles/<profile>.yaml`` over ``dest`` (relative to ``repo``; validated first,
     atomic rename); returns the profile's path.
 
+    ``profile`` is a plain name matched against the files in ``profiles/`` (never joined as
+    given; a link to a file outside ``profiles/`` is not a profile).
+
     Raises:
-        ConfigError: unknown profile (the message lists the available ones) or invalid params.
+        UnknownNameError: no such profile (the message lists the available ones).
+        ConfigError: the profile's params are invalid.
     """
     from sparse_core.artifacts import atomic_path
-    from sparse_core.config import ConfigError, load_params
+    from sparse_core.config import load_params, plain_name
 
-    src = repo / "profiles" / f"{profile}.yaml"
-    if not src.is_file():
-        known = sorted(p.stem for p in (repo / "profiles").glob("*.yaml"))
-        raise ConfigError(f"{src}: no such profile; available: {', '.join(known) or 'none'}")
+    folder = (repo / "profiles").resolve()
+    known = [p.stem for p in folder.glob("*.yaml") if p.is_file() and p.resolve().parent == folder]
+    src = repo / "profiles" / f"{plain_name(profile, known, 'profile')}.yaml"
     load_params(src)
     with atomic_path(repo / dest) as tmp:
         shutil.copyfile(src, tmp)
@@ -76,8 +79,8 @@ def pipeline_flow(
     """Reproduce the DVC pipeline of the checkout ``repo_dir``.
 
     Args:
-        targets: stages to reproduce with their upstream stages (``["evaluate@dpf"]``); all
-            stages when empty.
+        targets: stages to reproduce with their upstream stages (``["evaluate@dpf-0"]``); all
+            stages when empty. Each must be a stage address of the project (``dvc stage list``).
         force: re-run the targets even when DVC finds them up to date.
         profile: switch ``params.yaml`` to ``profiles/<profile>.yaml`` first (under the lock).
         repo_dir: the project checkout (absolute, or relative to the working directory).
@@ -89,8 +92,11 @@ def pipeline_flow(
 
     Raises:
         flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``.
+        UnknownNameError: ``profile`` or a target is not one of the project's.
     """
     from dvc.repo import Repo
+
+    from sparse_core.config import plain_name
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
@@ -106,6 +112,10 @@ def pipeline_flow(
         try:
             os.chdir(repo)  # stage commands and relative paths resolve in the checkout
             with Repo(str(repo)) as dvc_repo:
+                # Targets are stage names of this project, matched against its stages (DVC
+                # would also take a path to another project's dvc.yaml).
+                known = [s.addressing for s in dvc_repo.index.stages]
+                targets = [plain_name(t, known, "DVC target stage") for t in targets or []]
                 stages = dvc_repo.reproduce(targets=targets or None, force=force)
         finally:
             os.chdir(cwd)

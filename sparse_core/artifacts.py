@@ -227,6 +227,8 @@ def read_csv(path: str | Path, *, schema: "pandera.api.pandas.container.DataFram
         raise ArtifactError(f"{path}: empty file (no header row); re-run the stage that writes it") from None
     except Exception as exc:  # ParserError, UnicodeDecodeError, ...
         raise ArtifactError(f"{path}: not a readable CSV file ({_reason(exc)})") from None
+    if df.empty:  # a header without rows (a stage with zero epochs): pandas types its columns object
+        df = df.astype({c: str(col.dtype) for c, col in schema.columns.items() if c in df and not col.regex and col.dtype})
     return validated(df, schema, path)
 
 

@@ -20,7 +20,7 @@ import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -866,6 +866,31 @@ def path_escape(value: str) -> str | None:
     if norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return f"resolves outside ({norm!r}) through '..'"
     return None
+
+
+class UnknownNameError(ValueError):
+    """A name given on the command line or as a flow parameter (profile, run, method, ensemble,
+    stage) is not one of those that exist."""
+
+
+def plain_name(value: Any, known: Iterable[str], what: str) -> str:
+    """The element of ``known`` equal to ``value``: every name that becomes part of a path (a
+    profile, run, method, ensemble or stage name) is matched against what exists, never joined
+    as given, so ``../../x``, an absolute path or a name with a NUL byte cannot reach a file
+    outside the folder it names.
+
+    Raises:
+        UnknownNameError: ``value`` is not in ``known`` (the message lists ``known``, and says
+            that a path is not a name when ``value`` looks like one).
+    """
+    names = sorted(set(known))
+    for name in names:
+        if value == name:
+            return name
+    text = reprlib.repr(value)
+    pathlike = isinstance(value, str) and ("/" in value or os.sep in value or value in (".", "..") or "\x00" in value)
+    why = "; give a plain name, not a path" if pathlike else ""
+    raise UnknownNameError(f"{what} {text} is unknown{why}; known: {', '.join(names) or 'none'}")
 
 
 def seeded(params: Params, seed: int | None = None) -> Params:

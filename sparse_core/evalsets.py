@@ -26,7 +26,6 @@ genuine CIFAR-10-C files (``CIFAR-10-C/<name>.npy`` and ``labels.npy``, 50,000 i
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
 import warnings
@@ -1064,24 +1063,20 @@ def export_run(folder: str | Path, fmt: str, out: str | Path | None = None, **kw
     return exporter(run, out, **kwargs)
 
 
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
 def run_folder(runs_dir: str | Path, run: str) -> Path:
-    """``<runs_dir>/<run>`` for a plain run name (``dpf``, ``gmp_retrain``), never a path.
+    """``<runs_dir>/<run>`` for the name of a run there (``dpf``, ``gmp_retrain``): ``run`` is
+    matched against the run folders that exist (:func:`sparse_core.config.plain_name`), never
+    joined as given.
 
     Raises:
-        ExportError: ``run`` is empty, holds a path separator or ``..``, or other characters
-            than letters, digits, ``_``, ``-``, ``.``.
-        FileNotFoundError: no such run folder (the message lists the runs there).
+        UnknownNameError: no run folder (one with a ``config.json``) of that name; the message
+            lists the runs in ``runs_dir`` and says so when ``run`` looks like a path.
     """
-    if not _RUN_NAME.fullmatch(run or "") or ".." in run:
-        raise ExportError(f"run name {run!r}: expected a plain name such as 'dpf' (letters, digits, _ - .), not a path")
-    folder = Path(runs_dir) / run
-    if not folder.is_dir():
-        known = sorted(p.name for p in Path(runs_dir).iterdir() if (p / "config.json").is_file()) if Path(runs_dir).is_dir() else []
-        raise FileNotFoundError(f"{folder}: no such run; runs in {runs_dir}: {', '.join(known) or 'none'}")
-    return folder
+    from sparse_core.config import plain_name
+
+    runs = Path(runs_dir)
+    known = [p.name for p in runs.iterdir() if (p / "config.json").is_file()] if runs.is_dir() else []
+    return runs / plain_name(run, known, f"run (in {runs_dir})")
 
 
 def export_named_run(params_path: str | Path, run: str, fmt: str, seed: int | None = None, out: str | Path | None = None) -> Path:
@@ -1091,7 +1086,7 @@ def export_named_run(params_path: str | Path, run: str, fmt: str, seed: int | No
 
     Raises:
         ConfigError: the params file is invalid.
-        ExportError, FileNotFoundError: as :func:`run_folder` and :func:`export_run`.
+        UnknownNameError, ExportError, FileNotFoundError: as :func:`run_folder` and :func:`export_run`.
     """
     from sparse_core.config import load_params, seeded
 

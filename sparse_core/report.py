@@ -30,7 +30,6 @@ severities), ``corrupted/<corruption>``, ``corrupted/severity_<k>``, ``ood/<set>
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any

@@ -276,8 +276,9 @@ def test_cli_refuses_compact_for_an_unstructured_run(workspace, capsys):
     assert not (workspace / "runs" / "s0" / "dpf" / "export").exists()
 
 
-@pytest.mark.parametrize("run,message", [("nope", "no such run; runs in runs/s0: dpf, gmp, lenet_s"),
-                                         ("../gmp", "plain name"), ("/etc", "plain name")])  # fmt: skip
+@pytest.mark.parametrize("run,message", [("nope", "run (in runs/s0) 'nope' is unknown; known: dpf, gmp, lenet_s"),
+                                         ("../gmp", "plain name"), ("/etc", "plain name"), ("gmp/../dpf", "plain name"),
+                                         ("export", "unknown"), ("", "unknown")])  # fmt: skip
 def test_cli_refuses_missing_runs_and_paths(workspace, capsys, run, message):
     assert _cli(["export", "--run", run, "--format", "onnx"]) == 1
     assert message in capsys.readouterr().err
