@@ -112,6 +112,28 @@ def _wants_number(annotation: Any) -> bool:
 
 #: Most training seeds a profile may list (each one trains every run of the profile again).
 MAX_SEEDS = 100
+#: Upper bounds of the size-like settings (README "Limits"): far above any real run (ImageNet is
+#: 1.3 M images; the papers train at most a few hundred epochs with batches of a few thousand),
+#: low enough that a typo (``epochs: 1e12``, ``batch_size: 1e9``) is refused at validation
+#: instead of hanging a stage or exhausting memory. What a stage will allocate is checked against
+#: the machine's memory when it starts (:mod:`sparse_core.resources`).
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_EXAMPLES = 10_000_000
+#: Ensemble members, EDST tickets and refinement phases.
+MAX_MEMBERS = 100
+#: Steps between mask updates or pruning steps, and the local analysis' step budget.
+MAX_STEPS = 10_000_000
+MAX_THREADS = 1024
+MAX_WORKERS = 256
+
+
+def _each_in(values: list[int], low: int, high: int) -> list[int]:
+    """``values`` when every item lies in ``low..high``; else a ValueError naming the first that does not."""
+    for v in values:
+        if not low <= v <= high:
+            raise ValueError(f"{v!r} is outside {low}..{high}")
+    return values
 
 
 class BaseSection(_Section):
@@ -137,7 +159,7 @@ class BaseSection(_Section):
     #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
     resume: bool = True
     #: torch intra-op threads; 0 leaves torch's default.
-    num_threads: int = Field(0, ge=0)
+    num_threads: int = Field(0, ge=0, le=MAX_THREADS)
     data_dir: str = "data"
     runs_dir: str = "runs"
     metrics_dir: str = "metrics"
@@ -194,8 +216,8 @@ class DataSection(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     #: Keep only the first N training images (after the seeded shuffle); 0 keeps all. For tiny
     #: test profiles.
-    train_subset: int = Field(0, ge=0)
-    test_subset: int = Field(0, ge=0)
+    train_subset: int = Field(0, ge=0, le=MAX_EXAMPLES)
+    test_subset: int = Field(0, ge=0, le=MAX_EXAMPLES)
     imagefolder: ImageFolderSection | None = None
 
     @model_validator(mode="after")
@@ -207,7 +229,7 @@ class DataSection(_Section):
 
 class AugmentSection(_Section):
     random_crop: bool = True
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int = Field(4, ge=0, le=64)
     #: ``auto`` flips for natural-image datasets (CIFAR, image folders), never for digits.
     horizontal_flip: Literal["auto", "on", "off"] = "auto"
 
@@ -243,15 +265,20 @@ class ModelSection(_Section):
 class OptimSection(_Section):
     """SGD and learning-rate schedule of one training phase."""
 
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     #: Epochs (0-based, counted within the phase) at which ``multistep`` multiplies lr by gamma.
-    milestones: list[int] = Field(default_factory=list)
+    milestones: list[int] = Field(default_factory=list, max_length=100)
     gamma: float = Field(0.1, gt=0.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_in_range(cls, v: list[int]) -> list[int]:
+        return _each_in(v, 0, MAX_EPOCHS)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "OptimSection":
@@ -263,7 +290,7 @@ class OptimSection(_Section):
 class WarmupSection(_Section):
     """Dense training shared by every pruning method; 0 epochs writes only the seeded init."""
 
-    epochs: int = Field(0, ge=0)
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
     optim: OptimSection = OptimSection()
 
 
@@ -274,7 +301,7 @@ class PruningSection(_Section):
     granularity: Literal["unstructured", "structured"] = "unstructured"
     scope: Literal["global", "layerwise"] = "global"
     #: Iterations between mask re-estimations (Lin et al. 2020 use 16).
-    update_period: int = Field(16, gt=0)
+    update_period: int = Field(16, gt=0, le=MAX_STEPS)
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     #: Fractions of the method's total iterations where the cubic schedule starts and ends.
     start_fraction: float = Field(0.0, ge=0.0, le=1.0)
@@ -315,7 +342,7 @@ class DSTSection(_Section):
     drop_schedule: Literal["cosine", "constant"] = "cosine"
     drop_fraction_floor: float = Field(0.0, ge=0.0, le=1.0)
     #: Iterations between topology updates (ΔT).
-    update_period: int = Field(100, gt=0)
+    update_period: int = Field(100, gt=0, le=MAX_STEPS)
     #: Fraction of training after which the topology is frozen.
     stop_fraction: float = Field(0.75, gt=0.0, le=1.0)
     #: Zero the optimizer's momentum at re-initialised positions (those :attr:`reinit_when_same`
@@ -351,14 +378,14 @@ class EDSTSection(_Section):
     ``dst.drop_schedule`` and ``dst.stop_fraction`` are not used by EDST.
     """
 
-    tickets: int = Field(3, ge=1)
+    tickets: int = Field(3, ge=1, le=MAX_MEMBERS)
     #: Epochs of the exploration phase (constant base learning rate, ordinary DST updates).
-    exploration_epochs: int = Field(1, ge=0)
+    exploration_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
     #: Fraction q of each layer's active weights dropped and regrown before phases 2..M.
     exploration_rate: float = Field(0.8, gt=0.0, le=1.0)
     #: Learning rate within each refinement phase, as multipliers of the base lr over equal
     #: sub-segments (the paper's CIFAR setting with base 0.1: 0.01 then 0.001).
-    refine_lr_multipliers: list[float] = Field(default_factory=lambda: [0.1, 0.01], min_length=1)
+    refine_lr_multipliers: list[float] = Field(default_factory=lambda: [0.1, 0.01], min_length=1, max_length=MAX_MEMBERS)
     #: Growth criterion of the ordinary updates and of the global explorations.
     grow: Literal["gradient", "random"] = "random"
     #: Drop fraction p of the ordinary updates; ``constant`` (the script) or ``cosine`` (decays to
@@ -382,7 +409,7 @@ class DSTEnsembleSection(_Section):
     """DST Ensemble (Liu et al. 2022, Sec. 4.1): ``members`` independent runs, seeds
     ``base.seed + i``, each the full schedule of ``method``."""
 
-    members: int = Field(3, ge=1)
+    members: int = Field(3, ge=1, le=MAX_MEMBERS)
     #: A single-run method of the ``dst`` family.
     method: DSTMethodName = "rigl"
 
@@ -399,7 +426,7 @@ class TrainSection(_Section):
     methods: list[MethodName] = Field(
         default_factory=_trainable
     )
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
     #: Start from the warmup checkpoint (true) or from the seeded random init (false).
     from_warmup: bool = True
     optim: OptimSection = OptimSection()
@@ -439,16 +466,21 @@ class LocalAnalysisSection(_Section):
     variants: list[Literal["backprop", "greedy", "overlapping", "chunked"]] = Field(
         default_factory=lambda: ["backprop", "greedy", "overlapping", "chunked"]
     )
-    batch_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    batch_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256], max_length=20)
     #: Learning rate at batch size 128, scaled linearly with the batch size (Goyal et al. 2017), capped at max_lr.
     lr: float = Field(0.05, gt=0)
     max_lr: float = Field(0.2, gt=0)
     target_loss: float = Field(0.6, gt=0)
-    max_steps: int = Field(600, gt=0)
+    max_steps: int = Field(600, gt=0, le=MAX_STEPS)
     #: Training images used by the sweep and the gradient-similarity batch (first N after the shuffle).
-    train_subset: int = Field(10000, gt=0)
-    random_label_examples: int = Field(512, gt=0)
-    random_label_epochs: int = Field(100, gt=0)
+    train_subset: int = Field(10000, gt=0, le=MAX_EXAMPLES)
+    random_label_examples: int = Field(512, gt=0, le=MAX_EXAMPLES)
+    random_label_epochs: int = Field(100, gt=0, le=MAX_EPOCHS)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes_in_range(cls, v: list[int]) -> list[int]:
+        return _each_in(v, 1, MAX_BATCH)
 
 
 class LocalSection(_Section):
@@ -464,10 +496,10 @@ class LocalSection(_Section):
     method's hooks with local training (simulation only).
     """
 
-    chunks: int = Field(2, ge=1)
+    chunks: int = Field(2, ge=1, le=64)
     split_points: list[int | str] | None = None
     head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(128, gt=0)
+    head_hidden: int = Field(128, gt=0, le=65536)
     optimizer: Literal["shared", "per_chunk"] = "shared"
     execution: Literal["simulate", "pipeline"] = "simulate"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -488,7 +520,7 @@ class RetrainSection(_Section):
     """Fine-tuning with a frozen mask (masked gradients) of the listed train runs."""
 
     runs: list[str] = Field(default_factory=list)
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(3, gt=0, le=MAX_EPOCHS)
     optim: OptimSection = OptimSection(lr=0.01)
 
 
@@ -498,12 +530,12 @@ class CollectSection(_Section):
     ensembles: list[EnsembleName] = Field(
         default_factory=list
     )
-    batch_size: int = Field(1000, gt=0)
+    batch_size: int = Field(1000, gt=0, le=MAX_BATCH)
 
 
 class EvaluateSection(_Section):
     runs: list[str] = Field(default_factory=list)
-    batch_size: int = Field(1000, gt=0)
+    batch_size: int = Field(1000, gt=0, le=MAX_BATCH)
     #: Equal-width bins of the expected calibration error (Guo et al. 2017 use 15).
     calibration_bins: int = Field(15, ge=1, le=1000)
 
@@ -532,7 +564,7 @@ class OODSection(_Section):
     sets: dict[Literal[DATASETS], list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in _DEFAULT_OOD.items()})  # type: ignore[valid-type]
     required: list[str] = Field(default_factory=list)
     #: At most this many test images per OOD set (the first ones; noise sets have exactly this many).
-    max_examples: int = Field(2000, gt=0)
+    max_examples: int = Field(2000, gt=0, le=MAX_EXAMPLES)
     download: bool = False
 
     @field_validator("sets")
@@ -553,9 +585,9 @@ class CorruptSection(_Section):
 
     #: Corruption names (see :mod:`sparse_core.corruptions`); default: the 15 standard + 4 extra.
     corruptions: list[str] | None = None
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], max_length=5)
     #: Corrupt the first N test images only; 0 corrupts the whole test split.
-    test_subset: int = Field(2000, ge=0)
+    test_subset: int = Field(2000, ge=0, le=MAX_EXAMPLES)
 
     @field_validator("corruptions")
     @classmethod
@@ -621,11 +653,11 @@ class OrchestrationSection(_Section):
 
     task_runner: Literal["sequential", "thread", "process", "dask"] = "sequential"
     #: Concurrent tasks of the ``thread`` and ``process`` runners.
-    max_workers: int = Field(2, ge=1)
+    max_workers: int = Field(2, ge=1, le=MAX_WORKERS)
     #: ``tcp://host:8786`` of an existing Dask scheduler; null starts a local cluster.
     dask_address: str | None = None
     #: Worker processes of the local Dask cluster (one thread each).
-    dask_workers: int = Field(2, ge=1)
+    dask_workers: int = Field(2, ge=1, le=MAX_WORKERS)
 
 
 class Params(_Section):

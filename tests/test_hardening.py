@@ -358,3 +358,47 @@ def test_training_curves_draw_only_this_profiles_runs(tmp_path, monkeypatch, def
     monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.extend(t.get_label() for t in fig.axes[0].get_lines()))
     figures.training_curves(params, ["dense", "dpf"], tmp_path / "curves.png")
     assert drawn == ["dense"]
+
+
+# ----- 3. resource bounds -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        ("train.epochs", 1e12), ("train.optim.batch_size", 1e9), ("train.dst_ensemble.members", 1e9),  # the issue's
+        ("base.num_threads", 1e8), ("corrupt.test_subset", 1e19),
+        ("warmup.epochs", 10**6), ("evaluate.batch_size", 10**7), ("train.edst.tickets", 1000),
+        ("ood.max_examples", 10**9), ("train.optim.milestones", [10, 10**8]), ("local.chunks", 10**4),
+        ("orchestration.max_workers", 10**5), ("train.dst.update_period", 10**12),
+    ],
+)  # fmt: skip
+def test_size_like_settings_have_upper_bounds(default_params_dict, path, value):
+    raw = copy.deepcopy(default_params_dict)
+    node = raw
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=re.escape(path)):
+        parse_params(raw, "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "model,shape,batches,key",
+    [
+        ("resnet20", (3, 32, 32), {"train.optim.batch_size": 65536, "evaluate.batch_size": 1000}, "train.optim.batch_size"),
+        ("lenet5", (1, 28, 28), {"train.optim.batch_size": 128, "evaluate.batch_size": 65536}, "evaluate.batch_size"),
+        ("wrn28_10", (3, 32, 32), {"warmup.optim.batch_size": 4096}, "warmup.optim.batch_size"),
+    ],
+)
+def test_a_stage_that_would_not_fit_in_memory_is_refused_before_it_starts(model, shape, batches, key):
+    import torch
+
+    from sparse_core.models import create_model
+    from sparse_core.resources import ResourceError, check_memory
+
+    net = create_model(model, num_classes=10, in_channels=shape[0], image_size=shape[1])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ResourceError, match=rf"x: needs about .* GiB \({re.escape(key)} = .* lower {re.escape(key)}"):
+        check_memory("x", net, shape, batches, torch.device("cpu"), available=2 * 2**30)
+    assert net.training and all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # the probe changed nothing
+    assert check_memory("x", net, shape, {k: 8 for k in batches}, torch.device("cpu"), available=2 * 2**30) < 2 * 2**30

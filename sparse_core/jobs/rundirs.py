@@ -37,6 +37,7 @@ from sparse_core.methods import registry
 from sparse_core.methods.base import Method
 from sparse_core.models import create_model
 from sparse_core.precision import Precision
+from sparse_core.resources import check_memory
 from sparse_core.schemas import empty_history
 from sparse_core.sparsity import MaskSet, prunable_parameters
 
@@ -50,6 +51,9 @@ _BUILD_LOCK = threading.Lock()
 def setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tuple[torch.device, PreparedData, nn.Module]:
     """Seed, pick the device, load the prepared data and build the seeded model.
 
+    Before anything is trained, the memory the stage will need is checked against what the
+    machine has (:func:`sparse_core.resources.check_memory`; ``ResourceError`` when it does not fit).
+
     ``num_threads`` (else ``base.num_threads``; 0 keeps torch's default) sets torch's intra-op
     threads. CPU results depend on it in the last bits, so a task fanned out to another
     process gets the thread count of the process that would have run it sequentially.
@@ -60,7 +64,12 @@ def setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tupl
         torch.set_num_threads(num_threads or params.base.num_threads)
     device = resolve_device(params.base.device)
     data = load_data(params)
-    return device, data, build_model(params, data, seed)
+    model = build_model(params, data, seed)
+    batches = {"warmup.optim.batch_size": params.warmup.optim.batch_size, "train.optim.batch_size": params.train.optim.batch_size,
+               "retrain.optim.batch_size": params.retrain.optim.batch_size, "evaluate.batch_size": params.evaluate.batch_size,
+               "collect.batch_size": params.collect.batch_size}  # fmt: skip
+    check_memory(f"{params.model.name} on {params.data.dataset}", model, data.shape, batches, device)
+    return device, data, model
 
 
 def precision_of(params: Params, device: torch.device) -> Precision:
