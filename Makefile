@@ -37,6 +37,7 @@ repro: $(STAMP)
 	$(BIN)/dvc metrics show
 
 analysis: $(STAMP)
+	$(BIN)/sparseflow validate > /dev/null
 	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro analysis/dvc.yaml
 	$(BIN)/dvc metrics show analysis/dvc.yaml
 

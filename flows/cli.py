@@ -43,16 +43,47 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 from sparse_core.config import ConfigError, Params, load_params, plain_name, seeded, sweep_methods  # noqa: E402
 
 
+#: Set (to anything but 0) to keep tracebacks, like ``--debug``: for the ``sparseflow run``
+#: commands that DVC starts, whose command line is fixed in dvc.yaml.
+DEBUG_ENV = "SPARSEFLOW_DEBUG"
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors reported as one line with exit status 1: missing files, bad values, data errors
-    (:class:`sparse_core.data.DataError`) and a busy workspace. The last two are looked up
-    only once their modules are loaded: an exception of a class never imported cannot have
-    been raised, and importing ``sparse_core.data`` here would load torch and torchvision."""
+    """Errors reported as one line with exit status 1, without a traceback: missing files, bad
+    values (every artifact, name, resource and config error is a ValueError), data errors
+    (:class:`sparse_core.data.DataError`), a full disk (:class:`sparse_core.artifacts.StorageError`)
+    and a busy workspace. The classes of modules not loaded yet are left out: an exception of a
+    class never imported cannot have been raised, and importing ``sparse_core.data`` here would
+    load torch and torchvision."""
     errors: list[type[BaseException]] = [FileNotFoundError, ValueError]
-    for module, name in (("sparse_core.data.fetch", "DataError"), ("flows.workspace", "WorkspaceBusy")):
+    for module, name in (("sparse_core.data.fetch", "DataError"), ("flows.workspace", "WorkspaceBusy"),
+                         ("sparse_core.artifacts", "StorageError")):  # fmt: skip
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
+
+
+class _NoUserTracebacks:
+    """A logging filter that drops the traceback from Prefect's "task/flow run failed" records
+    when the exception is a user error (:func:`_user_errors`): the message keeps the error's
+    one line, naming the file, key or run; a bug still shows its traceback."""
+
+    def filter(self, record) -> bool:  # noqa: ANN001 - logging.LogRecord
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, _user_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_tracebacks() -> None:
+    """Install :class:`_NoUserTracebacks` on the handlers of Prefect's loggers (filters on a
+    logger do not see records that its children propagate, so the handlers carry it)."""
+    import logging
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoUserTracebacks) for f in handler.filters):
+                handler.addFilter(_NoUserTracebacks())
 
 
 def _seed_arg(text: str) -> int:
@@ -68,6 +99,7 @@ def _seed_arg(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=f"show the traceback of every error (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
@@ -153,6 +185,8 @@ def _run_stage(args: argparse.Namespace, console: bool = False) -> None:
     if console:
         gc.freeze()
         gc.enable()
+    if not _debug(args):
+        _quiet_user_tracebacks()
     parent = os.environ.get(PIPELINE_RUN_ENV)  # set when a pipeline flow run started this stage
     with stage_settings(), tags(*([PIPELINE_TAG_PREFIX + parent] if parent else [])):
         _dispatch_stage(args)
@@ -295,6 +329,9 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         elif args.command == "pipeline":
             from flows.repro_flow import pipeline_flow
 
+            if not _debug(args):
+                _quiet_user_tracebacks()
+
             pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait)
         elif args.command == "sweep":
             from flows import stage_flows as f
@@ -325,14 +362,22 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
 
             server.serve_or_deploy(args)
     except ConfigError as exc:
+        if _debug(args):
+            raise
         print(f"sparseflow: invalid params\n{exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the expected kinds are reported, the rest re-raised
-        if not isinstance(exc, _user_errors()):
+        if _debug(args) or not isinstance(exc, _user_errors()):
             raise
         print(f"sparseflow: {exc}", file=sys.stderr)
+        if console:
+            print("  (run with --debug, or set SPARSEFLOW_DEBUG=1, for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
 if __name__ == "__main__":

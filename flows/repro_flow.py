@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 
 # Defined with the stage flows (a stage process reads them without importing this module).
 from flows.stage_flows import PIPELINE_RUN_ENV, PIPELINE_TAG_PREFIX  # noqa: F401
-from flows.workspace import workspace_lock
+from flows.workspace import WorkspaceBusy, workspace_lock
 
 
 def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> Path:
@@ -91,12 +91,15 @@ def pipeline_flow(
         The addresses of the stages that ran.
 
     Raises:
-        flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``.
+        flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``,
+            or another DVC command holds DVC's lock.
         UnknownNameError: ``profile`` or a target is not one of the project's.
+        ConfigError: ``params.yaml`` is invalid (checked before DVC reads it).
     """
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    from sparse_core.config import plain_name
+    from sparse_core.config import load_params, plain_name
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
@@ -105,18 +108,23 @@ def pipeline_flow(
         if profile:
             use_profile(repo, profile)
             logger.info("params.yaml <- profiles/%s.yaml", profile)
+        load_params(repo / "params.yaml")  # before DVC parses it (no alias-expansion limit there)
         previous = os.environ.get(PIPELINE_RUN_ENV)
         if run_id:
             os.environ[PIPELINE_RUN_ENV] = run_id  # inherited by DVC's stage commands
         cwd = os.getcwd()
         try:
             os.chdir(repo)  # stage commands and relative paths resolve in the checkout
-            with Repo(str(repo)) as dvc_repo:
-                # Targets are stage names of this project, matched against its stages (DVC
-                # would also take a path to another project's dvc.yaml).
-                known = [s.addressing for s in dvc_repo.index.stages]
-                targets = [plain_name(t, known, "DVC target stage") for t in targets or []]
-                stages = dvc_repo.reproduce(targets=targets or None, force=force)
+            try:
+                with Repo(str(repo)) as dvc_repo:
+                    # Targets are stage names of this project, matched against its stages (DVC
+                    # would also take a path to another project's dvc.yaml).
+                    known = [s.addressing for s in dvc_repo.index.stages]
+                    targets = [plain_name(t, known, "DVC target stage") for t in targets or []]
+                    stages = dvc_repo.reproduce(targets=targets or None, force=force)
+            except LockError:
+                raise WorkspaceBusy(f"{repo}: DVC's lock (.dvc/tmp/lock) is held by another DVC command (a `dvc repro` "
+                                    "in a shell?); nothing was run. Wait for it to finish, then run again") from None  # fmt: skip
         finally:
             os.chdir(cwd)
             if previous is None:

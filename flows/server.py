@@ -154,6 +154,21 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, seconds: flo
         time.sleep(0.5)
 
 
+def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> None:
+    """Validate ``params`` before ``cmd`` runs when ``cmd`` is a ``dvc repro`` or ``dvc exp``:
+    DVC parses ``params.yaml`` itself before any stage runs, with no limit on what YAML aliases
+    expand to (a small hostile file took 3.9 GB there), so sparseflow's validator, which refuses
+    such a file, must read it first.
+
+    Raises:
+        ConfigError: the params file is invalid (or expands beyond the limit).
+    """
+    from sparse_core.config import load_params
+
+    if cmd and Path(cmd[0]).name == "dvc" and any(word in ("repro", "exp") for word in cmd[1:2]):
+        load_params(params)
+
+
 def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
@@ -167,12 +182,17 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
     machine), and a default ``dvc repro`` has over a hundred
     stages.
 
+    A ``dvc repro`` (or ``dvc exp``) command runs only after ``params.yaml`` validates
+    (:func:`validate_before_dvc`).
+
     Raises:
+        ConfigError: ``cmd`` is a DVC command and ``params.yaml`` is invalid.
         RuntimeError: the server did not answer ``/api/health`` within ``startup_seconds``
             (the message ends with its log).
     """
     import tempfile
 
+    validate_before_dvc(cmd)
     if os.environ.get("PREFECT_API_URL"):
         return subprocess.call(cmd)
     home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))

@@ -14,6 +14,7 @@ Parquet file. A missing file stays a ``FileNotFoundError``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import os
@@ -45,18 +46,55 @@ class CheckpointError(ArtifactError):
     Python objects beyond tensors and plain containers (refused, never executed)."""
 
 
+class StorageError(OSError):
+    """An artifact could not be written for lack of space, quota or permission; the message names
+    the file (the OS's own message often names none)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without "[Errno N]"
+
+
+#: errno values of a full, over-quota, read-only or too-small file system: raised only by writes,
+#: so within a writer's block they concern the file being written.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+#: ... and of a folder the process may not write in (creating the temporary file).
+_DENIED_ERRNOS = _FULL_ERRNOS | {errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def storage_errors_named(dest: str | Path, errnos: frozenset[int] = _FULL_ERRNOS) -> Iterator[None]:
+    """Re-raise an OS storage error (disk full, quota, read-only, file too large; with
+    ``errnos``, also permission) raised in the block as a :class:`StorageError` naming ``dest``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        if exc.errno not in errnos:
+            raise
+        raise StorageError(exc.errno, f"{dest}: cannot write ({os.strerror(exc.errno)}); nothing was replaced. Free "
+                                      f"space on (or allow writing to) the file system of {Path(dest).parent}") from None  # fmt: skip
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds."""
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds.
+
+    Raises:
+        StorageError: the file system is full, over quota, read-only or refuses the write (the
+            message names ``dest``; an existing ``dest`` is untouched).
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    with storage_errors_named(dest, _DENIED_ERRNOS):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp_path, dest)
+        with storage_errors_named(dest):
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+            os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -113,10 +151,12 @@ def atomic_dir(dest: str | Path, *, holds: tuple[str, ...], owner: str = "this s
     """
     dest = Path(dest)
     check_replaceable(dest, holds, owner)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    with storage_errors_named(dest, _DENIED_ERRNOS):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        yield tmp
+        with storage_errors_named(dest):
+            yield tmp
         os.chmod(tmp, 0o755)
         if dest.exists():
             check_replaceable(dest, holds, owner)  # still ours after the (possibly long) block
@@ -327,6 +367,33 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors raises SafetensorError for damaged headers
         raise ArtifactError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load the safetensors state dict in ``path`` into ``model`` (strict), after checking it.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ArtifactError: the file is not safetensors; its tensor names or shapes do not match the
+            model (the message names the first few: a run trained with another architecture or
+            ``model.kwargs``); or a floating-point tensor holds NaN or infinity (naming it).
+    """
+    tensors = load_tensors(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes = [f"{k} {tuple(tensors[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]  # fmt: skip
+    problems = [f"{what}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                for what, names in (("shapes differ", shapes), ("missing", missing), ("not in the model", unexpected)) if names]  # fmt: skip
+    if problems:
+        raise ArtifactError(f"{path}: does not fit the model ({'; '.join(problems)}); was it trained with another "
+                            "model or model.kwargs? Re-run the stage that writes it")  # fmt: skip
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ArtifactError(f"{path}: tensor {k!r} holds NaN or infinite values; the run diverged or the file "
+                                "was altered. Re-run the stage that writes it")  # fmt: skip
+    model.load_state_dict(tensors)
 
 
 def save_checkpoint(obj: dict[str, Any], dest: str | Path) -> None:

@@ -184,7 +184,7 @@ def load_run(
     except (KeyError, TypeError) as exc:
         raise ExportError(f"{cfg_path}: cannot build model {model_name!r} with {model_kwargs}: {exc}") from None
     try:
-        model.load_state_dict(artifacts.load_tensors(weights_path))
+        artifacts.load_weights(model, weights_path)
     except RuntimeError as exc:
         raise ExportError(f"{weights_path}: weights do not fit model {model_name!r}: {str(exc).splitlines()[0]}") from None
     masks: dict[str, torch.Tensor] = {}

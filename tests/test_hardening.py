@@ -402,3 +402,107 @@ def test_a_stage_that_would_not_fit_in_memory_is_refused_before_it_starts(model,
         check_memory("x", net, shape, batches, torch.device("cpu"), available=2 * 2**30)
     assert net.training and all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # the probe changed nothing
     assert check_memory("x", net, shape, {k: 8 for k in batches}, torch.device("cpu"), available=2 * 2**30) < 2 * 2**30
+
+
+# ----- 6. every error names its file, key or run ------------------------------------------------
+from tests.test_export import workspace  # noqa: E402,F401  (fixture: a project with three exported runs)
+
+
+def _cli(argv: list[str]) -> int:
+    from flows.cli import main
+
+    return main(argv)
+
+
+def test_weights_that_do_not_fit_the_model_are_named(workspace, capsys):  # noqa: F811
+    import torch
+
+    gmp = workspace / "runs" / "s0" / "gmp" / "model.safetensors"
+    gmp.write_bytes((workspace / "runs" / "s0" / "dpf" / "model.safetensors").read_bytes())  # a LeNet-5 in a ResNet-8 run
+    assert _cli(["export", "--run", "gmp", "--format", "onnx"]) == 1
+    err = capsys.readouterr().err
+    assert f"{Path('runs/s0/gmp/model.safetensors')}: does not fit the model" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, err
+    net = torch.nn.Linear(3, 2)
+    artifacts.save_tensors({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, workspace / "w.safetensors")
+    with pytest.raises(ArtifactError, match=r"w.safetensors: does not fit the model \(shapes differ: weight \(2, 4\)"):
+        artifacts.load_weights(net, workspace / "w.safetensors")
+    artifacts.save_tensors({"weight": torch.zeros(2, 3)}, workspace / "w.safetensors")
+    with pytest.raises(ArtifactError, match="missing: bias"):
+        artifacts.load_weights(net, workspace / "w.safetensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_named(tmp_path, value):
+    import torch
+
+    net = torch.nn.Linear(3, 2)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    sd["bias"][1] = value
+    artifacts.save_tensors(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ArtifactError, match=r"model.safetensors: tensor 'bias' holds NaN or infinite values"):
+        artifacts.load_weights(net, tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("text", ["{", '{"run": "gmp",}', "\x00\x01"])
+def test_a_malformed_config_json_is_named_by_the_cli(workspace, capsys, text):  # noqa: F811
+    (workspace / "runs" / "s0" / "gmp" / "config.json").write_text(text)
+    assert _cli(["export", "--run", "gmp", "--format", "compact"]) == 1
+    err = capsys.readouterr().err
+    assert "runs/s0/gmp/config.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(workspace, capsys, monkeypatch):  # noqa: F811
+    from sparse_core.config import UnknownNameError
+
+    assert _cli(["export", "--run", "nope", "--format", "onnx"]) == 1
+    with pytest.raises(UnknownNameError):
+        _cli(["--debug", "export", "--run", "nope", "--format", "onnx"])
+    monkeypatch.setenv("SPARSEFLOW_DEBUG", "1")
+    with pytest.raises(UnknownNameError):
+        _cli(["export", "--run", "nope", "--format", "onnx"])
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    dest = tmp_path / "metrics" / "dpf.json"
+    artifacts.write_json({"old": 1}, dest)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # the OS's message names no file
+
+    monkeypatch.setattr(artifacts.json, "dumps", full)
+    with pytest.raises(artifacts.StorageError, match=rf"{re.escape(str(dest))}: cannot write \(No space left on device\)"):
+        artifacts.write_json({"new": 2}, dest)
+    monkeypatch.undo()
+    assert artifacts.read_json(dest) == {"old": 1} and [p.name for p in dest.parent.iterdir()] == ["dpf.json"]
+
+
+def test_a_file_size_limit_names_the_file(tmp_path):
+    """A real storage limit (RLIMIT_FSIZE: the kernel refuses the write with EFBIG), in a child
+    process; safetensors, Parquet and JSON writers are each named."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal, sys, numpy as np, pandas as pd, torch
+sys.path.insert(0, {str(REPO)!r})
+from sparse_core import artifacts
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+for name, write in [("t.safetensors", lambda p: artifacts.save_tensors({{"w": torch.zeros(10000)}}, p)),
+                    ("t.parquet", lambda p: artifacts.write_parquet(pd.DataFrame({{"x": np.arange(100000)}}), p)),
+                    ("t.json", lambda p: artifacts.write_json(list(range(10000)), p))]:
+    try:
+        write({str(tmp_path)!r} + "/" + name)
+        print("WROTE", name)
+    except artifacts.StorageError as exc:
+        print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr
+    for line, name in zip(lines, ["t.safetensors", "t.parquet", "t.json"]):
+        assert line.startswith(f"{tmp_path}/{name}: cannot write (File too large)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file under any name

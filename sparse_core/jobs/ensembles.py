@@ -78,7 +78,7 @@ def stage_collect(params: Params, name: str) -> Path:
     sets = evalsets.load_eval_sets(params)
     manifest, frames, extra = [], [], []
     for i, member in enumerate(ensemble_members(params, name)):
-        model.load_state_dict(artifacts.load_tensors(member["weights"]))
+        artifacts.load_weights(model, member["weights"])
         weights = prunable_weights(params, model).values()
         density = sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
         digest = hashlib.sha256(member["weights"].read_bytes()).hexdigest()
@@ -146,7 +146,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     steps = -(-len(data.splits["train"]) // params.train.optim.batch_size) * params.train.epochs
     infer, train_flops, nonzero, sparsities = 0.0, 0.0, 0, []
     for member in manifest:
-        model.load_state_dict(artifacts.load_tensors(member["source"]))
+        artifacts.load_weights(model, member["source"])
         weights = prunable_weights(params, model)
         dens = {n: int(torch.count_nonzero(w)) / w.numel() for n, w in weights.items()}
         infer += inference_flops(model, data.shape, dens)["sparse"]

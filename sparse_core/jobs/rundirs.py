@@ -155,7 +155,7 @@ def load_exported(params: Params, run: str, model: nn.Module) -> MaskSet:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; run the stage that produces run {run!r} first")
-    model.load_state_dict(artifacts.load_tensors(weights))
+    artifacts.load_weights(model, weights)
     p = params.train.pruning
     masks = MaskSet(prunable_parameters(model, p.keep_first_dense, p.keep_last_dense or p.granularity == "structured"))
     if (folder / "masks.safetensors").is_file():
