@@ -1,8 +1,10 @@
 """``sparseflow server``, ``serve`` and ``deploy``: the pipeline on a Prefect server.
 
-- ``server`` starts Prefect's own server (``prefect server start``) bound to 127.0.0.1 by
-  default, with its default embedded SQLite database under ``PREFECT_HOME``. PostgreSQL:
-  set ``PREFECT_API_DATABASE_CONNECTION_URL`` (README, "Schedule it on a Prefect server").
+- ``server`` starts Prefect's own server app bound to 127.0.0.1 by default, with its default
+  embedded SQLite database under ``PREFECT_HOME``, behind a guard that refuses foreign ``Host``
+  and ``Origin`` headers (:mod:`flows.server_app`); Prefect's API authentication
+  (``PREFECT_SERVER_API_AUTH_STRING``) passes through. PostgreSQL: set
+  ``PREFECT_API_DATABASE_CONNECTION_URL`` (README, "Schedule it on a Prefect server").
 - ``serve`` runs a long-lived process that serves the ``pipeline`` flow of this checkout as
   a deployment (cron or interval schedule, or triggered by hand / through the API).
 - ``deploy`` registers the same flow, from this checkout's folder, as a deployment of a
@@ -24,10 +26,6 @@ from pathlib import Path
 ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
 
 
-def _prefect_executable() -> str:
-    return shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect") or "prefect"
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -38,8 +36,29 @@ def _is_loopback(host: str) -> bool:
 
 
 def server_command(host: str, port: int) -> list[str]:
-    """The ``prefect server start`` command line for ``host:port``."""
-    return [_prefect_executable(), "server", "start", "--host", host, "--port", str(port)]
+    """The command line of a Prefect server on ``host:port``: Prefect's own app (API, UI and
+    services, what ``prefect server start`` serves) behind the Host/Origin guard of
+    :mod:`flows.server_app`, run by uvicorn. Its environment comes from :func:`server_env`."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "flows.server_app:create_app", "--host", host,
+            "--port", str(port), "--log-level", "warning", "--no-server-header"]  # fmt: skip
+
+
+def server_env(host: str, port: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) plus what the guarded server needs: its own
+    names as the allowed ``Host`` values and origins (extended, not replaced, by the user's
+    ``SPARSEFLOW_SERVER_ALLOWED_HOSTS`` / ``_ORIGINS``: a reverse proxy's name), and Prefect's CORS
+    origins set to the same unless the user set them. ``PREFECT_SERVER_API_AUTH_STRING`` passes
+    through: Prefect then refuses every API request without the matching credentials."""
+    from flows.server_app import HOSTS_ENV, ORIGINS_ENV, allowed_names
+
+    out = dict(os.environ if env is None else env)
+    hosts, origins = allowed_names(host, port)
+    out[HOSTS_ENV] = ",".join(hosts + [h for h in out.get(HOSTS_ENV, "").split(",") if h])
+    out[ORIGINS_ENV] = ",".join(origins + [o for o in out.get(ORIGINS_ENV, "").split(",") if o])
+    out.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", out[ORIGINS_ENV])
+    out.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    out.setdefault("PREFECT_UI_API_URL", f"http://{host}:{port}/api")
+    return out
 
 
 def start(host: str, port: int) -> int:
@@ -49,15 +68,14 @@ def start(host: str, port: int) -> int:
     as a graceful shutdown (exit status 0) instead of dying mid-write."""
     if not _is_loopback(host):
         print(
-            f"sparseflow server: WARNING: binding {host}, not a loopback address. The Prefect server has no "
-            "authentication of its own; put it behind an authenticating reverse proxy (README, "
-            "'Schedule it on a Prefect server').",
+            f"sparseflow server: WARNING: binding {host}, not a loopback address. Set PREFECT_SERVER_API_AUTH_STRING "
+            "(and PREFECT_API_AUTH_STRING on clients) and put it behind TLS (README, 'Exposing the server').",
             file=sys.stderr,
         )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     print(f"sparseflow server: Prefect API at http://{host}:{port}/api (UI at http://{host}:{port}); in other shells:\n"
           f"  export PREFECT_API_URL=http://{host}:{port}/api", flush=True)  # fmt: skip
-    proc = subprocess.Popen(server_command(host, port))
+    proc = subprocess.Popen(server_command(host, port), env=server_env(host, port))
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server itself (same process group)
     while True:
@@ -200,7 +218,8 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen(server_command("127.0.0.1", port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, env), stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
         try:
             wait_until_healthy(url, proc, home / "server.log", startup_seconds)
             print(f"sparseflow with-server: Prefect API at {url} for: {' '.join(cmd)}", flush=True)
