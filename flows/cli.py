@@ -57,7 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     load torch and torchvision."""
     errors: list[type[BaseException]] = [FileNotFoundError, ValueError]
     for module, name in (("sparse_core.data.fetch", "DataError"), ("flows.workspace", "WorkspaceBusy"),
-                         ("sparse_core.artifacts", "StorageError")):  # fmt: skip
+                         ("sparse_core.artifacts", "StorageError"), ("sparse_core.interrupt", "Stopped")):  # fmt: skip
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -246,14 +246,36 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `sparseflow` command itself, not a caller in a longer-lived process
         _skip_final_gc()
     status = 1  # an exception other than those reported below
+    if argv is None and args.command in ("run", "pipeline", "local-worker", "ddp-worker", "sweep"):
+        from flows import signals
+
+        signals.install(forward_to_children=args.command == "pipeline")
     try:
         status = _main(args, console=argv is None)
+    except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (flows.signals), outside a training loop
+        from sparse_core import interrupt
+
+        if _debug(args):
+            raise
+        status = _stopped(interrupt.reason() if interrupt.stop_requested() else str(exc) or "SIGINT")
     finally:
         if args.command == "run":
             from tasks.timing import record_stage
 
             record_stage(args.stage, sys.argv[1:] if argv is None else list(argv), status)
     return status
+
+
+def _stopped(reason: str, detail: str | None = None) -> int:
+    """Print the one line of a stopped command; returns 128 + the signal number (shell convention)."""
+    import signal
+
+    what = detail or f"stopped by {reason}; every file written so far is complete (atomic writes); run it again to resume"
+    print(f"sparseflow: {what}", file=sys.stderr)
+    try:
+        return 128 + int(signal.Signals[reason])
+    except KeyError:
+        return 130
 
 
 def _skip_final_gc() -> None:
@@ -367,6 +389,9 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         print(f"sparseflow: invalid params\n{exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the expected kinds are reported, the rest re-raised
+        stopped = sys.modules.get("sparse_core.interrupt")
+        if stopped is not None and isinstance(exc, stopped.Stopped) and not _debug(args):
+            return _stopped(stopped.reason(), str(exc))
         if _debug(args) or not isinstance(exc, _user_errors()):
             raise
         print(f"sparseflow: {exc}", file=sys.stderr)

@@ -223,6 +223,11 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
         try:
             wait_until_healthy(url, proc, home / "server.log", startup_seconds)
             print(f"sparseflow with-server: Prefect API at {url} for: {' '.join(cmd)}", flush=True)
+            from flows import signals
+
+            # SIGTERM / Ctrl-C: passed on to the command's processes (the stages stop at a step
+            # boundary and report to the server), the server itself is stopped last.
+            signals.install(forward_to_children=True, exclude=lambda: {proc.pid, *signals.descendants(proc.pid)})
             return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": url})
         finally:
             proc.send_signal(signal.SIGINT)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparse_core import interrupt
 from sparse_core.checkpoint import CHECKPOINT_VERSION, CheckpointStore
 from sparse_core.config import OptimSection
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches
@@ -174,9 +175,15 @@ def train_one_epoch(
     lr_scale: float = 1.0,
     precision: Precision = FP32,
     scaler: torch.amp.GradScaler | None = None,
+    stop_note: str = "nothing (no checkpoint)",
 ) -> tuple[dict[str, float], int]:
     """One pass over ``split``; returns ``({"loss", "accuracy", "images"}, step)``, summed over
-    ranks under DDP (``parallel``). ``precision`` and ``scaler``: see :func:`training_step`."""
+    ranks under DDP (``parallel``). ``precision`` and ``scaler``: see :func:`training_step`.
+
+    Raises:
+        sparse_core.interrupt.Stopped: a stop was requested (SIGTERM, Ctrl-C); raised after the
+            current step, its message ends with ``stop_note`` (what was kept).
+    """
     model.train()
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -194,6 +201,9 @@ def train_one_epoch(
             raise NonFiniteError(f"{err} at epoch {epoch + 1}, step {step + 1} of method {method.name}") from None
         step += 1
         parallel.after_step(method, step)  # DDP: masks verified across ranks every ΔT steps
+        if interrupt.stop_requested():  # SIGTERM / Ctrl-C: stop here, keep the last epoch's checkpoint
+            bar.close()
+            interrupt.check(f"{method.name} epoch {epoch + 1}/{epochs}, step {step}", stop_note)
         # .item() syncs with the device once per step; acceptable for the readability it buys.
         loss_sum += loss.item() * len(y) if len(y) else 0.0  # an empty DDP slice has a NaN mean
         correct += int((logits.argmax(1) == y).sum())
@@ -310,9 +320,10 @@ def fit(
         if lr_scale is not None:
             state["lr_scale"] = lr_scale
         try:
-            history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
-                                    fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler,
-                                    eval_batch_size)  # fmt: skip
+            with interrupt.training():
+                history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
+                                        fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler,
+                                        eval_batch_size)  # fmt: skip
             return FitResult(pd.DataFrame(history), ckpt["epoch"] if ckpt else 0)
         except NonFiniteError as err:
             kept = f"the last good checkpoint {store.last} is kept" if store.last.is_file() else "no checkpoint had been written"
@@ -352,9 +363,12 @@ def _train_epochs(
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         t0 = time.perf_counter()
+        kept = (f"{store.last} (after epoch {epoch}); the next run resumes from it" if store.last.is_file()
+                else "nothing: no epoch of this run had finished")  # fmt: skip
         stats, step = train_one_epoch(
             trained, method, optimizer, train, transform, cfg, epoch=epoch, epochs=epochs, step=step, seed=seed,
             device=device, progress=progress, parallel=parallel, lr_scale=lr_scale, precision=precision, scaler=scaler,
+            stop_note=kept,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         parallel.end_epoch(model, method, step)  # DDP: rank 0's BN statistics everywhere; masks verified

@@ -1,0 +1,89 @@
+"""SIGTERM and Ctrl-C for the ``sparseflow`` command: stop within seconds, at a step boundary,
+with one line saying what was kept.
+
+- In a stage process (``sparseflow run``), the first signal asks the training loop to stop after
+  its current step (:mod:`sparse_core.interrupt`); the last epoch's checkpoint is what is kept,
+  and the next run resumes from it. When no training loop is running (data preparation,
+  evaluation), or at a second signal, the command stops at once (``KeyboardInterrupt``): every
+  artifact is written atomically, so nothing half-written is left under its final name.
+- In ``sparseflow pipeline``, which runs DVC in-process and DVC runs each stage as a child
+  process, the signal is passed on to the children first, and the pipeline waits for them (up to
+  :data:`CHILD_GRACE_SECONDS`) so that they stop, and report their state to the Prefect server,
+  before the pipeline ends and with it any temporary server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Callable
+
+from sparse_core import interrupt
+
+#: How long ``sparseflow pipeline`` waits for its stage processes after passing a signal on.
+CHILD_GRACE_SECONDS = 8.0
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _forward(signum: int, grace: float, exclude: set[int]) -> None:
+    """Send ``signum`` to every descendant but ``exclude``, then wait up to ``grace`` seconds for
+    them to exit."""
+    pids = [p for p in descendants(os.getpid()) if p not in exclude]
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+        time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return text[text.rfind(")") + 2 :].startswith("Z")
+
+
+def install(forward_to_children: bool = False, exclude: Callable[[], set[int]] | None = None) -> None:
+    """Install the SIGTERM and SIGINT handlers of the module docstring in this (main) thread.
+
+    Args:
+        forward_to_children: pass the signal on to every descendant process first and wait for
+            them (``pipeline``, ``with-server``).
+        exclude: PIDs not to pass it to (``with-server``: the Prefect server, stopped last).
+    """
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        again = interrupt.stop_requested()
+        interrupt.request_stop(name)
+        if forward_to_children:
+            _forward(signum, CHILD_GRACE_SECONDS, exclude() if exclude else set())
+        if again or not interrupt.training_active():
+            raise KeyboardInterrupt(name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

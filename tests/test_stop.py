@@ -1,0 +1,117 @@
+"""SIGTERM and Ctrl-C stop a stage, and the whole pipeline, within seconds, at a step boundary,
+with one line saying what was kept and no traceback; the next run resumes from what was kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.signals import descendants
+from sparse_core import artifacts, schemas
+
+REPO = Path(__file__).resolve().parents[1]
+#: The issue's bound: the command ends within this many seconds of the signal.
+STOP_SECONDS = 10.0
+
+
+@pytest.fixture
+def project(tmp_path, mirror, prefect_server):
+    """A copy of the project (a git + DVC repository) on the tiny profile with a long warmup, and
+    the environment of a stage process."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "profiles"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+        else:
+            shutil.copy(src, work / item)
+    raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    raw["warmup"]["epochs"] = 400  # long enough to be stopped mid-way
+    raw["data"]["train_subset"] = 2000
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARSEFLOW_DATA_MIRROR": str(mirror),
+           "PREFECT_API_URL": prefect_server, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(work)}  # fmt: skip
+    env.pop("SPARSEFLOW_DEBUG", None)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["sparseflow", "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
+    return work, env
+
+
+def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout: float = 240.0) -> tuple[float, str]:
+    """Wait until ``ready`` exists (or 3 s when None), send ``signum``; returns (seconds the
+    process took to end after it, its output: stdout then stderr)."""
+    deadline = time.monotonic() + timeout
+    if ready is None:
+        time.sleep(3.0)
+    while ready is not None and not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the stage never wrote its first checkpoint"
+        time.sleep(0.2)
+    family = [proc.pid, *descendants(proc.pid)]
+    t0 = time.monotonic()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    alive = [p for p in family if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]
+    assert alive == [], f"processes left running: {alive}"
+    return took, (out or "") + (err or "")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_training_stage_stops_at_a_step_boundary_and_resumes(project, signum):
+    work, env = project
+    last = work / "runs" / "s0" / "warmup" / "last.pt"
+    proc = subprocess.Popen(["sparseflow", "run", "warmup"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    took, err = _stop_when(proc, last, signum)
+    assert took < STOP_SECONDS, (took, err)
+    assert proc.returncode == 128 + signum
+    assert "Traceback" not in err, err
+    name = signal.Signals(signum).name
+    line = [x for x in err.splitlines() if x.startswith("sparseflow: ")]
+    assert len(line) == 1 and f"stopped by {name} at dense epoch" in line[0], err
+    assert f"kept {Path('runs/s0/warmup/last.pt')} (after epoch" in line[0]
+    kept_epoch = int(line[0].split("(after epoch ")[1].split(")")[0])
+    assert kept_epoch >= 1 and last.is_file()
+    # The next run resumes from the kept checkpoint: its history starts with the kept epochs.
+    import torch
+
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == kept_epoch
+
+
+def test_a_stage_outside_training_stops_at_once(project):
+    work, env = project
+    shutil.rmtree(work / "data" / "prepared")
+    proc = subprocess.Popen(["sparseflow", "run", "prepare"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    took, err = _stop_when(proc, None, signal.SIGTERM)
+    assert took < STOP_SECONDS and proc.returncode == 143, (took, proc.returncode, err)
+    assert "Traceback" not in err and "sparseflow: stopped by SIGTERM; every file written so far is complete" in err, err
+    leftovers = [p for p in (work / "data").rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_the_pipeline_stops_its_stage_and_ends_quietly(project):
+    """The issue's case: SIGTERM to `sparseflow pipeline` during warmup took 2.5 minutes and
+    printed API-connection tracebacks."""
+    work, env = project
+    last = work / "runs" / "s0" / "warmup" / "last.pt"
+    proc = subprocess.Popen(["sparseflow", "pipeline", "warmup@0"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    took, out = _stop_when(proc, last, signal.SIGTERM)
+    assert took < STOP_SECONDS, (took, out)
+    assert proc.returncode != 0 and "Traceback" not in (out or ""), out
+    assert "stopped by SIGTERM at dense epoch" in out and "kept" in out, out
+    history = artifacts.read_parquet(last.parent / "history.parquet", schema=schemas.HISTORY_SCHEMA) if (last.parent / "history.parquet").exists() else None
+    assert history is None  # the run did not finish: nothing was exported as if it had
