@@ -85,5 +85,4 @@ def install(forward_to_children: bool = False, exclude: Callable[[], set[int]] |
         if again or not interrupt.training_active():
             raise KeyboardInterrupt(name)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    interrupt.set_handler(handler)

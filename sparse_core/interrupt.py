@@ -13,13 +13,15 @@ main thread, so the request is a flag both can see (a ``threading.Event``), not 
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 _REQUEST = threading.Event()
 _REASON: list[str] = []
 _ACTIVE = [0]  # training loops running in this process
 _LOCK = threading.Lock()
+_HANDLER: list[Callable[..., Any]] = []  # the command's SIGTERM/SIGINT handler (flows.signals)
 
 
 class Stopped(Exception):
@@ -77,3 +79,34 @@ def check(where: str, kept: str) -> None:
     """
     if _REQUEST.is_set():
         raise Stopped(f"stopped by {reason()} at {where}; kept {kept}")
+
+
+def set_handler(handler: Callable[..., Any]) -> None:
+    """Install ``handler`` for SIGTERM and SIGINT (main thread) and remember it for
+    :func:`own_signals`."""
+    _HANDLER[:] = [handler]
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def own_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT go to the handler of :func:`set_handler` again.
+
+    Prefect's flow engine replaces the SIGTERM handler while a flow runs (it raises at once,
+    wherever the main thread is, and marks the run Crashed); a stage's work (``tasks.timing
+    .stage_work``) runs in this block instead, so that a signal stops training at a step boundary
+    with a message saying what was kept. Outside the main thread, or when no handler was set
+    (the library used from Python), nothing changes.
+    """
+    if not _HANDLER or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, _HANDLER[0])
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

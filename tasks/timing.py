@@ -61,11 +61,14 @@ def stage_work(task: str, module: str) -> Iterator[ModuleType]:
     imported: a stage's command line, its validation and its Prefect flow run then start
     without torch, torchvision, pandas or scikit-learn (seconds per process).
     """
+    from sparse_core import interrupt
+
     import_start = time.time()
     mod = sys.modules.get(module) or importlib.import_module(module)
     start = time.time()
     try:
-        yield mod
+        with interrupt.own_signals():  # SIGTERM stops training at a step boundary (not Prefect's handler)
+            yield mod
     finally:
         if enabled():
             record({"kind": "work", "task": task, "import_start": import_start, "start": start,
