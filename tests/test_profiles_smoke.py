@@ -1,0 +1,128 @@
+"""Every shipped profile runs end to end, through the report, at a smoke scale (issue: hardening,
+"every shipped profile runs end to end, and profiles never mix").
+
+Each profile of ``profiles/`` is run with only its sizes overridden (:func:`smoke_sizes`: a few
+hundred images, the fewest epochs its schedule allows, small batches, tiny evaluation sets, one
+seed); its methods, model, recipe and every other setting stay as shipped. The stages run
+in-process in the order of ``dvc.yaml`` (prepare, ood, corrupt, warmup, train, retrain, collect,
+evaluate, aggregate, report), one profile after another in the same project folder, so that a
+profile's report must not show what an earlier profile left in ``plots/``.
+
+The ``cifar10`` profiles (torchvision's CIFAR-10 archive, not on this machine) run on a
+CIFAR-10-format archive of random images that the test makes, the others on the offline data.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_hostile_inputs import _fake_cifar
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
+
+
+def smoke_sizes(raw: dict) -> dict:
+    """``raw`` with its sizes shrunk (and nothing else changed)."""
+    raw = copy.deepcopy(raw)
+    base = raw.setdefault("base", {})
+    base["seeds"] = (base.get("seeds") or [base.get("seed", 0)])[:1]
+    base["progress"] = False
+    raw["data"].update(train_subset=320, test_subset=64)
+    for section in (raw.get("warmup", {}), raw.get("train", {}), raw.get("retrain", {})):
+        if "optim" in section:
+            section["optim"]["batch_size"] = 32
+            section["optim"]["milestones"] = [m for m in section["optim"].get("milestones", []) if m < 1]
+    raw["warmup"]["epochs"] = min(raw["warmup"].get("epochs", 0), 1)
+    train = raw["train"]
+    edst = train.setdefault("edst", {})
+    tickets = edst.get("tickets", 3)
+    edst["exploration_epochs"] = min(edst.get("exploration_epochs", 1), 1)
+    train["epochs"] = edst["exploration_epochs"] + tickets  # the fewest that EDST's phases allow, and >= 2
+    train.setdefault("pruning", {})["update_period"] = 1
+    train.setdefault("dst", {})["update_period"] = 2
+    if "dst_ensemble" in train:
+        train["dst_ensemble"]["members"] = min(train["dst_ensemble"].get("members", 3), 2)
+    raw.setdefault("retrain", {})["epochs"] = 1
+    raw.setdefault("evaluate", {})["batch_size"] = 64
+    raw.setdefault("collect", {})["batch_size"] = 64
+    raw.setdefault("ood", {})["max_examples"] = 16
+    raw.setdefault("corrupt", {})["test_subset"] = 4
+    return raw
+
+
+def _run_profile(params) -> None:
+    from sparse_core import aggregate, corrupted_sets, evalsets, report
+    from sparse_core.jobs import ensembles, rundirs, scoring, training
+
+    rundirs.stage_prepare(params)
+    evalsets.stage_ood(params)
+    corrupted_sets.stage_corrupt(params)
+    run = params.for_seed(params.base.run_seeds()[0])
+    training.stage_warmup(run)
+    for method in params.train.methods:
+        training.stage_train(run, method)
+    for source in params.retrain.runs:
+        training.stage_retrain(run, source)
+    for name in params.collect.ensembles:
+        ensembles.stage_collect(run, name)
+        ensembles.stage_evaluate_ensemble(run, name)
+    for name in params.evaluate.runs:
+        scoring.stage_evaluate(run, name)
+    for model, _kind in aggregate.models(params):
+        aggregate.stage_aggregate(params, model)
+    report.stage_report(params)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror):
+    """One project folder for every profile (its data folder shared, as in a user's checkout)
+    and a mirror that adds a CIFAR-10-format archive to the offline data."""
+    root = tmp_path_factory.mktemp("profiles")
+    fake_mirror = root / "mirror"
+    fake_mirror.mkdir()
+    for entry in mirror.iterdir():
+        (fake_mirror / entry.name).symlink_to(entry)
+    fake = _fake_cifar(root / "fake", n=200)
+    shutil.copy(root / "fake" / "raw" / "cifar-10-python.tar.gz", fake_mirror / "cifar-10-python.tar.gz")
+    work = root / "project"
+    work.mkdir()
+    return work, fake_mirror, fake
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_runs_end_to_end_and_reports_only_its_own_runs(project, profile, monkeypatch):
+    from sparse_core import artifacts, schemas
+    from sparse_core.aggregate import models as models_of
+    from sparse_core.config import parse_params
+    from sparse_core.report import METRICS_SCHEMA
+    from sparse_core.data import sources
+    from sparse_core.data.sources import DatasetSpec, _cifar
+
+    work, fake_mirror, fake = project
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SPARSEFLOW_DATA_MIRROR", str(fake_mirror))
+    spec = sources.REGISTRY["cifar10"]
+    monkeypatch.setitem(sources.REGISTRY, "cifar10", DatasetSpec(
+        "cifar10", ".", (sources.RawFile(fake.filename, fake.tgz_md5, "file:///nowhere"),), _cifar(fake), spec.flip))  # fmt: skip
+    raw = smoke_sizes(yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text()))
+    params = parse_params(raw, f"profiles/{profile}.yaml (smoke sizes)")
+    for folder in ("runs", "metrics", "ensembles", "reports"):  # what dvc checkout would swap; plots/ is kept on purpose
+        shutil.rmtree(work / folder, ignore_errors=True)
+
+    _run_profile(params)
+
+    models = [m for m, _ in models_of(params)]
+    tidy = artifacts.read_parquet(work / "reports" / "metrics.parquet", schema=METRICS_SCHEMA)
+    assert set(tidy["model"]) == set(models), profile
+    summary = (work / "reports" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + len(models)
+    history = Path(params.for_seed(params.base.run_seeds()[0]).base.plots_dir) / "history" / "warmup.csv"
+    assert history.is_file()
+    warmup = artifacts.read_csv(history, schema=schemas.HISTORY_SCHEMA)  # valid, even with zero warmup epochs
+    assert len(warmup) == params.warmup.epochs
