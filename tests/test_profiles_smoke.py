@@ -80,9 +80,12 @@ def _run_profile(params) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, mirror):
+def project(tmp_path_factory):
     """One project folder for every profile (its data folder shared, as in a user's checkout)
     and a mirror that adds a CIFAR-10-format archive to the offline data."""
+    import os
+
+    mirror = Path(os.environ.get("SPARSEFLOW_DATA_MIRROR", REPO.parent / "shared" / "data"))
     root = tmp_path_factory.mktemp("profiles")
     fake_mirror = root / "mirror"
     fake_mirror.mkdir()
