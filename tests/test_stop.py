@@ -115,3 +115,24 @@ def test_the_pipeline_stops_its_stage_and_ends_quietly(project):
     assert "stopped by SIGTERM at dense epoch" in out and "kept" in out, out
     history = artifacts.read_parquet(last.parent / "history.parquet", schema=schemas.HISTORY_SCHEMA) if (last.parent / "history.parquet").exists() else None
     assert history is None  # the run did not finish: nothing was exported as if it had
+
+
+def test_the_pipeline_refused_by_a_shell_dvc_repro_says_so_in_one_line(project):
+    """DVC's own lock held by another DVC process (a `dvc repro` in a shell): `sparseflow
+    pipeline` stops before running anything, with one line naming the lock, no traceback."""
+    work, env = project
+    (work / ".dvc" / "tmp").mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "from dvc.lock import make_lock; import time; l = make_lock('.dvc/tmp/lock'); "
+                               "l.lock(); print('locked', flush=True); time.sleep(300)"], cwd=work, env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = subprocess.run(["sparseflow", "pipeline", "warmup@0"], cwd=work, env=env, capture_output=True, text=True, timeout=180)
+        text = out.stdout + out.stderr
+        assert out.returncode == 1 and "Traceback" not in text, text
+        line = [x for x in text.splitlines() if x.startswith("sparseflow: ")]
+        assert len(line) == 1 and "DVC's lock (.dvc/tmp/lock) is held by another DVC command" in line[0], text
+        assert not (work / "runs").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -216,8 +216,9 @@ def code_fingerprint() -> str:
 
 #: What a run folder holds (:func:`export_run`, the checkpoint store, ``export`` and an
 #: ensemble's member folders); anything else means the folder is not this run's.
-RUN_FOLDER_ENTRIES = ("config.json", "last.pt", "prev.pt", "model.safetensors", "masks.safetensors", "layers.parquet",
-                      "history.parquet", "mask_updates.parquet", "tickets", "export", "member_*")  # fmt: skip
+RUN_FOLDER_ENTRIES = ("config.json", "last.pt", "prev.pt", ".last.pt.next", "*.pt.bad", "model.safetensors",
+                      "masks.safetensors", "layers.parquet", "history.parquet", "mask_updates.parquet", "tickets", "export",
+                      "member_*")  # fmt: skip
 
 
 def check_run_folder(folder: Path, run: str) -> None:
