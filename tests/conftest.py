@@ -59,6 +59,18 @@ def make_split(n: int = 96, seed: int = 0, classes: int = 3) -> Split:
     return Split(images, labels)
 
 
+def terminate(proc, timeout: float = 20.0) -> None:
+    """SIGTERM ``proc`` (a ``subprocess.Popen``), then SIGKILL after ``timeout`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _free_port() -> int:
     from flows.server import free_port
 
@@ -90,9 +102,5 @@ def prefect_server(tmp_path_factory):
         wait_until_healthy(url, proc, home / "server.log")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
         log.close()

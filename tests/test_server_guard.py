@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 
 from flows.server import wait_until_healthy
-from tests.conftest import _free_port
+from tests.conftest import _free_port, terminate
 
 
 def _request(url: str, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None):
@@ -93,8 +93,4 @@ def test_with_auth_set_a_request_without_credentials_is_refused(tmp_path):
                                  env={**env, "PREFECT_API_URL": url, "PREFECT_API_AUTH_STRING": "admin:s3cret"})  # fmt: skip
             assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr[-2000:]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc)
