@@ -19,7 +19,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro analysis curves test metrics bench clean-runs
+.PHONY: install repro analysis curves test metrics bench clean-runs push pull
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ analysis: $(STAMP)
 curves: $(STAMP)
 	$(BIN)/sparseflow validate > /dev/null
 	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro curves/dvc.yaml
+
+# The outputs of every stage (prepared data, evaluation sets, runs with weights, masks and
+# checkpoints, ensembles caches) to / from the default DVC remote (.dvc/config).
+push: $(STAMP)
+	$(BIN)/dvc push
+
+pull: $(STAMP)
+	$(BIN)/dvc pull
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -139,6 +139,23 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     second = _sh([dvc, "repro"], work, env)
     assert "Running stage" not in second.stdout
 
+    # A DVC remote round trip: push to the project's default remote (pointed at a folder of this
+    # test), clone the repository elsewhere, pull: nothing is stale and nothing re-runs.
+    remote = tmp_path / "remote"
+    _sh([dvc, "remote", "modify", "--local", "local", "url", str(remote)], work, env)
+    _sh([dvc, "push"], work, env)
+    git = ["git", "-c", "user.name=sparseflow-test", "-c", "user.email=test@localhost"]
+    _sh(git + ["add", "-A"], work, env)
+    _sh(git + ["commit", "-q", "-m", "tiny profile reproduced"], work, env)
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
+    _sh([dvc, "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
+    _sh([dvc, "pull", "dvc.yaml"], clone, env)
+    assert "up to date" in _sh([dvc, "status", "dvc.yaml"], clone, env).stdout
+    assert "Running stage" not in _sh([dvc, "repro"], clone, env).stdout
+    for path in ("runs/s0/dpf/masks.safetensors", "runs/s0/rigl/model.safetensors", "data/prepared/fashion_mnist/data.parquet"):
+        assert (clone / path).read_bytes() == (work / path).read_bytes(), path
+
     # The optional local-parallelism analyses: only on demand, sweep points as Prefect tasks.
     assert not (work / "reports" / "local").exists()
     _sh([dvc, "repro", "analysis/dvc.yaml"], work, env)
