@@ -166,6 +166,9 @@ class BaseSection(_Section):
     plots_dir: str = "plots"
     #: Cached member probabilities of the ensembles (``collect`` stage).
     ensembles_dir: str = "ensembles"
+    #: The report (``report`` stage), the accuracy-vs-sparsity curves (``curves/dvc.yaml``),
+    #: the sweeps (``sparseflow sweep``) and the local-parallelism analyses (``analysis/dvc.yaml``).
+    reports_dir: str = "reports"
     progress: bool = True
     #: Let path values (:data:`PATH_KEYS`) be absolute or lead outside the project folder with
     #: ``..``. Off by default so that a params file (or ``dvc exp run -S``) cannot make a stage
@@ -816,18 +819,18 @@ PATH_KEYS = (
     "base.metrics_dir",
     "base.plots_dir",
     "base.ensembles_dir",
+    "base.reports_dir",
     "data.imagefolder.archive",
     "data.imagefolder.root",
 )
 #: Params values that name an output folder of the stages. Each must be apart from every other
 #: (neither the same folder nor inside another) and from :data:`RESERVED_PATHS`, or one stage's
 #: outputs would land in, or replace, another's (:func:`output_overlaps`).
-OUTPUT_KEYS = ("base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots_dir", "base.ensembles_dir")
+OUTPUT_KEYS = ("base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots_dir", "base.ensembles_dir", "base.reports_dir")
 #: Project paths no output setting may name, contain or lie inside: version control, DVC, the
-#: code, the profiles, the fixed report folder (``reports/``: report, curves, sweeps, local
-#: study) and the files at the top of the project.
+#: code, the profiles, the folders of the other DVC pipelines and the files at the top of the project.
 RESERVED_PATHS = (".git", ".dvc", ".ci", ".venv", "sparse_core", "flows", "tasks", "tests", "benchmarks", "profiles",
-                  "reports", "curves", "analysis", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile",
+                  "curves", "analysis", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile",
                   "README.md")  # fmt: skip
 
 
@@ -876,9 +879,9 @@ def output_overlaps(outputs: dict[str, str | None], root: str | Path = ".") -> l
 #: resume that run's last good checkpoint, not start it over.
 #: ``seeds`` is left out because each seed's runs are trained with ``base.seed`` set to that seed
 #: (:meth:`Params.for_seed`); the list itself does not change any run.
-#: ``ensembles_dir`` holds no run (only the collect stage's caches).
+#: ``ensembles_dir`` and ``reports_dir`` hold no run (only caches and reports).
 NOT_FINGERPRINTED: dict[str, set[str]] = {
-    "base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir"}
+    "base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir", "reports_dir"}
 }
 
 
@@ -931,9 +934,9 @@ def seeded(params: Params, seed: int | None = None) -> Params:
     return params.for_seed(params.base.run_seeds()[0] if seed is None else seed)
 
 
-def curve_points_path(method: str, seed: int) -> Path:
-    """``reports/curves/points/<method>-s<seed>.csv``: one ``curves@<method>-<seed>`` stage's rows."""
-    return Path("reports") / "curves" / "points" / f"{method}-s{seed}.csv"
+def curve_points_path(params: Params, method: str, seed: int) -> Path:
+    """``<reports_dir>/curves/points/<method>-s<seed>.csv``: one ``curves@<method>-<seed>`` stage's rows."""
+    return Path(params.base.reports_dir) / "curves" / "points" / f"{method}-s{seed}.csv"
 
 
 def retrain_run_name(run: str) -> str:

@@ -4,7 +4,7 @@ confidence intervals and verdicts, one tidy metrics table, a markdown report and
 Reads ``<metrics_dir>/seeds/s<seed>/<model>.json`` of every evaluated run and ensemble
 (``evaluate.runs`` + ``collect.ensembles``) for every training seed (``base.seeds``), the plot
 data written by the evaluate stages of the first seed (``<plots_dir>/seeds/s<seed>/...``) and
-the OOD manifest, and writes (each file atomically)::
+the OOD manifest, and writes (each file atomically; ``reports/`` is ``base.reports_dir``)::
 
     reports/metrics.parquet   one row per model × seed × dataset × metric (pandera: METRICS_SCHEMA)
     reports/summary.csv       one row per model: the results-table columns, mean and std over
@@ -41,7 +41,6 @@ from sparse_core import artifacts, claims, schemas
 from sparse_core.aggregate import models, per_seed_metrics, seed_metrics_path
 from sparse_core.config import Params, curve_points_path
 
-REPORT_DIR = Path("reports")
 FIGURES = ("accuracy_vs_sparsity", "nll_vs_training_flops", "training_curves", "reliability", "layer_density", "corruption_accuracy")
 
 METRICS_SCHEMA = pa.DataFrameSchema(
@@ -248,11 +247,12 @@ def stage_report(params: Params) -> Path:
     table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed)
     seeds = params.base.run_seeds()
     first = params.for_seed(seeds[0])  # per-seed plot data: the figures show the first seed
-    REPORT_DIR.mkdir(exist_ok=True)
-    artifacts.write_parquet(tidy, REPORT_DIR / "metrics.parquet")
-    artifacts.write_csv(summary.reset_index(), REPORT_DIR / "summary.csv")
-    artifacts.write_json(claims.claims_json(table), REPORT_DIR / "claims.json")
-    draw_all(first, summary, order, REPORT_DIR / "figures")
+    folder = Path(params.base.reports_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts.write_parquet(tidy, folder / "metrics.parquet")
+    artifacts.write_csv(summary.reset_index(), folder / "summary.csv")
+    artifacts.write_json(claims.claims_json(table), folder / "claims.json")
+    draw_all(first, summary, order, folder / "figures")
     md = [
         f"# sparseflow report: {params.data.dataset}, {params.model.name}",
         "",
@@ -279,14 +279,13 @@ def stage_report(params: Params) -> Path:
         "",
     ]
     md += [f"![{name}](figures/{name}.png)\n" for name in FIGURES]
-    out = REPORT_DIR / "report.md"
+    out = folder / "report.md"
     with artifacts.atomic_path(out) as tmp:
         tmp.write_text("\n".join(md))
     return out
 
 
 # ----- accuracy vs sparsity (the curves stages) ------------------------------------------------
-CURVES_DIR = REPORT_DIR / "curves"
 #: Per-sparsity claims of the curves report: (id, statement, lhs line, rhs line, relation, margin).
 CURVE_CLAIMS = (
     ("dpf_ge_gmp", "DPF ≥ GMP", "dpf", "gmp", ">=", 0.005),
@@ -307,7 +306,7 @@ def curve_points(params: Params) -> pd.DataFrame:
     frames = []
     for method in params.curves.methods:
         for seed in params.base.run_seeds():
-            path = curve_points_path(method, seed)
+            path = curve_points_path(params, method, seed)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing; run curves@{method}-{seed} first")
             df = artifacts.read_csv(path, schema=schemas.CURVE_POINTS_SCHEMA)
@@ -361,15 +360,16 @@ def stage_curves_report(params: Params) -> Path:
                .fillna({"accuracy_std": 0.0, "nll_std": 0.0}).reset_index())  # fmt: skip
     table = curve_claims(points)
     dense = _dense_level(params)
-    CURVES_DIR.mkdir(parents=True, exist_ok=True)
-    artifacts.write_csv(points, CURVES_DIR / "points.csv")
-    artifacts.write_csv(summary, CURVES_DIR / "summary.csv")
-    artifacts.write_csv(table, CURVES_DIR / "claims.csv")
+    folder = Path(params.base.reports_dir) / "curves"
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts.write_csv(points, folder / "points.csv")
+    artifacts.write_csv(summary, folder / "summary.csv")
+    artifacts.write_csv(table, folder / "claims.csv")
     artifacts.write_json({f"{r.id}@{r.sparsity:g}": {"verdict": r.verdict, "n": int(r.n), "diff_mean": r.diff_mean,
                                                        "ci_low": claims._finite_or_none(r.ci_low),
                                                        "ci_high": claims._finite_or_none(r.ci_high)}
-                          for r in table.itertuples()}, CURVES_DIR / "claims.json")  # fmt: skip
-    accuracy_vs_sparsity_curves(summary, dense, CURVES_DIR / "accuracy_vs_sparsity.png")
+                          for r in table.itertuples()}, folder / "claims.json")  # fmt: skip
+    accuracy_vs_sparsity_curves(summary, dense, folder / "accuracy_vs_sparsity.png")
     seeds = params.base.run_seeds()
     acc = summary.pivot(index="sparsity", columns="method", values="accuracy")
     std = summary.pivot(index="sparsity", columns="method", values="accuracy_std")
@@ -401,7 +401,7 @@ def stage_curves_report(params: Params) -> Path:
         "![accuracy vs sparsity](accuracy_vs_sparsity.png)",
         "",
     ]
-    out = CURVES_DIR / "report.md"
+    out = folder / "report.md"
     with artifacts.atomic_path(out) as tmp:
         tmp.write_text("\n".join(md))
     return out

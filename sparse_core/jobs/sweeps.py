@@ -79,14 +79,14 @@ def write_curve_points(params: Params, method: str, rows: list[dict[str, Any]]) 
     """The rows of one ``curves@<method>-<seed>`` stage (``params`` of that seed), sorted by
     sparsity, without the run folder (a machine-specific detail)."""
     table = pd.DataFrame(rows).drop(columns=["run_dir"]).sort_values("sparsity", ignore_index=True)
-    out = curve_points_path(method, params.base.seed)
+    out = curve_points_path(params, method, params.base.seed)
     artifacts.write_csv(table, out)
     return out
 
 
 def write_sweep(params: Params, method: str, rows: list[dict[str, Any]]) -> Path:
-    """The sweep table ``reports/sweeps/<method>.csv`` (one row per point, sorted)."""
+    """The sweep table ``<reports_dir>/sweeps/<method>.csv`` (one row per point, sorted)."""
     table = pd.DataFrame(rows).sort_values(["sparsity", "seed"], ignore_index=True)
-    out = Path("reports") / "sweeps" / f"{method}.csv"
+    out = Path(params.base.reports_dir) / "sweeps" / f"{method}.csv"
     artifacts.write_csv(table, out)
     return out

@@ -45,7 +45,6 @@ from sparse_core.local.analysis import (  # noqa: E402
 )
 from sparse_core.local.model import build_local  # noqa: E402
 
-OUT = Path("reports") / "local"
 
 
 def _inputs(params: Params) -> tuple[Split, BatchTransform, tuple[int, int, int], int]:
@@ -148,15 +147,17 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[str, pd.DataFrame]) -> Path:
-    """Tables, figures and ``reports/local_analysis.json`` (module docstring)."""
+    """Tables, figures and ``reports/local_analysis.json`` (module docstring; ``reports/`` is
+    ``base.reports_dir``)."""
+    out = Path(params.base.reports_dir) / "local"
     sweep = pd.DataFrame(sweep_rows).sort_values(["variant", "batch_size"]).reset_index(drop=True)
     reached = sweep["steps"].notna()
     sweep["pareto"] = False
     if reached.any():
         sweep.loc[reached, "pareto"] = pareto_front(sweep[reached], "training_flops", "critical_path").to_numpy(dtype=bool)
-    artifacts.write_csv(sweep, OUT / "sweep.csv")
+    artifacts.write_csv(sweep, out / "sweep.csv")
     for name, df in side.items():
-        artifacts.write_csv(df, OUT / f"{name}.csv")
+        artifacts.write_csv(df, out / f"{name}.csv")
     a = params.local.analysis
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for v, g in sweep.groupby("variant"):
@@ -169,7 +170,7 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
     ax.set_title("Steps to target loss vs batch size")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, OUT / "steps_to_target.png")
+    _save(fig, out / "steps_to_target.png")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for v, g in sweep[reached].groupby("variant"):
         ax.plot(g["training_flops"], g["critical_path"], marker="o", label=v)
@@ -183,7 +184,7 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
     ax.set_title("Compute vs time to reach the target loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, OUT / "pareto.png")
+    _save(fig, out / "pareto.png")
     fig, ax = plt.subplots(figsize=(7, 4.4))
     cos = side["cosine"]
     layers = list(dict.fromkeys(cos["layer"]))
@@ -196,7 +197,7 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
     ax.set_title("Local vs true gradients at initialisation")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    _save(fig, OUT / "gradient_cosine.png")
+    _save(fig, out / "gradient_cosine.png")
     fig, ax = plt.subplots(figsize=(5.5, 4))
     rl = side["random_labels"]
     ax.bar(rl["variant"], rl["train_accuracy"], color="tab:purple")
@@ -204,7 +205,7 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
     ax.set_ylabel("training accuracy on random labels")
     ax.set_title(f"Capacity: {a.random_label_examples} randomly relabelled images, {a.random_label_epochs} epochs")
     ax.set_ylim(0, 1)
-    _save(fig, OUT / "random_labels.png")
+    _save(fig, out / "random_labels.png")
     metrics: dict[str, Any] = {}
     for v in a.variants:
         acc = side["accounting"].set_index("variant").loc[v]
@@ -216,5 +217,5 @@ def write_analysis(params: Params, sweep_rows: list[dict[str, Any]], side: dict[
             "steps_to_target": {f"b{int(r.batch_size)}": (int(r.steps) if pd.notna(r.steps) else -1)
                                 for r in sweep[sweep["variant"] == v].itertuples()},  # fmt: skip
         }
-    artifacts.write_json(metrics, Path("reports") / "local_analysis.json")
-    return OUT
+    artifacts.write_json(metrics, Path(params.base.reports_dir) / "local_analysis.json")
+    return out
