@@ -51,6 +51,28 @@ def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> P
     return src
 
 
+#: What a sparseflow checkout holds: a ``repo_dir`` without them is not one.
+PROJECT_MARKERS = ("dvc.yaml", "params.yaml", "flows/repro_flow.py", "sparse_core/config.py")
+
+
+def project_root(repo_dir: str | Path) -> Path:
+    """``repo_dir`` resolved, if it is a sparseflow checkout (it holds :data:`PROJECT_MARKERS`).
+
+    ``repo_dir`` is a parameter of the pipeline deployment, which anyone with access to the
+    Prefect API can override for a run: it must not reach another folder of the machine, or
+    another DVC project whose stage commands would then run.
+
+    Raises:
+        FileNotFoundError: ``repo_dir`` is not a folder, or lacks one of the markers (named).
+    """
+    repo = Path(repo_dir).resolve()
+    missing = [m for m in PROJECT_MARKERS if not (repo / m).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{repo}: not a sparseflow checkout (no {', '.join(missing)}); repo_dir must be the "
+                                "project's folder")  # fmt: skip
+    return repo
+
+
 def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:
     """The ``pipeline`` artifact: stages reproduced and the stage flow runs tagged with this run."""
     from prefect.client.orchestration import get_client
@@ -94,6 +116,7 @@ def pipeline_flow(
         flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``,
             or another DVC command holds DVC's lock.
         UnknownNameError: ``profile`` or a target is not one of the project's.
+        FileNotFoundError: ``repo_dir`` is not a sparseflow checkout (:func:`project_root`).
         ConfigError: ``params.yaml`` is invalid (checked before DVC reads it).
     """
     from dvc.lock import LockError
@@ -102,7 +125,7 @@ def pipeline_flow(
     from sparse_core.config import load_params, plain_name
 
     logger = get_run_logger()
-    repo = Path(repo_dir).resolve()
+    repo = project_root(repo_dir)
     run_id = str(flow_run.id) if flow_run.id else None
     with workspace_lock(repo, wait_seconds, run_id):
         if profile:

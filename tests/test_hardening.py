@@ -506,3 +506,16 @@ for name, write in [("t.safetensors", lambda p: artifacts.save_tensors({{"w": to
     for line, name in zip(lines, ["t.safetensors", "t.parquet", "t.json"]):
         assert line.startswith(f"{tmp_path}/{name}: cannot write (File too large)"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file under any name
+
+
+@pytest.mark.parametrize("where", ["/etc", "missing", "dvc_only"])
+def test_the_pipeline_runs_only_in_a_sparseflow_checkout(tmp_path, where):
+    """``repo_dir`` is a deployment parameter that a run can override: it must not point the
+    pipeline at another folder or another DVC project."""
+    from flows.repro_flow import project_root
+
+    target = {"/etc": Path("/etc"), "missing": tmp_path / "nowhere", "dvc_only": tmp_path}[where]
+    (tmp_path / "dvc.yaml").write_text("stages:\n  pwn:\n    cmd: touch pwned\n")
+    with pytest.raises(FileNotFoundError, match="not a sparseflow checkout"):
+        project_root(target)
+    assert project_root(REPO) == REPO
