@@ -318,12 +318,19 @@ def test_well_formed_parquet_with_wrong_content_names_the_problem(prepared, tmp_
 def test_artifact_parquet_readers_name_the_file(prepared, tmp_path):
     bad = tmp_path / "history.parquet"
     bad.write_bytes(prepared.read_bytes()[:300])
-    for reader in (artifacts.read_parquet, artifacts.read_parquet_table, artifacts.parquet_metadata):
+    import pandera.pandas as pandera
+
+    from sparse_core.schemas import HISTORY_SCHEMA
+
+    anything = pandera.DataFrameSchema()  # no columns: any table passes
+    readers = (lambda p, **kw: artifacts.read_parquet(p, schema=HISTORY_SCHEMA, **kw), artifacts.read_parquet_table,
+               artifacts.parquet_metadata)  # fmt: skip
+    for reader in readers:
         with pytest.raises(ArtifactError, match=rf"^{bad}: not a readable Parquet file"):
             reader(bad)
     with pytest.raises(ArtifactError, match=rf"^{prepared}: not a readable Parquet file .*nonexistent"):
-        artifacts.read_parquet(prepared, columns=["nonexistent"])
-    assert artifacts.read_parquet(prepared, columns=["label"]).shape == (20, 1)
+        artifacts.read_parquet(prepared, schema=anything, columns=["nonexistent"])
+    assert artifacts.read_parquet(prepared, schema=anything, columns=["label"]).shape == (20, 1)
 
 
 # ----- image folders: a failed re-prepare keeps the earlier output -----------------------------
