@@ -28,7 +28,7 @@ from PIL import Image
 
 from sparse_core import artifacts
 from sparse_core.artifacts import ArtifactError, CheckpointError, load_checkpoint, load_tensors, save_checkpoint
-from sparse_core.config import PATH_KEYS, ConfigError, DataSection, load_params, parse_params
+from sparse_core.config import OUTPUT_KEYS, PATH_KEYS, ConfigError, DataSection, load_params, parse_params
 from sparse_core.data import DataError, load_prepared, prepare_dataset
 from sparse_core.data.fetch import fetch_file, md5sum
 from sparse_core.data.fetch import RawFile
@@ -637,6 +637,10 @@ def test_path_values_must_stay_in_the_project(default_params_dict, key, value, p
     assert f"{key} = {value!r}: " in msg, msg
     assert __import__("re").search(problem, msg), msg
     assert "base.allow_external_paths: true" in msg
+    if value == ".." and key in OUTPUT_KEYS:  # allowed outside, but '..' holds the project's own folders
+        with pytest.raises(ConfigError, match=rf"{key} = '\.\.' contains"):
+            parse_params(_set(_set(raw, key, value), "base.allow_external_paths", True))
+        return
     allowed = parse_params(_set(_set(raw, key, value), "base.allow_external_paths", True))
     assert allowed._get(key) == value
 
@@ -651,7 +655,7 @@ def test_nul_byte_in_a_path_is_refused_whatever_the_setting(default_params_dict,
 def test_inside_paths_and_the_default_profiles_are_accepted(default_params_dict):
     raw = default_params_dict
     for key, value in [("base.data_dir", "data"), ("base.runs_dir", "out/../runs"), ("base.plots_dir", "./plots"),
-                       ("base.metrics_dir", "reports/metrics")]:  # fmt: skip
+                       ("base.metrics_dir", "out/metrics")]:  # fmt: skip
         raw = _set(raw, key, value)
     parse_params(_with_imagefolder(raw, archive="cifar10/imgs.tar.gz"))
     repo = Path(__file__).resolve().parents[1]
