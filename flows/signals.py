@@ -45,10 +45,27 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _servers(pids: list[int]) -> set[int]:
+    """The Prefect servers among ``pids`` (uvicorn processes: a temporary server that Prefect
+    started for this command or for one of its stages) and their descendants: they are left to
+    the processes that started them, which stop them after reporting their final state."""
+    out: set[int] = set()
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"uvicorn" in cmdline:
+            out |= {pid, *descendants(pid)}
+    return out
+
+
 def _forward(signum: int, grace: float, exclude: set[int]) -> None:
-    """Send ``signum`` to every descendant but ``exclude``, then wait up to ``grace`` seconds for
-    them to exit."""
-    pids = [p for p in descendants(os.getpid()) if p not in exclude]
+    """Send ``signum`` to every descendant but ``exclude`` and Prefect servers, then wait up to
+    ``grace`` seconds for them to exit."""
+    family = descendants(os.getpid())
+    skip = exclude | _servers(family)
+    pids = [p for p in family if p not in skip]
     for pid in pids:
         try:
             os.kill(pid, signum)

@@ -102,10 +102,16 @@ def test_a_stage_outside_training_stops_at_once(project):
     assert leftovers == []
 
 
-def test_the_pipeline_stops_its_stage_and_ends_quietly(project):
+@pytest.mark.parametrize("server", ["shared", "temporary"])
+def test_the_pipeline_stops_its_stage_and_ends_quietly(project, server):
     """The issue's case: SIGTERM to `sparseflow pipeline` during warmup took 2.5 minutes and
-    printed API-connection tracebacks."""
+    printed API-connection tracebacks. With a shared server (PREFECT_API_URL) and without one
+    (Prefect starts a temporary server for the pipeline and one for each stage, which must
+    outlive the stage's last report)."""
     work, env = project
+    if server == "temporary":
+        env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        env["PREFECT_HOME"] = str(work.parent / "prefect-home")
     last = work / "runs" / "s0" / "warmup" / "last.pt"
     proc = subprocess.Popen(["sparseflow", "pipeline", "warmup@0"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
