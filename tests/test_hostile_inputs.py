@@ -688,10 +688,10 @@ def test_new_setting_leaves_fingerprints_of_existing_checkpoints_unchanged(defau
     existing last.pt would stop resuming."""
     params = parse_params(default_params_dict)
     # The keys ``base`` had before the new settings give the old fingerprint.
-    new_keys = ("allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir")
+    new_keys = ("allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir", "reports_dir")
     old = json.dumps({"base": {k: v for k, v in default_params_dict["base"].items() if k not in new_keys}}, sort_keys=True)
     assert params.fingerprint("base") == hashlib.sha256(old.encode()).hexdigest()[:16]
     for key, value in (("allow_external_paths", True), ("nonfinite_retries", 3), ("nonfinite_lr_factor", 0.1),
-                       ("seeds", [4, 5]), ("ensembles_dir", "elsewhere")):
+                       ("seeds", [4, 5]), ("ensembles_dir", "elsewhere"), ("reports_dir", "out/reports")):
         changed = parse_params(_set(default_params_dict, f"base.{key}", value))
         assert changed.fingerprint("base", "data", "train") == params.fingerprint("base", "data", "train"), key
