@@ -51,25 +51,24 @@ def use_profile(repo: Path, profile: str, dest: str | Path = "params.yaml") -> P
     return src
 
 
-#: What a sparseflow checkout holds: a ``repo_dir`` without them is not one.
-PROJECT_MARKERS = ("dvc.yaml", "params.yaml", "flows/repro_flow.py", "sparse_core/config.py")
-
-
 def project_root(repo_dir: str | Path) -> Path:
-    """``repo_dir`` resolved, if it is a sparseflow checkout (it holds :data:`PROJECT_MARKERS`).
+    """``repo_dir`` resolved, if it is one of the two folders a pipeline run may reproduce: the
+    working directory of this process (``sparseflow pipeline``, ``sparseflow serve``) or the
+    checkout this module was loaded from (a deployment's worker loads the flow from the
+    checkout it reproduces).
 
     ``repo_dir`` is a parameter of the pipeline deployment, which anyone with access to the
     Prefect API can override for a run: it must not reach another folder of the machine, or
     another DVC project whose stage commands would then run.
 
     Raises:
-        FileNotFoundError: ``repo_dir`` is not a folder, or lacks one of the markers (named).
+        FileNotFoundError: ``repo_dir`` is neither (the message names both).
     """
     repo = Path(repo_dir).resolve()
-    missing = [m for m in PROJECT_MARKERS if not (repo / m).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{repo}: not a sparseflow checkout (no {', '.join(missing)}); repo_dir must be the "
-                                "project's folder")  # fmt: skip
+    allowed = {Path.cwd().resolve(), Path(__file__).resolve().parents[1]}
+    if repo not in allowed:
+        raise FileNotFoundError(f"{repo}: not this project's checkout; repo_dir must be the working directory or the checkout "
+                                f"the flow was loaded from ({', '.join(sorted(map(str, allowed)))})")  # fmt: skip
     return repo
 
 
@@ -116,7 +115,7 @@ def pipeline_flow(
         flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``,
             or another DVC command holds DVC's lock.
         UnknownNameError: ``profile`` or a target is not one of the project's.
-        FileNotFoundError: ``repo_dir`` is not a sparseflow checkout (:func:`project_root`).
+        FileNotFoundError: ``repo_dir`` is not this project's checkout (:func:`project_root`).
         ConfigError: ``params.yaml`` is invalid (checked before DVC reads it).
     """
     from dvc.lock import LockError

@@ -508,14 +508,18 @@ for name, write in [("t.safetensors", lambda p: artifacts.save_tensors({{"w": to
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file under any name
 
 
-@pytest.mark.parametrize("where", ["/etc", "missing", "dvc_only"])
-def test_the_pipeline_runs_only_in_a_sparseflow_checkout(tmp_path, where):
+@pytest.mark.parametrize("where", ["/etc", "missing", "another_dvc_project", "parent"])
+def test_the_pipeline_runs_only_in_this_checkout(tmp_path, monkeypatch, where):
     """``repo_dir`` is a deployment parameter that a run can override: it must not point the
     pipeline at another folder or another DVC project."""
     from flows.repro_flow import project_root
 
-    target = {"/etc": Path("/etc"), "missing": tmp_path / "nowhere", "dvc_only": tmp_path}[where]
+    target = {"/etc": Path("/etc"), "missing": tmp_path / "nowhere", "another_dvc_project": tmp_path,
+              "parent": REPO.parent}[where]  # fmt: skip
     (tmp_path / "dvc.yaml").write_text("stages:\n  pwn:\n    cmd: touch pwned\n")
-    with pytest.raises(FileNotFoundError, match="not a sparseflow checkout"):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(FileNotFoundError, match="not this project's checkout"):
         project_root(target)
-    assert project_root(REPO) == REPO
+    assert project_root(".") == REPO == project_root(REPO)
+    monkeypatch.chdir(tmp_path)  # a served run works in its own folder
+    assert project_root(".") == tmp_path.resolve()

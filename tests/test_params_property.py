@@ -18,7 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_core.config import ConfigError, DataSection, Params, load_params, parse_params, train_images
+from sparse_core.config import (OUTPUT_KEYS, ConfigError, DataSection, Params, load_params, output_overlaps, parse_params,
+                                train_images)
 from sparse_core.sparsity.schedules import gradual_schedule_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,12 @@ def test_any_params_file_is_accepted_or_a_config_error(tmp_path_factory, text):
 unit_interval = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
 positive = st.floats(min_value=1e-8, max_value=1e3, allow_nan=False, allow_infinity=False)
 segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=8)
+def _overlaps(raw: dict) -> list[str]:
+    """What :func:`sparse_core.config.output_overlaps` finds in ``raw``'s output settings."""
+    base = raw["base"]
+    return output_overlaps({k: base.get(k.split(".")[1]) for k in OUTPUT_KEYS})
+
+
 inside_path = st.lists(st.one_of(segment, st.just(".")), min_size=1, max_size=4).map("/".join)
 
 
@@ -192,6 +199,10 @@ def test_valid_values_are_accepted_as_given(sparsity, dst_sparsity, epochs, lr, 
         with pytest.raises(ConfigError, match=r"train\.pruning \(dpf, gmp\).*train\.pruning\.update_period"):
             parse_params(raw)
         return
+    if _overlaps(raw):  # e.g. runs_dir "." or "data/x": outputs must stay apart (refused, naming the key)
+        with pytest.raises(ConfigError, match=r"base\.runs_dir = "):
+            parse_params(raw)
+        return
     params = parse_params(raw)
     assert params.train.pruning.sparsity == sparsity and params.train.dst.sparsity == dst_sparsity
     assert params.train.epochs == epochs and params.train.optim.lr == lr and params.base.seed == seed
@@ -214,6 +225,10 @@ def test_paths_leaving_the_project_are_refused(key, inside, climb, absolute):
     with pytest.raises(ConfigError, match=f"base.{key} = "):
         parse_params(raw)
     raw["base"]["allow_external_paths"] = True
+    if _overlaps(raw):  # ".." or "/" hold the project itself: outside, but not apart
+        with pytest.raises(ConfigError, match=f"base.{key} = "):
+            parse_params(raw)
+        return
     assert getattr(parse_params(raw).base, key) == value
 
 
