@@ -130,7 +130,8 @@ def pipeline_flow(
         if profile:
             use_profile(repo, profile)
             logger.info("params.yaml <- profiles/%s.yaml", profile)
-        load_params(repo / "params.yaml")  # before DVC parses it (no alias-expansion limit there)
+        if (repo / "params.yaml").is_file():
+            load_params(repo / "params.yaml")  # before DVC parses it (no alias-expansion limit there)
         previous = os.environ.get(PIPELINE_RUN_ENV)
         if run_id:
             os.environ[PIPELINE_RUN_ENV] = run_id  # inherited by DVC's stage commands

@@ -183,7 +183,7 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
     """
     from sparse_core.config import load_params
 
-    if cmd and Path(cmd[0]).name == "dvc" and any(word in ("repro", "exp") for word in cmd[1:2]):
+    if cmd and Path(cmd[0]).name == "dvc" and any(word in ("repro", "exp") for word in cmd[1:2]) and Path(params).is_file():
         load_params(params)
 
 
