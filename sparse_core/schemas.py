@@ -75,7 +75,9 @@ MASK_UPDATES_SCHEMA = pa.DataFrameSchema(
         "flip_fraction": _opt(float, _FRACTION),
         "pruning_error": _opt(float, pa.Check.ge(0.0)),
         "drop_fraction": _opt(float, _FRACTION),
-        "regrown": _opt("int64", pa.Check.ge(0)),
+        # An integer count, but a float column with NaN where a method logs it for some events only
+        # (GraNet: its pruning steps regrow nothing): any numeric dtype.
+        "regrown": _opt(None, pa.Check.ge(0)),
         "exploration_rate": _opt(float, _FRACTION),
         "moved_fraction": _opt(float, _FRACTION),
         r"moved_fraction/.+": pa.Column(float, _FRACTION, regex=True, required=False, nullable=True),

@@ -33,26 +33,29 @@ def smoke_sizes(raw: dict) -> dict:
     base = raw.setdefault("base", {})
     base["seeds"] = (base.get("seeds") or [base.get("seed", 0)])[:1]
     base["progress"] = False
-    raw["data"].update(train_subset=320, test_subset=64)
+    raw["data"].update(train_subset=160, test_subset=32)
     for section in (raw.get("warmup", {}), raw.get("train", {}), raw.get("retrain", {})):
         if "optim" in section:
-            section["optim"]["batch_size"] = 32
+            section["optim"]["batch_size"] = 16
             section["optim"]["milestones"] = [m for m in section["optim"].get("milestones", []) if m < 1]
     raw["warmup"]["epochs"] = min(raw["warmup"].get("epochs", 0), 1)
     train = raw["train"]
     edst = train.setdefault("edst", {})
-    tickets = edst.get("tickets", 3)
+    tickets = edst["tickets"] = min(edst.get("tickets", 3), 2)
     edst["exploration_epochs"] = min(edst.get("exploration_epochs", 1), 1)
     train["epochs"] = edst["exploration_epochs"] + tickets  # the fewest that EDST's phases allow, and >= 2
     train.setdefault("pruning", {})["update_period"] = 1
     train.setdefault("dst", {})["update_period"] = 2
+    for section in train.values():  # a method's own sections (e.g. train.granet) count steps too
+        if isinstance(section, dict) and "update_period" in section and section is not train["pruning"]:
+            section["update_period"] = 2
     if "dst_ensemble" in train:
         train["dst_ensemble"]["members"] = min(train["dst_ensemble"].get("members", 3), 2)
     raw.setdefault("retrain", {})["epochs"] = 1
     raw.setdefault("evaluate", {})["batch_size"] = 64
     raw.setdefault("collect", {})["batch_size"] = 64
-    raw.setdefault("ood", {})["max_examples"] = 16
-    raw.setdefault("corrupt", {})["test_subset"] = 4
+    raw.setdefault("ood", {})["max_examples"] = 8
+    raw.setdefault("corrupt", {})["test_subset"] = 2
     return raw
 
 
