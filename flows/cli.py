@@ -22,7 +22,9 @@
     sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
 
 Exit status 2 on invalid params (message names the key, value and what is allowed), 1 on
-data errors, 0 on success.
+data errors and other expected failures (one line naming the file, key or run; no traceback),
+128 + the signal number when stopped by SIGTERM or Ctrl-C (:mod:`flows.signals`), 0 on
+success. ``sparseflow --debug …`` (or ``SPARSEFLOW_DEBUG=1``) shows the traceback of any error.
 """
 
 from __future__ import annotations
