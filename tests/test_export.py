@@ -179,6 +179,76 @@ def test_compact_plain_narrow_resnet_halves_every_width():
         assert _close(compact(x), model(x)) <= ATOL
 
 
+@pytest.mark.parametrize("hw,stride,kernel,padding", [((32, 32), 1, 3, 1), ((32, 32), 2, 3, 1), ((7, 9), 1, 3, 1),
+                                                      ((2, 2), 1, 3, 1), ((3, 3), 1, 5, 2), ((8, 8), 1, 5, 2)])
+@pytest.mark.parametrize("mode", ["fp32", "fp32 channels_last", "bf16", "grad"])
+def test_const_conv_equals_conv_plus_the_constant_response(hw, stride, kernel, padding, mode):
+    """ConstConv2d's fast path (interior constant as the conv bias, borders added slice by slice)
+    computes ``conv(x, W) + conv(ones, K)``, the definition, at every geometry: borders on all
+    sides, on two sides (stride 2), all border (2×2), a kernel wider than the input (3×3, 5×5)."""
+    from sparse_core.export import ConstConv2d
+
+    g = torch.Generator().manual_seed(0)
+    conv = ConstConv2d(4, 6, kernel, stride, padding, bias=False, const_kernel=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.const_kernel.copy_(torch.randn(conv.const_kernel.shape, generator=g))
+    x = torch.randn(3, 4, *hw, generator=g)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x, conv.weight, None, stride, padding) + torch.nn.functional.conv2d(
+            torch.ones(1, 1, *hw), conv.const_kernel, None, stride, padding)
+    if mode == "fp32 channels_last":
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if mode == "bf16":
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16
+        assert float((out.float() - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+        return
+    if mode == "grad":
+        xg = x.clone().requires_grad_()
+        out = conv(xg)
+        out.sum().backward()  # the in-place border adds keep autograd valid
+        assert xg.grad is not None and conv.weight.grad is not None
+        out = out.detach()
+    else:
+        with torch.no_grad():
+            out, again = conv(x), conv(x)  # the second call uses the cached split
+        assert torch.equal(out, again)
+    assert _close(out, ref) <= 1e-5
+
+
+def test_compact_resnet_folds_residual_biases_into_bn2():
+    """A stream channel that a kept conv2 filter writes takes its residual bias through bn2's
+    shift, so masks aligned along the residual stream (a plain narrower network, option-A
+    shortcut carrying dead channels) leave no residual-bias pass, and the output is unchanged."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from inference import aligned_masks, resnet20
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    shape = (3, 32, 32)
+    for sparsity in (0.5, 0.75):
+        model = aligned_masks(resnet20(), sparsity)
+        compact, arch = compact_model(model, shape)
+        assert not any(b["residual_bias"] for b in arch["blocks"])
+        x = _x(shape)
+        with torch.no_grad():
+            assert _close(compact(x), model(x)) <= ATOL
+    # Masks that leave stream channels without a kept conv2 writer still need the pass.
+    model = _model("resnet20", shape, seed=1)
+    _filter_masks(model, density=0.5, seed=3)
+    compact, arch = compact_model(model, shape)
+    for b, spec in enumerate(arch["blocks"]):
+        if spec["residual_bias"]:
+            bias = compact.layers[b].residual_bias
+            placed = torch.tensor([q < spec["conv2_out"] for q in spec["place"]])
+            assert bool(bias[placed].eq(0).all()) and bool(bias[~placed].ne(0).any())
+    assert any(spec["residual_bias"] for spec in arch["blocks"])
+
+
 def test_compact_save_load_round_trip_is_exact(tmp_path):
     shape = (3, 32, 32)
     model = _model("resnet20", shape)
