@@ -22,8 +22,7 @@ Formats (each written atomically as one folder, ``<run folder>/export/<format>/`
       next layer: into its bias for linear layers and unpadded convolutions; for a padded
       convolution, whose border outputs see fewer of the constant inputs, into a one-channel
       kernel ``K = Σ_k c_k W[:, k]`` whose response to an all-ones image is added to the output
-      (:class:`ConstConv2d`; computed once per input size and cached, applied as a conv bias
-      plus the border rows and columns where it differs).
+      (:class:`ConstConv2d`; computed once per input size and cached).
     * A residual bias (the constant a dead channel adds to the stream) is folded into the shift
       of the BatchNorm whose kept filter writes that stream channel, where there is one; only
       the remaining channels pay an extra pass.
@@ -220,14 +219,9 @@ class ConstConv2d(nn.Conv2d):
 
     With removed channels ``k`` at constant values ``c_k`` and ``K = Σ_k c_k W[:, k]`` of shape
     ``(C_out, 1, kh, kw)`` (buffer ``const_kernel``), the output is
-    ``conv(x, W_kept) + M`` with ``M = conv(ones(1, 1, H, W), K)``: zero padding makes ``M``
-    vary at the borders, so it cannot be folded into a bias alone. ``M`` depends only on
-    ``(H, W)``; in eager mode it is split once per input size into its interior value (a
-    per-channel bias, passed to the convolution kernel, which adds it at no extra pass) and the
-    border rows and columns where it differs (added to those slices only). An earlier version
-    added the whole map, one extra pass over every output; on the 50% aligned ResNet-20 at batch
-    256 those passes were about 10% of the forward time. While tracing or exporting, the whole
-    map is added (one graph without data-dependent slicing).
+    ``conv(x, W_kept) + conv(ones(1, 1, H, W), K)``: zero padding makes the second term vary at
+    the borders, so it cannot be folded into the bias. The second term depends only on
+    ``(H, W)`` and is cached (eager mode; recomputed while tracing or exporting).
     """
 
     def __init__(self, *args: Any, const_kernel: bool = False, **kwargs: Any):
@@ -235,66 +229,27 @@ class ConstConv2d(nn.Conv2d):
         self.has_const = const_kernel
         if const_kernel:
             self.register_buffer("const_kernel", torch.zeros(self.out_channels, 1, *self.kernel_size))
-        self._cache: dict[tuple, Any] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
-    def _const_map(self, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """``M = conv(ones(1, 1, H, W), K)`` in fp64: ``(1, C_out, H', W')``."""
-        ones = torch.ones(1, 1, *hw, device=device, dtype=torch.float64)
-        with torch.autocast(device.type, enabled=False):
-            return F.conv2d(ones, self.const_kernel.double(), None, self.stride, self.padding, self.dilation)
-
-    def _split(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list | None, torch.Tensor]:
-        """``(bias (C_out,), [(rows, cols, border (1, C_out, h, w))] or None, M)`` for ``x``'s size.
-
-        ``None`` when the non-interior part of ``M`` is not a frame of leading/trailing rows and
-        columns (then the whole map is added)."""
+    def _const_map(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``conv(ones(1, 1, H, W), K)`` in fp32, cast to ``dtype``: ``(1, C_out, H', W')``."""
+        tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                   or torch.onnx.is_in_onnx_export())  # fmt: skip
         key = (x.shape[-2], x.shape[-1], x.device, dtype)
-        if key in self._cache:
+        if not tracing and key in self._cache:
             return self._cache[key]
-        m = self._const_map((x.shape[-2], x.shape[-1]), x.device)
-        h, w = m.shape[-2:]
-        interior = m[0, :, h // 2, w // 2]
-        border = m - interior.view(1, -1, 1, 1)
-        tol = 1e-12 * max(float(m.abs().max()), 1.0)
-
-        def frame(nonzero: list[bool]) -> tuple[int, int] | None:
-            lead = next((i for i, v in enumerate(nonzero) if not v), len(nonzero))
-            trail = next((i for i, v in enumerate(reversed(nonzero)) if not v), len(nonzero))
-            return None if any(nonzero[lead:len(nonzero) - trail]) else (lead, trail)
-
-        nz = border.abs().gt(tol)[0].any(0)  # (H', W'): where M differs from its interior
-        rows, cols = frame(nz[:, w // 2].tolist()), frame(nz[h // 2, :].tolist())
-        if rows is None or cols is None or bool(nz[rows[0]:h - rows[1], cols[0]:w - cols[1]].any()):
-            pieces = None
-        else:
-            (top, bottom), (left, right) = rows, cols
-            mid = slice(top, h - bottom)
-            spans = [(slice(0, top), slice(0, w)), (slice(h - bottom, h), slice(0, w)),
-                     (mid, slice(0, left)), (mid, slice(w - right, w))]  # fmt: skip
-            pieces = [(r, c, border[:, :, r, c].to(dtype)) for r, c in spans
-                      if r.stop > r.start and c.stop > c.start]  # fmt: skip
-        out = (interior.to(dtype), pieces, m.to(dtype))
+        ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
+        if tracing:
+            return F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation).to(dtype)
         self._cache = {key: out}
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.has_const:
-            return super().forward(x)
-        tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                   or torch.onnx.is_in_onnx_export())  # fmt: skip
-        if tracing:
-            m = self._const_map((x.shape[-2], x.shape[-1]), x.device)
-            y = super().forward(x)
-            return y + m.to(y.dtype)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        bias, pieces, m = self._split(x, dtype)
-        if pieces is None:
-            y = super().forward(x)
-            return y + m.to(y.dtype)
-        full = bias if self.bias is None else bias + self.bias.to(bias.dtype)
-        y = F.conv2d(x, self.weight, full, self.stride, self.padding, self.dilation, self.groups)
-        for r, c, b in pieces:
-            y[:, :, r, c] += b.to(y.dtype)
+        y = super().forward(x)
+        if self.has_const:
+            y = y + self._const_map(x, y.dtype)
         return y
 
     def _apply(self, fn, recurse=True):  # .to() / .half(): cached maps are stale

@@ -183,9 +183,10 @@ def test_compact_plain_narrow_resnet_halves_every_width():
                                                       ((2, 2), 1, 3, 1), ((3, 3), 1, 5, 2), ((8, 8), 1, 5, 2)])
 @pytest.mark.parametrize("mode", ["fp32", "fp32 channels_last", "bf16", "grad"])
 def test_const_conv_equals_conv_plus_the_constant_response(hw, stride, kernel, padding, mode):
-    """ConstConv2d's fast path (interior constant as the conv bias, borders added slice by slice)
-    computes ``conv(x, W) + conv(ones, K)``, the definition, at every geometry: borders on all
-    sides, on two sides (stride 2), all border (2×2), a kernel wider than the input (3×3, 5×5)."""
+    """ConstConv2d computes ``conv(x, W) + conv(ones, K)`` (the exact response to removed
+    constant channels) at every geometry, with its cached map reused, in channels_last, under
+    bf16 autocast and with autograd: borders on all sides, on two sides (stride 2), all border
+    (2×2), a kernel wider than the input (3×3 input, 5×5 kernel)."""
     from sparse_core.export import ConstConv2d
 
     g = torch.Generator().manual_seed(0)
