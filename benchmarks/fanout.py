@@ -14,7 +14,10 @@
    order rotated every round; each ratio is taken per round and its median and spread
    (min..max) over rounds are printed, so load from other processes during one measurement
    does not decide a ratio. The Dask run's time beyond two warm pairs is printed as its
-   overhead (cluster start-up, worker imports and data loading, Prefect task runs).
+   overhead (cluster start-up, worker imports and data loading, Prefect task runs). A fifth
+   measurement runs the same sweep on a long-lived 2-worker cluster started once (workers in
+   the workspace folder, warmed by one untimed sweep), through ``SPARSEFLOW_DASK_ADDRESS``: what
+   a user with a standing cluster (README, "Run on a cluster") pays per sweep.
 2. The orchestration overhead of one no-op stage flow (a flow with one no-op task, as every
    stage has): in-process against a running server, and as a fresh process the way a DVC
    stage command starts one (target: under 3 s).
@@ -69,15 +72,16 @@ def prefect_server(home: Path):
         proc.wait(timeout=30)
 
 
-def sweep(work: Path, env: dict, runner: str, points: list[tuple[float, int]]) -> float:
+def sweep(work: Path, env: dict, runner: str, points: list[tuple[float, int]], address: str | None = None) -> float:
     """Wall seconds of ``sparseflow sweep`` with ``runner`` (a fresh runs folder each time: a
     finished run left there would be resumed, not retrained)."""
     shutil.rmtree(work / "runs", ignore_errors=True)
     sparsities = sorted({s for s, _ in points})
     seeds = sorted({k for _, k in points})
     cmd = [str(BIN / "sparseflow"), "sweep", "--method", "rigl", "--sparsity", *map(str, sparsities), "--seeds", *map(str, seeds)]
+    env = {**env, "SPARSEFLOW_TASK_RUNNER": runner, **({"SPARSEFLOW_DASK_ADDRESS": address} if address else {})}
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=work, env={**env, "SPARSEFLOW_TASK_RUNNER": runner}, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -171,7 +175,18 @@ def main() -> None:
             subprocess.run([str(BIN / "sparseflow"), "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
             os.environ["SPARSEFLOW_DATA_MIRROR"] = mirror
             points = [(0.8, 0), (0.8, 1), (0.9, 0), (0.9, 1)]
-            t: dict[str, list[float]] = {"seq": [], "dask": [], "seq_default": [], "alone": [], "pair": []}
+            t: dict[str, list[float]] = {"seq": [], "dask": [], "dask_warm": [], "seq_default": [], "alone": [], "pair": []}
+            from distributed import LocalCluster
+
+            # The workers' working directory is the workspace and their environment the stages'
+            # (as for `dask worker` started in a checkout).
+            cwd = os.getcwd()
+            os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOGGING_LEVEL", "PATH")})
+            os.chdir(work)
+            standing = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+            os.chdir(cwd)
+            threads(1)
+            sweep(work, env, "dask", points, standing.scheduler_address)  # warm: worker imports, data
             outputs: dict[str, dict[str, bytes]] = {}
 
             def run(name: str) -> None:
@@ -182,18 +197,22 @@ def main() -> None:
                     t["pair"].append(pair)
                     return
                 threads(0 if name == "seq_default" else 1)
-                t[name].append(sweep(work, env, "dask" if name == "dask" else "sequential", points))
+                runner = "dask" if name.startswith("dask") else "sequential"
+                address = standing.scheduler_address if name == "dask_warm" else None
+                t[name].append(sweep(work, env, runner, points, address))
                 if name != "seq_default":
                     outputs.setdefault(name, files(work))
 
-            setups = ["seq", "dask", "seq_default", "limit"]
+            setups = ["seq", "dask", "dask_warm", "seq_default", "limit"]
             for r in range(args.rounds):
                 for name in setups[r % len(setups) :] + setups[: r % len(setups)]:
                     run(name)
                 print(f"round {r + 1}/{args.rounds}: sequential 1 thread {t['seq'][-1]:.1f} s, Dask {t['dask'][-1]:.1f} s, "
+                      f"Dask standing cluster {t['dask_warm'][-1]:.1f} s, "
                       f"sequential default threads {t['seq_default'][-1]:.1f} s, 1 point alone {t['alone'][-1]:.1f} s, "
                       f"2 at once {t['pair'][-1]:.1f} s", flush=True)  # fmt: skip
             threads(1)
+            standing.close()
 
             noop = subprocess.run([sys.executable, "-c", NOOP, "twice"], env=env, capture_output=True, text=True, check=True)
             import_s, first_s, second_s = map(float, noop.stdout.split())
@@ -210,6 +229,8 @@ def main() -> None:
 
     speed, speed_s = ratio(t["seq"], t["dask"])
     speed_d, speed_d_s = ratio(t["seq_default"], t["dask"])
+    speed_w, speed_w_s = ratio(t["seq"], t["dask_warm"])
+    speed_wd, speed_wd_s = ratio(t["seq_default"], t["dask_warm"])
     _, limit_s = ratio([2 * a for a in t["alone"]], t["pair"])
     _, ideal_s = ratio(t["seq"], [2 * p for p in t["pair"]])
     overhead = [d - 2 * p for d, p in zip(t["dask"], t["pair"])]
@@ -222,7 +243,11 @@ def main() -> None:
           f"(target >= 1.6x: {'met' if speed >= 1.6 else 'NOT met'})")  # fmt: skip
     print(f"sequential, torch default threads:           {med(t['seq_default'])}   Dask speed-up over it {speed_d_s} "
           f"(target >= 1.2x: {'met' if speed_d >= 1.2 else 'NOT met'})")  # fmt: skip
-    print(f"byte-identical weights and masks (Dask vs sequential): {outputs.get('dask') == outputs.get('seq')}")
+    print(f"Dask, standing 2-worker cluster (warm):      {med(t['dask_warm'])}   speed-up {speed_w_s} over sequential "
+          f"1 thread (target >= 1.6x: {'met' if speed_w >= 1.6 else 'NOT met'}), {speed_wd_s} over default threads "
+          f"(target >= 1.2x: {'met' if speed_wd >= 1.2 else 'NOT met'})")  # fmt: skip
+    print(f"byte-identical weights and masks (Dask vs sequential): {outputs.get('dask') == outputs.get('seq')}; "
+          f"(standing cluster vs sequential): {outputs.get('dask_warm') == outputs.get('seq')}")  # fmt: skip
     print(f"machine limit, no Prefect, warm workers: 1 point alone {med(t['alone'])}; 2 points at once {med(t['pair'])} "
           f"-> 2 processes give {limit_s} the throughput of one")  # fmt: skip
     print(f"best a 2-worker fan-out could do here (sequential / 2 warm pairs): {ideal_s}; the Dask run's excess over "

@@ -16,7 +16,8 @@
     sparseflow sweep --method rigl --sparsity 0.8 0.9 --seeds 0 1   # fanned out (params.orchestration)
     torchrun --nproc-per-node K --no-python sparseflow local-worker --method local_chunked
     torchrun --standalone --nproc-per-node 2 --no-python sparseflow ddp-worker --method dpf   # data-parallel train@dpf
-    sparseflow server [--host 127.0.0.1] [--port 4200]   # a local Prefect server (SQLite)
+    sparseflow server [--host 127.0.0.1] [--port 4200] [--database URL]   # a local Prefect server (SQLite or PostgreSQL)
+    sparseflow postgres [--dir PATH] [--port 5433]   # a PostgreSQL server on 127.0.0.1 for it; prints the URL
     sparseflow with-server -- dvc repro   # one temporary Prefect server for every stage (unless PREFECT_API_URL)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS [--profile NAME] [--target T ...]
     sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
@@ -132,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("server", help="start a local Prefect server (embedded SQLite; loopback only by default)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; see README before exposing it)")
     sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--database", help="database URL, e.g. postgresql+asyncpg://prefect:<password>@127.0.0.1:5432/prefect "
+                    "(default: $PREFECT_API_DATABASE_CONNECTION_URL, else SQLite under PREFECT_HOME)")  # fmt: skip
+    pg = sub.add_parser("postgres", help="run a PostgreSQL server on 127.0.0.1 for the Prefect server (prints its URL)")
+    pg.add_argument("--dir", help="cluster folder (kept; default: a new temporary folder)")
+    pg.add_argument("--port", type=int, default=5433)
     ws = sub.add_parser("with-server", help="run a command against one Prefect server (a temporary one unless PREFECT_API_URL is set)")
     ws.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
@@ -380,7 +386,15 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         elif args.command == "server":
             from flows import server
 
-            return server.start(args.host, args.port)
+            try:
+                return server.start(args.host, args.port, args.database)
+            except ValueError as exc:
+                print(f"sparseflow server: {exc}", file=sys.stderr)
+                return 2
+        elif args.command == "postgres":
+            from flows import pgcluster
+
+            return pgcluster.main(args.dir, args.port)
         elif args.command in ("serve", "deploy"):
             from flows import server
 

@@ -61,11 +61,37 @@ def server_env(host: str, port: int, env: dict[str, str] | None = None) -> dict[
     return out
 
 
-def start(host: str, port: int) -> int:
+#: Database URL schemes Prefect's server accepts (SQLAlchemy async drivers).
+DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
+DATABASE_ENV = "PREFECT_API_DATABASE_CONNECTION_URL"
+
+
+def check_database(url: str) -> str:
+    """``url`` if Prefect's server can use it: ``postgresql+asyncpg://user:password@host:port/db``
+    or ``sqlite+aiosqlite:///path``.
+
+    Raises:
+        ValueError: another scheme (the message shows the URL without its password).
+    """
+    from flows.pgcluster import mask
+
+    scheme = url.partition("://")[0]
+    if scheme not in DATABASE_SCHEMES:
+        raise ValueError(f"--database {mask(url)!r}: expected a URL starting with "
+                         f"{' or '.join(s + '://' for s in DATABASE_SCHEMES)} (e.g. postgresql+asyncpg://prefect:<password>@127.0.0.1:5432/prefect)")  # fmt: skip
+    return url
+
+
+def start(host: str, port: int, database: str | None = None) -> int:
     """Run a Prefect server on ``host:port`` until Ctrl-C or SIGTERM; returns its exit status.
 
-    SIGTERM (a service manager's stop) is passed on as SIGINT, which Prefect's server handles
-    as a graceful shutdown (exit status 0) instead of dying mid-write."""
+    ``database``: the server's database URL (default: ``$PREFECT_API_DATABASE_CONNECTION_URL``,
+    else Prefect's embedded SQLite under ``PREFECT_HOME``). SIGTERM (a service manager's stop)
+    is passed on as SIGINT, which Prefect's server handles as a graceful shutdown (exit status
+    0) instead of dying mid-write.
+
+    Raises:
+        ValueError: ``database`` is not a URL Prefect's server can use (:func:`check_database`)."""
     if not _is_loopback(host):
         print(
             f"sparseflow server: WARNING: binding {host}, not a loopback address. Set PREFECT_SERVER_API_AUTH_STRING "
@@ -73,7 +99,13 @@ def start(host: str, port: int) -> int:
             file=sys.stderr,
         )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    print(f"sparseflow server: Prefect API at http://{host}:{port}/api (UI at http://{host}:{port}); in other shells:\n"
+    database = database or os.environ.get(DATABASE_ENV)
+    if database:
+        from flows.pgcluster import mask
+
+        os.environ[DATABASE_ENV] = check_database(database)
+    print(f"sparseflow server: Prefect API at http://{host}:{port}/api (UI at http://{host}:{port}), database "
+          f"{mask(database) if database else 'SQLite (PREFECT_HOME)'}; in other shells:\n"
           f"  export PREFECT_API_URL=http://{host}:{port}/api", flush=True)  # fmt: skip
     proc = subprocess.Popen(server_command(host, port), env=server_env(host, port))
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
@@ -119,20 +151,25 @@ def ensure_process_pool(name: str) -> None:
 
 def serve_or_deploy(args: argparse.Namespace) -> None:
     """``sparseflow serve`` (blocks, serving runs) or ``sparseflow deploy`` (registers and returns)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from flows.repro_flow import pipeline_flow
 
     repo = Path.cwd().resolve()
     if not (repo / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{repo}: no dvc.yaml here; run this in the project checkout")
     params = _parameters(args, repo)
+    # One run at a time per workspace: a second scheduled or triggered run waits in Prefect's
+    # AwaitingConcurrencySlot state (ENQUEUE) instead of starting and colliding on the workspace lock.
+    limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     if args.command == "serve":
-        pipeline_flow.serve(name=args.name, parameters=params, **_schedule(args))
+        pipeline_flow.serve(name=args.name, parameters=params, limit=1, **_schedule(args))
         return
     ensure_process_pool(args.pool)
     # to_deployment().apply() rather than Flow.deploy(): deploy() also lists the pool's online
     # workers, a request Prefect 3.8's own server rejects with FastAPI < 0.155 (limit=null).
     deployment = pipeline_flow.from_source(source=str(repo), entrypoint=ENTRYPOINT).to_deployment(
-        name=args.name, work_pool_name=args.pool, parameters=params, **_schedule(args)
+        name=args.name, work_pool_name=args.pool, parameters=params, concurrency_limit=limit, **_schedule(args)
     )
     deployment_id = deployment.apply()
     print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
