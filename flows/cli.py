@@ -21,6 +21,7 @@
     sparseflow with-server -- dvc repro   # one temporary Prefect server for every stage (unless PREFECT_API_URL)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS [--profile NAME] [--target T ...]
     sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
+    sparseflow worker --pool NAME [--run-once]   # Prefect's process worker; SIGTERM / Ctrl-C stop its runs at a step boundary
 
 Exit status 2 on invalid params (message names the key, value and what is allowed), 1 on
 data errors and other expected failures (one line naming the file, key or run; no traceback),
@@ -135,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=4200)
     sv.add_argument("--database", help="database URL, e.g. postgresql+asyncpg://prefect:<password>@127.0.0.1:5432/prefect "
                     "(default: $PREFECT_API_DATABASE_CONNECTION_URL, else SQLite under PREFECT_HOME)")  # fmt: skip
+    wk = sub.add_parser("worker", help="a Prefect process worker for a pool that stops its flow runs on SIGTERM / Ctrl-C")
+    wk.add_argument("--pool", required=True)
+    wk.add_argument("--run-once", action="store_true", help="take the runs waiting now, then exit")
     pg = sub.add_parser("postgres", help="run a PostgreSQL server on 127.0.0.1 for the Prefect server (prints its URL)")
     pg.add_argument("--dir", help="cluster folder (kept; default: a new temporary folder)")
     pg.add_argument("--port", type=int, default=5433)
@@ -391,6 +395,10 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             except ValueError as exc:
                 print(f"sparseflow server: {exc}", file=sys.stderr)
                 return 2
+        elif args.command == "worker":
+            from flows import worker
+
+            return worker.main(args.pool, args.run_once)
         elif args.command == "postgres":
             from flows import pgcluster
 

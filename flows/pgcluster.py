@@ -187,11 +187,8 @@ class Cluster:
         return self
 
     def psql(self, sql: str) -> str:
-        """Run ``sql`` in the ``prefect`` database with ``psql``; its unaligned output."""
-        psql = bindir() / "psql"
-        cmd = [str(psql) if psql.is_file() else "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE, "-d", DATABASE,
-               "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]  # fmt: skip
-        return subprocess.run(cmd, env={**os.environ, "PGPASSWORD": self.password}, capture_output=True, text=True, check=True).stdout
+        """Run ``sql`` in the ``prefect`` database (:func:`psql`)."""
+        return psql(self.url, sql)
 
     def stop(self, grace: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -208,6 +205,21 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def psql(url: str, sql: str) -> str:
+    """Run ``sql`` with ``psql`` against the database of ``url`` (``postgresql+asyncpg://…``);
+    its unaligned, tuples-only output.
+
+    Raises:
+        subprocess.CalledProcessError: psql failed (its stderr is on the exception).
+    """
+    u = urlsplit(url)
+    exe = bindir() / "psql"
+    cmd = [str(exe) if exe.is_file() else "psql", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 5432),
+           "-U", u.username or ROLE, "-d", u.path.lstrip("/") or DATABASE, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]  # fmt: skip
+    return subprocess.run(cmd, env={**os.environ, "PGPASSWORD": u.password or ""}, capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
 
 
 def main(folder: str | None, port: int) -> int:

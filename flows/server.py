@@ -8,7 +8,7 @@
 - ``serve`` runs a long-lived process that serves the ``pipeline`` flow of this checkout as
   a deployment (cron or interval schedule, or triggered by hand / through the API).
 - ``deploy`` registers the same flow, from this checkout's folder, as a deployment of a
-  *process* work pool (created when missing), so ``prefect worker start --pool NAME`` on a
+  *process* work pool (created when missing), so ``sparseflow worker --pool NAME`` on a
   machine that sees this folder picks the runs up.
 """
 
@@ -173,7 +173,7 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
     )
     deployment_id = deployment.apply()
     print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
-          f"Start a worker where this folder ({repo}) is visible:\n  prefect worker start --pool {args.pool}\n"
+          f"Start a worker where this folder ({repo}) is visible:\n  sparseflow worker --pool {args.pool}\n"
           f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip
 
 

@@ -104,3 +104,67 @@ def prefect_server(tmp_path_factory):
     finally:
         terminate(proc)
         log.close()
+
+
+#: Set by ``.ci/run``: a missing service (PostgreSQL, sshd) fails its tests instead of skipping them.
+REQUIRE_SERVICES = os.environ.get("SPARSEFLOW_REQUIRE_SERVICES") == "1"
+
+
+def need_service(what: str, why: str) -> None:
+    """Skip (developer machine) or fail (CI, ``SPARSEFLOW_REQUIRE_SERVICES=1``) a test whose
+    service ``what`` cannot run here for reason ``why``."""
+    message = f"{what} unavailable: {why}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_prefect(tmp_path_factory):
+    """A real PostgreSQL server (``sparseflow postgres``, a throw-away cluster on a free loopback
+    port) and a real Prefect server on it (``sparseflow server --database``); yields
+    ``{"api": Prefect API URL, "db": database URL}``. Both are stopped by PID at the end."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from flows.pgcluster import URL_FILE, PostgresError, bindir
+    from flows.server import wait_until_healthy
+
+    try:
+        bindir()
+    except PostgresError as exc:
+        need_service("PostgreSQL", str(exc))
+    sparseflow = str(Path(sys.executable).parent / "sparseflow")
+    # Not under pytest's root-only temporary folder: the cluster runs as the postgres user.
+    folder = Path(tempfile.mkdtemp(prefix="sparseflow-test-pg-"))
+    home = tmp_path_factory.mktemp("prefect-pg-home")
+    pg_log = open(home / "postgres-cmd.log", "w")
+    pg = subprocess.Popen([sparseflow, "postgres", "--dir", str(folder / "cluster"), "--port", str(_free_port())],
+                          stdout=pg_log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "cluster" / URL_FILE).is_file() or "Start Prefect on it" not in (home / "postgres-cmd.log").read_text():
+            assert pg.poll() is None, (home / "postgres-cmd.log").read_text()
+            assert time.monotonic() < deadline, "sparseflow postgres did not start"
+            time.sleep(0.3)
+        db = (folder / "cluster" / URL_FILE).read_text().strip()
+        port = _free_port()
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+        log = open(home / "server.log", "w")
+        server = subprocess.Popen([sparseflow, "server", "--port", str(port), "--database", db], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://127.0.0.1:{port}/api"
+        wait_until_healthy(url, server, home / "server.log", 180)
+        yield {"api": url, "db": db}
+    finally:
+        if server is not None:
+            terminate(server)
+        terminate(pg, 60)
+        pg_log.close()
+        shutil.rmtree(folder, ignore_errors=True)

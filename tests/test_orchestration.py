@@ -146,7 +146,7 @@ def test_deploy_to_a_process_pool_and_a_worker_runs_it(tmp_path, prefect_server)
     done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--pool", pool, "--name", "nightly", "--cron", "0 3 * * *"],
                           cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"prefect worker start --pool {pool}" in done.stdout
+    assert f"sparseflow worker --pool {pool}" in done.stdout
     deployment = next(d for d in _post(prefect_server, "deployments/filter") if d["name"] == "nightly")
     assert deployment["work_pool_name"] == pool and deployment["parameters"]["repo_dir"] == str(repo.resolve())
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"

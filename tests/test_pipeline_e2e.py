@@ -1,7 +1,10 @@
-"""The tiny profile in a temporary copy of the repo, end to end: ``sparseflow serve`` serves
-the pipeline flow on the session's Prefect server, one run is triggered through the Prefect
-client and awaited; it reproduces every stage once (through DVC's Python API), each stage's
-flow run is linked to the pipeline run, and a second ``dvc repro`` finds nothing to do.
+"""The tiny profile in a temporary copy of the repo, end to end, the production way: a Prefect
+server on PostgreSQL (both real, started by ``sparseflow postgres`` / ``sparseflow server
+--database``), the pipeline deployed to a process work pool with a concurrency limit of 1,
+two runs triggered at once and taken by one ``sparseflow worker``. The first reproduces every
+stage once (through DVC's Python API), each stage's flow run linked to it and stored as a row
+in PostgreSQL; the second waits for the first, then finds nothing to do. Then a DVC remote
+round trip and the optional analyses.
 """
 
 from __future__ import annotations
@@ -30,37 +33,57 @@ def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def _serve_and_trigger(work: Path, env: dict, api: str) -> tuple[str, list[str]]:
-    """``sparseflow serve`` in ``work``, one run triggered through the Prefect client and
-    awaited; returns the flow run id and the stages it reproduced (its ``pipeline`` artifact)."""
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    return [r for r in _post(api, "flow_runs/filter") if r["deployment_id"] == deployment_id]
+
+
+def _deploy_and_work(work: Path, env: dict, api: str) -> tuple[dict, list[dict], list[list[str]]]:
+    """``sparseflow deploy`` of ``work`` to a process pool (profile tiny), two runs triggered
+    with ``prefect deployment run`` at once, and one ``sparseflow worker`` taking them. Returns
+    the deployment, its two flow runs (in start order) and the stages each reproduced (its
+    ``pipeline`` artifact). Checks on the way that the two runs never ran at the same time."""
+    import signal
     import time
 
-    serve = subprocess.Popen([str(Path(sys.executable).parent / "sparseflow"), "serve", "--interval", "86400", "--name", "e2e",
-                              "--profile", "tiny"],
-                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    code = textwrap.dedent("""
-        import sys, time
-        from prefect.deployments import run_deployment
-        from prefect.exceptions import ObjectNotFound
-        for _ in range(120):  # until the served deployment is registered
-            try:
-                run = run_deployment("pipeline/e2e", timeout=900, poll_interval=2)
-                break
-            except ObjectNotFound:
-                time.sleep(1)
-        print(run.id, run.state.type.value)
-    """)
+    bindir = Path(sys.executable).parent
+    pool = f"e2e-{os.getpid()}"
+    _sh([str(bindir / "sparseflow"), "deploy", "--pool", pool, "--name", "e2e", "--profile", "tiny"], work, env)
+    deployment = next(d for d in _post(api, "deployments/filter") if d["name"] == "e2e")
+    limit = deployment["global_concurrency_limit"]
+    assert limit["limit"] == 1 and deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    for _ in range(2):
+        _sh([str(bindir / "prefect"), "deployment", "run", "pipeline/e2e"], work, env)
+    log = open(work.parent / "worker.log", "w")
+    worker = subprocess.Popen([str(bindir / "sparseflow"), "worker", "--pool", pool], cwd=work.parent, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    states_seen: list[list[str]] = []
     try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        deadline = time.monotonic() + 1200
+        while True:
+            runs = _flow_runs(api, deployment["id"])
+            states = sorted(r["state_type"] for r in runs)
+            states_seen.append(states)
+            assert states.count("RUNNING") <= 1, states  # the concurrency limit: one run at a time
+            if len(runs) == 2 and all(st in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for st in states):
+                break
+            assert worker.poll() is None, (work.parent / "worker.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (work.parent / "worker.log").read_text()[-4000:]
+            time.sleep(1.0)
     finally:
-        serve.terminate()
-        serve_log = serve.communicate(timeout=60)[0]
-    assert done.returncode == 0, done.stderr[-3000:] + serve_log[-3000:]
-    run_id, state = done.stdout.split()[-2:]
-    assert state == "COMPLETED", serve_log[-5000:]
-    art = next(a for a in _post(api, "artifacts/filter") if a["key"] == "pipeline" and a["flow_run_id"] == run_id)
-    stages = art["data"].split("Stages reproduced: ")[1].split("\n")[0]
-    return run_id, [s.strip() for s in stages.split(",")]
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
+    worker_log = (work.parent / "worker.log").read_text()
+    assert states == ["COMPLETED", "COMPLETED"], worker_log[-5000:]
+    # The second run waited for the slot while the first ran.
+    assert any("RUNNING" in st and "SCHEDULED" in st for st in states_seen), states_seen
+    runs = sorted(_flow_runs(api, deployment["id"]), key=lambda r: r["start_time"])
+    reproduced = []
+    for run in runs:
+        art = next(a for a in _post(api, "artifacts/filter") if a["key"] == "pipeline" and a["flow_run_id"] == run["id"])
+        stages = art["data"].split("Stages reproduced: ")[1].split("\n")[0]
+        reproduced.append([x.strip() for x in stages.split(",")])
+    return deployment, runs, reproduced
 
 
 def _post(api: str, path: str) -> list[dict]:
@@ -69,7 +92,8 @@ def _post(api: str, path: str) -> list[dict]:
         return json.loads(r.read())
 
 
-def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
+def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
+    prefect_server = postgres_prefect["api"]
     work = tmp_path / "repo"
     work.mkdir()
     for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "analysis", "curves", "profiles"):
@@ -87,8 +111,12 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     }
     _sh(["git", "init", "-q"], work, env)
     dvc = str(Path(bindir) / "dvc")
-    # The whole pipeline as a served deployment, triggered through the Prefect client.
-    run_id, reproduced = _serve_and_trigger(work, env, prefect_server)
+    # The whole pipeline as a deployment of a process work pool on Prefect with PostgreSQL,
+    # triggered twice and run by a worker: the first run reproduces everything, the second
+    # (queued behind the first by the deployment's concurrency limit) finds nothing to do.
+    deployment, flow_runs, (reproduced, again) = _deploy_and_work(work, env, prefect_server)
+    assert again == ["none (all up to date)"]
+    run_id = flow_runs[0]["id"]
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
     runs = ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")
     # The tiny profile has one training seed (0): per-seed stages end in -0.
@@ -182,6 +210,13 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, prefect_server):
     assert len(linked) == len(expected) and all(r["state_type"] == "COMPLETED" for r in linked)
     assert {flows[r["flow_id"]] for r in linked} == {"prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect",
                                                      "evaluate-ensemble", "evaluate", "aggregate", "report"}  # fmt: skip
+    # ... and rows of Prefect's PostgreSQL database.
+    from flows.pgcluster import psql
+
+    db = postgres_prefect["db"]
+    assert psql(db, f"select count(*) from flow_run where deployment_id = '{deployment['id']}'").strip() == "2"
+    tagged = psql(db, f"""select count(*) from flow_run where tags @> '["pipeline-run:{run_id}"]'::jsonb""")
+    assert int(tagged) == len(expected)
 
     # The same local run, one process per chunk (local.execution: pipeline), through the CLI flow.
     raw = yaml.safe_load((work / "params.yaml").read_text())

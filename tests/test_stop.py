@@ -142,3 +142,105 @@ def test_the_pipeline_refused_by_a_shell_dvc_repro_says_so_in_one_line(project):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----- a Prefect worker stopped during a deployment's run ------------------------------------
+def _warmup_project(root: Path, mirror: Path, prefect_server: str, epochs: int = 16) -> tuple[Path, dict]:
+    root.mkdir()
+    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "profiles"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+        else:
+            shutil.copy(src, root / item)
+    raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    raw["warmup"]["epochs"] = epochs
+    raw["data"]["train_subset"] = 6000  # about 0.5 s per epoch here: stopped mid-run, resumed to the end
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARSEFLOW_DATA_MIRROR": str(mirror),
+           "PREFECT_API_URL": prefect_server, "DVC_NO_ANALYTICS": "1", "PREFECT_HOME": str(root.parent / f"home-{root.name}")}  # fmt: skip
+    env.pop("SPARSEFLOW_DEBUG", None)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root, env
+
+
+def _deployment_runs(api: str, name: str) -> list[dict]:
+    import json
+    import urllib.request
+
+    def post(path: str) -> list[dict]:
+        req = urllib.request.Request(f"{api}/{path}", data=b'{"limit": 200}', headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    dep = next(d for d in post("deployments/filter") if d["name"] == name)
+    return sorted((r for r in post("flow_runs/filter") if r["deployment_id"] == dep["id"]), key=lambda r: r["created"])
+
+
+def _no_timings(path: Path):
+    hist = artifacts.read_parquet(path, schema=schemas.HISTORY_SCHEMA)
+    return hist.drop(columns=["seconds", "images_per_s"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_worker_crashes_its_run_and_the_next_run_resumes(tmp_path, mirror, prefect_server, signum):
+    """The issue's case: `prefect worker start` on SIGTERM let the training stage run to its end
+    and then never exited. `sparseflow worker` stopped by SIGTERM (a service manager) or Ctrl-C
+    (SIGINT to its terminal's process group): the stage stops at a step boundary within 5 s, the
+    flow run ends Crashed (not Running), and the next run resumes from the checkpoint and ends
+    with the weights and history of an uninterrupted run."""
+    import torch
+
+    work, env = _warmup_project(tmp_path / "repo", mirror, prefect_server)
+    ref, ref_env = _warmup_project(tmp_path / "ref", mirror, prefect_server)
+    for stage in ("prepare", "warmup"):  # the uninterrupted reference
+        subprocess.run(["sparseflow", "run", stage], cwd=ref, env=ref_env, check=True, capture_output=True)
+    name = signal.Signals(signum).name
+    pool, deployment = f"stop-{os.getpid()}-{name}", f"stop-{name}"
+    sh = dict(cwd=work, env=env, check=True, capture_output=True, text=True)
+    subprocess.run(["sparseflow", "deploy", "--pool", pool, "--name", deployment, "--target", "warmup@0"], **sh)
+    subprocess.run(["prefect", "deployment", "run", f"pipeline/{deployment}"], **sh)
+    worker = subprocess.Popen(["sparseflow", "worker", "--pool", pool], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    last = work / "runs" / "s0" / "warmup" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists():
+        assert worker.poll() is None, worker.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "the stage never wrote its first checkpoint"
+        time.sleep(0.1)
+    stages = [p for p in descendants(worker.pid) if "run warmup" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()]
+    assert stages, "no training stage under the worker"
+    t0 = time.monotonic()
+    if signum == signal.SIGINT:
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
+    else:
+        worker.send_signal(signal.SIGTERM)
+    while any(Path(f"/proc/{p}").exists() for p in stages) and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    stage_took = time.monotonic() - t0
+    out = worker.communicate(timeout=90)[0]
+    assert stage_took < 5.0, (stage_took, out[-4000:])
+    assert worker.returncode == 128 + signum, out[-4000:]
+    assert f"sparseflow worker: stopped by {name}" in out, out[-4000:]
+    kept = torch.load(last, weights_only=True)
+    assert 1 <= kept["epoch"] < 16 and not (last.parent / "history.parquet").exists()
+    deadline = time.monotonic() + 60
+    while (state := _deployment_runs(prefect_server, deployment)[-1]["state_type"]) not in ("CRASHED", "CANCELLED"):
+        assert state in ("RUNNING", "PENDING"), state
+        assert time.monotonic() < deadline, f"the stopped run stayed {state}"
+        time.sleep(0.5)
+
+    # The next run of the deployment resumes from the kept checkpoint and finishes.
+    subprocess.run(["prefect", "deployment", "run", f"pipeline/{deployment}"], **sh)
+    again = subprocess.run(["sparseflow", "worker", "--pool", pool, "--run-once"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert _deployment_runs(prefect_server, deployment)[-1]["state_type"] == "COMPLETED"
+    run, ref_run = work / "runs" / "s0" / "warmup", ref / "runs" / "s0" / "warmup"
+    assert (run / "model.safetensors").read_bytes() == (ref_run / "model.safetensors").read_bytes()
+    assert _no_timings(run / "history.parquet").equals(_no_timings(ref_run / "history.parquet"))
+    # Resumed, not retrained: the kept epochs keep the timings measured before the stop.
+    hist = artifacts.read_parquet(run / "history.parquet", schema=schemas.HISTORY_SCHEMA)
+    before = [h["seconds"] for h in kept["history"]]
+    assert hist["seconds"].tolist()[: len(before)] == before
