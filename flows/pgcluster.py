@@ -147,6 +147,15 @@ class Cluster:
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="sparseflow-postgres-"))
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = self.folder.resolve()
+        if kw:
+            for parent in self.folder.parents:
+                st = parent.stat()
+                if not (st.st_mode & 0o001 or (st.st_uid == kw["user"] and st.st_mode & 0o100)
+                        or (st.st_gid == kw["group"] and st.st_mode & 0o010)):  # fmt: skip
+                    raise PostgresError(f"{parent} cannot be entered by the postgres user, whom PostgreSQL runs as "
+                                        f"here (it refuses root): put --dir {self.folder.name} somewhere it can reach, "
+                                        f"e.g. under {tempfile.gettempdir()}")  # fmt: skip
         _chown(self.folder, kw)
         os.chmod(self.folder, 0o700)
         url_file = self.folder / URL_FILE

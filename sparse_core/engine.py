@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -267,6 +267,7 @@ def fit(
     nonfinite_lr_factor: float = 0.5,
     precision: Precision = FP32,
     eval_batch_size: int = 1000,
+    live: tuple[str | Path, str] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``method`` for ``epochs`` epochs, checkpointing every epoch to
     ``run_dir/last.pt`` (the previous one kept as ``prev.pt``; see :mod:`sparse_core.checkpoint`).
@@ -287,6 +288,9 @@ def fit(
             belongs in ``fingerprint``: a checkpoint of another precision must not be resumed.
         eval_batch_size: batch size of the per-epoch validation (``evaluate.batch_size``);
             it changes memory use, and validation metrics only in the last bits (summation order).
+        live: ``(dvclive folder, metric prefix)``: every history row is also logged there as it
+            is kept, the series rebuilt from the checkpoint's rows on every (re)start
+            (:mod:`sparse_core.live`); None: no live logging. Rank 0 only under DDP.
 
     Returns:
         The per-epoch history (also stored in the checkpoint) and the epoch resumed from.
@@ -319,11 +323,18 @@ def fit(
                      "lr_scale": ckpt.get("lr_scale", 1.0)}  # fmt: skip
         if lr_scale is not None:
             state["lr_scale"] = lr_scale
+        logger = None
+        if live is not None and parallel.is_main:
+            from sparse_core.live import LiveHistory
+
+            logger = LiveHistory(live[0], state["history"], live[1])
         try:
             with interrupt.training():
                 history = _train_epochs(model, method, optimizer, train, val, transform, cfg, epochs, seed, device,
                                         fingerprint, progress, stop_after_epoch, parallel, store, state, precision, scaler,
-                                        eval_batch_size)  # fmt: skip
+                                        eval_batch_size, logger.log if logger else None)  # fmt: skip
+            if logger is not None:
+                logger.close()
             return FitResult(pd.DataFrame(history), ckpt["epoch"] if ckpt else 0)
         except NonFiniteError as err:
             kept = f"the last good checkpoint {store.last} is kept" if store.last.is_file() else "no checkpoint had been written"
@@ -353,7 +364,7 @@ def _apply_checkpoint(
 def _train_epochs(
     model, method, optimizer, train, val, transform, cfg, epochs, seed, device, fingerprint, progress,
     stop_after_epoch, parallel, store: CheckpointStore, state: dict[str, Any], precision: Precision = FP32,
-    scaler: torch.amp.GradScaler | None = None, eval_batch_size: int = 1000,
+    scaler: torch.amp.GradScaler | None = None, eval_batch_size: int = 1000, on_row: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The epochs of :func:`fit` from ``state`` (``epoch``, ``step``, ``history``, ``lr_scale``)."""
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -411,6 +422,8 @@ def _train_epochs(
                     "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
                 }
             )
+        if on_row is not None:  # after the checkpoint: live rows never run ahead of what a resume keeps
+            on_row(history[-1])
         parallel.barrier()  # DDP: the checkpoint is complete before any rank moves on
     return history
 

@@ -142,16 +142,16 @@ def postgres_prefect(tmp_path_factory):
     folder = Path(tempfile.mkdtemp(prefix="sparseflow-test-pg-"))
     home = tmp_path_factory.mktemp("prefect-pg-home")
     pg_log = open(home / "postgres-cmd.log", "w")
-    pg = subprocess.Popen([sparseflow, "postgres", "--dir", str(folder / "cluster"), "--port", str(_free_port())],
+    pg = subprocess.Popen([sparseflow, "postgres", "--dir", str(folder), "--port", str(_free_port())],
                           stdout=pg_log, stderr=subprocess.STDOUT)  # fmt: skip
     server = None
     try:
         deadline = time.monotonic() + 120
-        while not (folder / "cluster" / URL_FILE).is_file() or "Start Prefect on it" not in (home / "postgres-cmd.log").read_text():
+        while not (folder / URL_FILE).is_file() or "Start Prefect on it" not in (home / "postgres-cmd.log").read_text():
             assert pg.poll() is None, (home / "postgres-cmd.log").read_text()
             assert time.monotonic() < deadline, "sparseflow postgres did not start"
             time.sleep(0.3)
-        db = (folder / "cluster" / URL_FILE).read_text().strip()
+        db = (folder / URL_FILE).read_text().strip()
         port = _free_port()
         env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)

@@ -11,6 +11,7 @@ from sparse_core.config import Params
 from sparse_core.data import PreparedData
 from sparse_core.distributed import active_parallel
 from sparse_core.engine import fit
+from sparse_core.live import live_target
 from sparse_core.methods.base import create_method
 from sparse_core.jobs.rundirs import code_fingerprint, export_run, fresh_run_dir, local_variant, precision_of, run_dir, transform_for
 
@@ -48,7 +49,7 @@ def train_run(
         epochs=epochs, run_dir=run_dir(params, run), seed=seed, device=device,
         fingerprint=fingerprint, resume=params.base.resume, progress=params.base.progress and parallel.is_main,
         parallel=parallel, nonfinite_retries=params.base.nonfinite_retries, nonfinite_lr_factor=params.base.nonfinite_lr_factor,
-        precision=precision, eval_batch_size=params.evaluate.batch_size,
+        precision=precision, eval_batch_size=params.evaluate.batch_size, live=live_target(params.base.plots_dir, run),
     )  # fmt: skip
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one

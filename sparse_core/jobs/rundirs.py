@@ -33,6 +33,7 @@ from sparse_core.config import ConfigError, Params
 from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
 from sparse_core.checkpoint import CheckpointStore
 from sparse_core.engine import resolve_device, seed_everything
+from sparse_core.live import ensure_live
 from sparse_core.methods import registry
 from sparse_core.methods.base import Method
 from sparse_core.models import create_model
@@ -185,6 +186,7 @@ def export_run(params: Params, run: str, model: nn.Module, method: Method, histo
         artifacts.write_parquet(pd.DataFrame(method.events), folder / "mask_updates.parquet")
     if "/" not in run:  # ensemble members are plotted together by their ensemble's stage
         artifacts.write_csv(history, Path(params.base.plots_dir) / "history" / f"{run}.csv")
+        ensure_live(params.base.plots_dir, run, history.to_dict("records"))
     artifacts.write_json(
         {"run": run, "params": params.model_dump(mode="json"), "versions": _versions(), "data": data_version(params), **extra},
         folder / "config.json",
