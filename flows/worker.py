@@ -53,6 +53,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _unfinished(run_ids: set[str]) -> set[str]:
+    """The flow runs of ``run_ids`` not in a final state (a finished run's process may linger)."""
+    if not run_ids:
+        return set()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {rid for rid in run_ids if (st := client.read_flow_run(rid).state) is None or not st.is_final()}
+
+
 def _crash_unfinished(run_ids: set[str], signame: str) -> list[str]:
     """Mark the flow runs of ``run_ids`` that are not in a final state ``Crashed``; their ids."""
     if not run_ids:
@@ -71,10 +81,10 @@ def _crash_unfinished(run_ids: set[str], signame: str) -> list[str]:
 
 
 def stop_flow_runs(worker_pid: int, signame: str, grace: float = GRACE_SECONDS) -> tuple[set[str], list[str]]:
-    """Step 1-3 of the module docstring for the worker ``worker_pid``; returns (the flow run ids
-    found, the ids this function had to mark ``Crashed`` itself)."""
+    """Step 1-3 of the module docstring for the worker ``worker_pid``; returns (the ids of the
+    flow runs it stopped, the ids it had to mark ``Crashed`` itself)."""
     runs = [p for p in descendants(worker_pid) if _flow_run_id(p)]
-    run_ids = {rid for p in runs if (rid := _flow_run_id(p))}
+    run_ids = _unfinished({rid for p in runs if (rid := _flow_run_id(p))})
     family = [q for p in runs for q in (p, *descendants(p))]
     for p in family:
         try:
