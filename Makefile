@@ -19,7 +19,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install repro analysis curves test metrics bench clean-runs push pull
+.PHONY: install repro analysis curves test metrics bench clean-runs push pull queue
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ push: $(STAMP)
 
 pull: $(STAMP)
 	$(BIN)/dvc pull
+
+# DVC's experiment queue: `dvc exp run --queue -S key=value` several times, then `make queue
+# JOBS=2`. The queue's background workers inherit this PATH (with .venv/bin), so the stage
+# commands find `sparseflow`; each experiment runs in a temporary copy of the last commit.
+JOBS ?= 2
+queue:
+	$(BIN)/sparseflow validate > /dev/null
+	$(BIN)/dvc queue start -j $(JOBS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
