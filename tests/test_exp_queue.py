@@ -55,12 +55,14 @@ def test_queued_experiments_run_in_parallel_and_are_compared(tmp_path, mirror, p
         _sh([dvc, "exp", "run", "--queue", "-S", f"train.pruning.sparsity={sparsity}", "-n", f"sp{sparsity[2:]}", "train@gmp-0"],
             work, env)  # fmt: skip
     _sh(["make", "queue", "JOBS=2"], work, {**env, "MAKEFLAGS": ""})
-    deadline = time.monotonic() + 900
+    started, deadline = time.monotonic(), time.monotonic() + 900
     while True:
         status = _sh([dvc, "queue", "status"], work, env)
         if "Queued" not in status and "Running" not in status:
             break
         assert time.monotonic() < deadline, status
+        # No worker left while experiments wait: the queue's workers could not start.
+        assert not ("0 active" in status and "Running" not in status and time.monotonic() - started > 60), status
         time.sleep(3)
     assert status.count("Success") == 2, status + _sh([dvc, "queue", "logs", "sp85"], work, env)[-3000:]
     # Both ran at once, each in its own temporary workspace (DVC's queue logs name the folder).
