@@ -48,6 +48,26 @@ def live_target(plots_dir: str | Path, run: str) -> tuple[Path, str] | None:
     return Path(plots_dir) / "live" / head, (tail + "/" if sep else "")
 
 
+def _files_only() -> type:
+    """dvclive's ``Live`` writing its files and nothing else.
+
+    ``Live.__init__`` (dvclive 3.x) also opens the DVC repository around the working directory
+    and reads git's HEAD to name an experiment (it raises ``SCMError: Empty git repo`` in a
+    repository without commits, found by ``tests/test_stop.py``), and reports to DVC Studio
+    when a token is configured. sparseflow declares the files in ``dvc.yaml`` itself and keeps
+    runs offline, so both hooks are replaced by no-ops (pinned to dvclive < 4 in pyproject)."""
+    from dvclive import Live
+
+    class FilesOnlyLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = "dvc.yaml"
+
+        def _init_studio(self) -> None:
+            self._studio_events_to_skip.update({"start", "data", "done"})
+
+    return FilesOnlyLive
+
+
 class LiveHistory:
     """dvclive logger of one run's history rows (module docstring).
 
@@ -58,8 +78,6 @@ class LiveHistory:
     """
 
     def __init__(self, folder: str | Path, rows: list[dict[str, Any]], prefix: str = ""):
-        from dvclive import Live
-
         self.folder, self.prefix = Path(folder), prefix
         series = self.folder / "plots" / "metrics"
         # Drop this run's own series (a killed process may have logged past its checkpoint) and
@@ -69,7 +87,7 @@ class LiveHistory:
         else:
             shutil.rmtree(self.folder, ignore_errors=True)
         self._drop_summary_keys()
-        self.live = Live(dir=str(self.folder), resume=bool(prefix), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = _files_only()(dir=str(self.folder), resume=bool(prefix), save_dvc_exp=False, dvcyaml=None, report=None)
         for row in rows:
             self.log(row)
 

@@ -91,3 +91,16 @@ def test_dvc_yaml_declares_live_metrics_and_plots_of_every_training_stage():
         plots = [next(iter(p)) for p in body["plots"]]
         assert any(m.endswith("/metrics.json") and "/live/" in m for m in metrics), name
         assert any("/live/" in p and p.endswith("/plots/metrics") for p in plots), name
+
+
+def test_logging_works_in_a_git_repository_without_commits(tmp_path, monkeypatch):
+    """dvclive's own start-up reads git's HEAD and raised SCMError here; sparseflow's logger
+    writes its files whatever the repository around it."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    logger = LiveHistory(tmp_path / "live", [{"epoch": 1, "val_accuracy": 0.5}])
+    logger.close()
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["val_accuracy"] == 0.5

@@ -22,27 +22,33 @@ REPO = Path(__file__).resolve().parents[1]
 STOP_SECONDS = 10.0
 
 
-@pytest.fixture
-def project(tmp_path, mirror, prefect_server):
-    """A copy of the project (a git + DVC repository) on the tiny profile with a long warmup, and
-    the environment of a stage process."""
-    work = tmp_path / "repo"
-    work.mkdir()
+def _tiny_copy(root: Path, mirror: Path, prefect_server: str, warmup_epochs: int, train_subset: int) -> tuple[Path, dict]:
+    """A copy of the project (a git + DVC repository) in ``root`` on the tiny profile with the
+    given warmup length, and the environment of its stage processes (which import the copy)."""
+    root.mkdir()
     for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "profiles"):
         src = REPO / item
         if src.is_dir():
-            shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
         else:
-            shutil.copy(src, work / item)
+            shutil.copy(src, root / item)
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
-    raw["warmup"]["epochs"] = 400  # long enough to be stopped mid-way
-    raw["data"]["train_subset"] = 2000
-    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    raw["warmup"]["epochs"] = warmup_epochs
+    raw["data"]["train_subset"] = train_subset
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARSEFLOW_DATA_MIRROR": str(mirror),
-           "PREFECT_API_URL": prefect_server, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(work)}  # fmt: skip
+           "PREFECT_API_URL": prefect_server, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root),
+           "PREFECT_HOME": str(root.parent / f"prefect-home-{root.name}")}  # fmt: skip
     env.pop("SPARSEFLOW_DEBUG", None)
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root, env
+
+
+@pytest.fixture
+def project(tmp_path, mirror, prefect_server):
+    """The tiny profile with a warmup long enough to be stopped mid-way, data prepared."""
+    work, env = _tiny_copy(tmp_path / "repo", mirror, prefect_server, warmup_epochs=400, train_subset=2000)
     subprocess.run(["sparseflow", "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
     return work, env
 
@@ -145,26 +151,6 @@ def test_the_pipeline_refused_by_a_shell_dvc_repro_says_so_in_one_line(project):
 
 
 # ----- a Prefect worker stopped during a deployment's run ------------------------------------
-def _warmup_project(root: Path, mirror: Path, prefect_server: str, epochs: int = 16) -> tuple[Path, dict]:
-    root.mkdir()
-    for item in ("sparse_core", "tasks", "flows", "dvc.yaml", ".dvc", "profiles"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
-        else:
-            shutil.copy(src, root / item)
-    raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
-    raw["warmup"]["epochs"] = epochs
-    raw["data"]["train_subset"] = 6000  # about 0.5 s per epoch here: stopped mid-run, resumed to the end
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARSEFLOW_DATA_MIRROR": str(mirror),
-           "PREFECT_API_URL": prefect_server, "DVC_NO_ANALYTICS": "1", "PREFECT_HOME": str(root.parent / f"home-{root.name}")}  # fmt: skip
-    env.pop("SPARSEFLOW_DEBUG", None)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    return root, env
-
-
 def _deployment_runs(api: str, name: str) -> list[dict]:
     import json
     import urllib.request
@@ -192,8 +178,9 @@ def test_a_stopped_worker_crashes_its_run_and_the_next_run_resumes(tmp_path, mir
     with the weights and history of an uninterrupted run."""
     import torch
 
-    work, env = _warmup_project(tmp_path / "repo", mirror, prefect_server)
-    ref, ref_env = _warmup_project(tmp_path / "ref", mirror, prefect_server)
+    # About 0.5 s per epoch here: stopped mid-run, resumed to the end.
+    work, env = _tiny_copy(tmp_path / "repo", mirror, prefect_server, warmup_epochs=16, train_subset=6000)
+    ref, ref_env = _tiny_copy(tmp_path / "ref", mirror, prefect_server, warmup_epochs=16, train_subset=6000)
     for stage in ("prepare", "warmup"):  # the uninterrupted reference
         subprocess.run(["sparseflow", "run", stage], cwd=ref, env=ref_env, check=True, capture_output=True)
     name = signal.Signals(signum).name
