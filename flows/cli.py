@@ -21,6 +21,7 @@
     sparseflow with-server -- dvc repro   # one temporary Prefect server for every stage (unless PREFECT_API_URL)
     sparseflow serve --cron "0 3 * * *" | --interval SECONDS [--profile NAME] [--target T ...]
     sparseflow deploy --pool NAME [--cron EXPR | --interval SECONDS] [--profile NAME]
+    sparseflow deploy --flow sweep --method rigl --sparsity 0.8 0.9 [--seeds 0 1] --pool NAME --name N
     sparseflow worker --pool NAME [--run-once]   # Prefect's process worker; SIGTERM / Ctrl-C stop its runs at a step boundary
 
 Exit status 2 on invalid params (message names the key, value and what is allowed), 1 on
@@ -172,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--profile", help="default profile of the scheduled runs")
         cmd.add_argument("--target", action="append", default=[], help="default DVC target (repeatable)")
         cmd.add_argument("--wait", type=float, default=0.0, help="default wait_seconds for a busy workspace")
+        cmd.add_argument("--flow", choices=["pipeline", "sweep"], default="pipeline",
+                         help="pipeline: dvc repro (default); sweep: sparseflow sweep with --method/--sparsity/--seeds")  # fmt: skip
+        cmd.add_argument("--method", help="--flow sweep: the method")
+        cmd.add_argument("--sparsity", type=float, nargs="+", help="--flow sweep: the sparsities")
+        cmd.add_argument("--seeds", type=int, nargs="+", default=[0], help="--flow sweep: the training seeds")
     return p
 
 

@@ -160,3 +160,50 @@ def pipeline_flow(
         create_markdown_artifact(key="pipeline", markdown=_stage_runs_markdown(run_id, names),
                                  description="Stages reproduced by this pipeline run and their flow runs")  # fmt: skip
     return names
+
+
+@flow(name="sweep-deployment", flow_run_name="sweep-{method}")
+def workspace_sweep_flow(
+    method: str,
+    sparsities: list[float],
+    seeds: list[int] | None = None,
+    repo_dir: str = ".",
+    wait_seconds: float = 0.0,
+) -> str:
+    """``sparseflow sweep`` of the checkout ``repo_dir``, for a deployment (``sparseflow deploy
+    --flow sweep``): under the same workspace lock as :func:`pipeline_flow`, so a sweep and a
+    pipeline run never write one workspace at once. The sweep runs as the command does (its own
+    ``sweep`` flow run, tagged ``pipeline-run:<this run>``; points fanned out to
+    ``params.orchestration``'s task runner).
+
+    Args:
+        method, sparsities, seeds: as ``sparseflow sweep --method M --sparsity S… --seeds K…``
+            (seeds default to ``[0]``).
+        repo_dir, wait_seconds: as for :func:`pipeline_flow`.
+
+    Returns:
+        The sweep table, ``<reports_dir>/sweeps/<method>.csv`` in the checkout.
+
+    Raises:
+        flows.workspace.WorkspaceBusy: another run holds the workspace after ``wait_seconds``.
+        FileNotFoundError: ``repo_dir`` is not this project's checkout (:func:`project_root`).
+        RuntimeError: the sweep command failed (the message ends with its error output).
+    """
+    import subprocess
+    import sys
+
+    from sparse_core.config import load_params
+
+    repo = project_root(repo_dir)
+    run_id = str(flow_run.id) if flow_run.id else None
+    with workspace_lock(repo, wait_seconds, run_id):
+        params = load_params(repo / "params.yaml")
+        cmd = [str(Path(sys.executable).parent / "sparseflow"), "sweep", "--method", method,
+               "--sparsity", *map(str, sparsities), "--seeds", *map(str, seeds or [0])]  # fmt: skip
+        env = {**os.environ, **({PIPELINE_RUN_ENV: run_id} if run_id else {})}
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed in {repo} (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    out = repo / params.base.reports_dir / "sweeps" / f"{method}.csv"
+    get_run_logger().info("sweep of %s: %s", method, out)
+    return str(out)

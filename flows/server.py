@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
+SWEEP_ENTRYPOINT = "flows/repro_flow.py:workspace_sweep_flow"
 
 
 def _is_loopback(host: str) -> bool:
@@ -118,6 +119,9 @@ def start(host: str, port: int, database: str | None = None) -> int:
 
 
 def _parameters(args: argparse.Namespace, repo: Path) -> dict:
+    if getattr(args, "flow", "pipeline") == "sweep":
+        return {"method": args.method, "sparsities": args.sparsity, "seeds": args.seeds, "repo_dir": str(repo),
+                "wait_seconds": args.wait}  # fmt: skip
     return {"targets": args.target or None, "profile": args.profile, "repo_dir": str(repo), "wait_seconds": args.wait}
 
 
@@ -153,28 +157,33 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
     """``sparseflow serve`` (blocks, serving runs) or ``sparseflow deploy`` (registers and returns)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from flows.repro_flow import pipeline_flow
+    from flows.repro_flow import pipeline_flow, workspace_sweep_flow
 
     repo = Path.cwd().resolve()
     if not (repo / "dvc.yaml").is_file():
         raise FileNotFoundError(f"{repo}: no dvc.yaml here; run this in the project checkout")
+    sweep = getattr(args, "flow", "pipeline") == "sweep"
+    if sweep and (not args.method or not args.sparsity):
+        raise SystemExit(f"sparseflow {args.command} --flow sweep: --method and --sparsity are required")
     params = _parameters(args, repo)
+    chosen, entrypoint = (workspace_sweep_flow, SWEEP_ENTRYPOINT) if sweep else (pipeline_flow, ENTRYPOINT)
     # One run at a time per workspace: a second scheduled or triggered run waits in Prefect's
     # AwaitingConcurrencySlot state (ENQUEUE) instead of starting and colliding on the workspace lock.
     limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     if args.command == "serve":
-        pipeline_flow.serve(name=args.name, parameters=params, limit=1, **_schedule(args))
+        chosen.serve(name=args.name, parameters=params, limit=1, **_schedule(args))
         return
     ensure_process_pool(args.pool)
     # to_deployment().apply() rather than Flow.deploy(): deploy() also lists the pool's online
     # workers, a request Prefect 3.8's own server rejects with FastAPI < 0.155 (limit=null).
-    deployment = pipeline_flow.from_source(source=str(repo), entrypoint=ENTRYPOINT).to_deployment(
+    deployment = chosen.from_source(source=str(repo), entrypoint=entrypoint).to_deployment(
         name=args.name, work_pool_name=args.pool, parameters=params, concurrency_limit=limit, **_schedule(args)
     )
     deployment_id = deployment.apply()
-    print(f"sparseflow deploy: deployment pipeline/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
+    flow_name = chosen.name
+    print(f"sparseflow deploy: deployment {flow_name}/{args.name} ({deployment_id}) on process pool {args.pool!r}.\n"
           f"Start a worker where this folder ({repo}) is visible:\n  sparseflow worker --pool {args.pool}\n"
-          f"Trigger a run:\n  prefect deployment run pipeline/{args.name}")  # fmt: skip
+          f"Trigger a run:\n  prefect deployment run {flow_name}/{args.name}")  # fmt: skip
 
 
 def free_port() -> int:

@@ -311,3 +311,37 @@ def test_with_server_runs_a_command_against_one_temporary_server(tmp_path, monke
         urllib.request.urlopen(url + "/health", timeout=2)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert with_server([sys.executable, "-c", "import os, sys; sys.exit(os.environ['PREFECT_API_URL'] != 'http://127.0.0.1:9/api')"]) == 0
+
+
+def test_deploy_a_sweep_and_a_worker_runs_it(tiny_project, prefect_server, mirror):
+    """`sparseflow deploy --flow sweep`: the sweep of a workspace as a deployment with the same
+    concurrency limit of 1 as the pipeline's; a `sparseflow worker` runs it under the workspace
+    lock and writes the sweep table."""
+    import pandas as pd
+
+    repo = tiny_project
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):  # the workspace lock needs a DVC project
+        subprocess.run(cmd, cwd=repo, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    (repo / "flows").mkdir()
+    (repo / "flows" / "repro_flow.py").write_text((REPO / "flows" / "repro_flow.py").read_text())
+    env = _env(prefect_server, repo.parent / f"{repo.name}-env", SPARSEFLOW_DATA_MIRROR=str(mirror))
+    pool = f"sf-sweep-{os.getpid()}"
+    done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--flow", "sweep", "--method", "rigl", "--sparsity", "0.6",
+                           "--seeds", "1", "--pool", pool, "--name", "rigl-sweep"], cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "prefect deployment run sweep-deployment/rigl-sweep" in done.stdout
+    deployment = next(d for d in _post(prefect_server, "deployments/filter") if d["name"] == "rigl-sweep")
+    assert deployment["parameters"] == {"method": "rigl", "sparsities": [0.6], "seeds": [1], "repo_dir": str(repo.resolve()),
+                                        "wait_seconds": 0.0}  # fmt: skip
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    subprocess.run([str(BIN / "prefect"), "deployment", "run", "sweep-deployment/rigl-sweep"], cwd=repo, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    worker = subprocess.run([str(BIN / "sparseflow"), "worker", "--pool", pool, "--run-once"], cwd=repo.parent, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    runs = [r for r in _post(prefect_server, "flow_runs/filter") if r["deployment_id"] == deployment["id"]]
+    assert [r["state_type"] for r in runs] == ["COMPLETED"], [r["state"]["message"] for r in runs]
+    table = pd.read_csv(repo / "reports" / "sweeps" / "rigl.csv")
+    assert list(zip(table["sparsity"], table["seed"])) == [(0.6, 1)]
