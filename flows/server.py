@@ -165,6 +165,10 @@ def serve_or_deploy(args: argparse.Namespace) -> None:
     sweep = getattr(args, "flow", "pipeline") == "sweep"
     if sweep and (not args.method or not args.sparsity):
         raise SystemExit(f"sparseflow {args.command} --flow sweep: --method and --sparsity are required")
+    if sweep:  # refused now, not when the scheduled run starts
+        from sparse_core.config import plain_name, sweep_methods
+
+        args.method = plain_name(args.method, sweep_methods(), f"{args.command} --method")
     params = _parameters(args, repo)
     chosen, entrypoint = (workspace_sweep_flow, SWEEP_ENTRYPOINT) if sweep else (pipeline_flow, ENTRYPOINT)
     # One run at a time per workspace: a second scheduled or triggered run waits in Prefect's

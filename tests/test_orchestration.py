@@ -327,6 +327,9 @@ def test_deploy_a_sweep_and_a_worker_runs_it(tiny_project, prefect_server, mirro
     (repo / "flows" / "repro_flow.py").write_text((REPO / "flows" / "repro_flow.py").read_text())
     env = _env(prefect_server, repo.parent / f"{repo.name}-env", SPARSEFLOW_DATA_MIRROR=str(mirror))
     pool = f"sf-sweep-{os.getpid()}"
+    bad = subprocess.run([str(BIN / "sparseflow"), "deploy", "--flow", "sweep", "--method", "rigll", "--sparsity", "0.6",
+                          "--pool", pool, "--name", "typo"], cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "deploy --method 'rigll' is unknown" in bad.stderr, bad.stderr[-2000:]
     done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--flow", "sweep", "--method", "rigl", "--sparsity", "0.6",
                            "--seeds", "1", "--pool", pool, "--name", "rigl-sweep"], cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -345,3 +348,33 @@ def test_deploy_a_sweep_and_a_worker_runs_it(tiny_project, prefect_server, mirro
     assert [r["state_type"] for r in runs] == ["COMPLETED"], [r["state"]["message"] for r in runs]
     table = pd.read_csv(repo / "reports" / "sweeps" / "rigl.csv")
     assert list(zip(table["sparsity"], table["seed"])) == [(0.6, 1)]
+
+
+def test_serve_runs_the_pipeline_of_this_checkout(tmp_path, prefect_server):
+    """`sparseflow serve`: the pipeline of the working directory served as a deployment (one run
+    at a time); a run triggered through the Prefect client reproduces the checkout."""
+    repo = _slow_repo(tmp_path / "repo", seconds=0)
+    (repo / "flows").mkdir()
+    (repo / "flows" / "repro_flow.py").write_text((REPO / "flows" / "repro_flow.py").read_text())
+    env = _env(prefect_server, tmp_path)
+    serve = subprocess.Popen([str(BIN / "sparseflow"), "serve", "--interval", "86400", "--name", "served"], cwd=repo, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    code = textwrap.dedent("""
+        import time
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+        for _ in range(120):  # until the served deployment is registered
+            try:
+                run = run_deployment("pipeline/served", timeout=300, poll_interval=1)
+                break
+            except ObjectNotFound:
+                time.sleep(1)
+        print(run.state.type.value)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        serve.terminate()
+        log = serve.communicate(timeout=60)[0]
+    assert done.returncode == 0 and done.stdout.split()[-1] == "COMPLETED", done.stderr[-3000:] + log[-3000:]
+    assert (repo / "out.txt").read_text() == "complete output\n"
