@@ -2,7 +2,7 @@
 
 ``prefect worker start --pool NAME`` (Prefect 3.9) treats SIGTERM as "finish what is running":
 a training stage runs on to its end (minutes to hours) and the worker process does not exit
-afterwards (measured: still alive 30 s after its last run finished). A service manager that
+afterwards (measured: still alive 30 s after the SIGTERM, 18 s after its run finished). A service manager that
 stops a worker, or Ctrl-C in its terminal, expects it to stop now. This command runs Prefect's
 own worker as a child process (its own session, so a terminal's Ctrl-C reaches only this
 process) and on SIGTERM or SIGINT:
@@ -103,11 +103,11 @@ def stop_flow_runs(worker_pid: int, signame: str, grace: float = GRACE_SECONDS) 
     return run_ids, _crash_unfinished(run_ids, signame)
 
 
-def main(pool: str, run_once: bool = False, extra: list[str] | None = None) -> int:
+def main(pool: str, run_once: bool = False) -> int:
     """``sparseflow worker --pool NAME [--run-once]``: Prefect's process worker for ``pool`` until
     it ends (``--run-once``) or this process gets SIGTERM / SIGINT (module docstring)."""
     cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-           *(["--run-once"] if run_once else []), *(extra or [])]  # fmt: skip
+           *(["--run-once"] if run_once else [])]  # fmt: skip
     got: list[int] = []
 
     def _stop(signum, _frame):
