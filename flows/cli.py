@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     pg.add_argument("--dir", help="cluster folder (kept; default: a new temporary folder)")
     pg.add_argument("--port", type=int, default=5433)
     ws = sub.add_parser("with-server", help="run a command against one Prefect server (a temporary one unless PREFECT_API_URL is set)")
+    ws.add_argument("--no-fork-server", action="store_true",
+                    help="start every stage as a fresh process (default: stages fork from a server that has their imports done)")
     ws.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
@@ -338,7 +340,7 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
                     print(f"sparseflow deps: updated {path}")
             else:
                 for stage in sorted(stage_code.job_modules(root)):
-                    print(f"{stage}: {' '.join(stage_code.stage_files(root, stage))}")
+                    print(f"{stage}: {' '.join(stage_code.stage_deps(root, stage))}")
         elif args.command == "run":
             _run_stage(args, console)
         elif args.command == "local-worker":
@@ -392,7 +394,7 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not cmd:
                 raise SystemExit("sparseflow with-server: give the command after --, e.g. sparseflow with-server -- dvc repro")
-            return server.with_server(cmd)
+            return server.with_server(cmd, fork_server=not args.no_fork_server)
         elif args.command == "server":
             from flows import server
 

@@ -237,7 +237,7 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
         load_params(params)
 
 
-def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
+def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True) -> int:
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
 
@@ -250,6 +250,11 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
     machine), and a default ``dvc repro`` has over a hundred
     stages.
 
+    With ``fork_server`` (the default), a :mod:`flows.forkserver` runs beside it for the same
+    time, and ``cmd``'s ``sparseflow run`` processes hand their stage to it
+    (``SPARSEFLOW_FORK_SERVER``): each stage then starts with Prefect and its library already
+    imported.
+
     A ``dvc repro`` (or ``dvc exp``) command runs only after ``params.yaml`` validates
     (:func:`validate_before_dvc`).
 
@@ -260,30 +265,44 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0) -> int:
     """
     import tempfile
 
-    validate_before_dvc(cmd)
-    if os.environ.get("PREFECT_API_URL"):
-        return subprocess.call(cmd)
-    home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with open(home / "server.log", "w") as log:
-        proc = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, env), stdout=log,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-        try:
-            wait_until_healthy(url, proc, home / "server.log", startup_seconds)
-            print(f"sparseflow with-server: Prefect API at {url} for: {' '.join(cmd)}", flush=True)
-            from flows import signals
+    from flows import forkserver, signals
 
+    validate_before_dvc(cmd)
+    home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
+    env = {**os.environ}
+    server: subprocess.Popen | None = None
+    forks: subprocess.Popen | None = None
+    try:
+        with open(home / "server.log", "w") as log, open(home / "fork-server.log", "w") as fork_log:
+            if not env.get("PREFECT_API_URL"):
+                port = free_port()
+                env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+                own = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+                server = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, own),
+                                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            if fork_server:
+                env[forkserver.ENV] = str(home / "fork.sock")
+                # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
+                forks = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[forkserver.ENV]], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=fork_log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # fmt: skip
+            if server is not None:
+                wait_until_healthy(env["PREFECT_API_URL"], server, home / "server.log", startup_seconds)
+                print(f"sparseflow with-server: Prefect API at {env['PREFECT_API_URL']} for: {' '.join(cmd)}", flush=True)
             # SIGTERM / Ctrl-C: passed on to the command's processes (the stages stop at a step
-            # boundary and report to the server), the server itself is stopped last.
-            signals.install(forward_to_children=True, exclude=lambda: {proc.pid, *signals.descendants(proc.pid)})
-            return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": url})
-        finally:
-            proc.send_signal(signal.SIGINT)
+            # boundary and report to the server); the servers are stopped last. The fork server's
+            # children get the signal from their callers, which are the command's processes.
+            ours = [p.pid for p in (server, forks) if p is not None]
+            signals.install(forward_to_children=True, exclude=lambda: {q for p in ours for q in (p, *signals.descendants(p))})
+            return subprocess.call(cmd, env=env)
+    finally:
+        for proc, sig in ((forks, signal.SIGTERM), (server, signal.SIGINT)):
+            if proc is None:
+                continue
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)

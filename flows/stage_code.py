@@ -9,6 +9,11 @@ the modules loaded by name at run time: every method module (:mod:`sparse_core.m
 imports a method's class when it is built) where methods are built, and every model module
 where models are built. ``flows/cli.py`` (the dispatcher) is listed as a file of its own.
 
+In ``dvc.yaml`` a folder whose every file the stage runs is listed as the folder
+(:func:`collapse`): the same files, one entry instead of several. Every entry costs DVC a
+block in ``dvc.lock``, which it parses and rewrites (ruamel.yaml, round trip) after every
+stage, so the lock file's size is paid once per stage (README, "Orchestration").
+
 ``sparseflow deps`` prints these lists; ``sparseflow deps --write`` puts them in the ``deps``
 of every stage of ``dvc.yaml``, ``curves/dvc.yaml`` and ``analysis/dvc.yaml``;
 ``tests/test_stage_code.py`` fails when the files drift from them. The training stages'
@@ -19,6 +24,7 @@ of the same set.
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -78,6 +84,46 @@ def stage_files(root: Path, stage: str, graph: dict[str, set[str]] | None = None
     return sorted({paths[m].relative_to(root).as_posix() for m in modules} | {CLI_FILE})
 
 
+def _dvc_files(root: Path, folder: str) -> frozenset[str]:
+    """The files DVC hashes for a folder dependency ``folder``: all files below it except
+    ``__pycache__/`` folders and ``*.pyc`` (what the project's ``.dvcignore`` leaves out)."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root / folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        found.update((Path(dirpath) / f).relative_to(root).as_posix() for f in filenames if not f.endswith(".pyc"))
+    return frozenset(found)
+
+
+def collapse(root: Path, files: list[str]) -> list[str]:
+    """``files`` (relative paths) with every folder whose files are all in ``files`` written as
+    the folder (the highest such folder; the project root never), sorted.
+
+    DVC hashes a folder dependency as the set of its files, so the entries cover exactly the
+    same files; a file added to such a folder later changes the folder's hash, which is right
+    for ``sparse_core/methods/`` (the registry reads every method file) and is otherwise caught
+    by ``tests/test_stage_code.py`` (the folder no longer collapses).
+    """
+    wanted = set(files)
+    cache: dict[str, bool] = {}
+
+    def covered(folder: str) -> bool:
+        if folder not in cache:
+            cache[folder] = _dvc_files(root, folder) <= wanted
+        return cache[folder]
+
+    out = set()
+    for f in wanted:
+        parts = f.split("/")
+        out.add(next(("/".join(parts[:i]) for i in range(1, len(parts)) if covered("/".join(parts[:i]))), f))
+    return sorted(out)
+
+
+def stage_deps(root: Path, stage: str, graph: dict[str, set[str]] | None = None) -> list[str]:
+    """The code deps of stage ``stage`` as written in ``dvc.yaml``: :func:`stage_files` through
+    :func:`collapse`."""
+    return collapse(root, stage_files(root, stage, graph))
+
+
 _CMD = re.compile(r"^\s*cmd: sparseflow run (\w+)")
 _CODE = re.compile(r"^(\s*)- (sparse_core|tasks|flows)(/\S*)?\s*$")
 
@@ -127,7 +173,7 @@ def write_all(root: Path) -> list[Path]:
     """Rewrite the code deps of every stage in :data:`DVC_FILES`; returns the files changed."""
     graph = import_graph(root)
     stages = job_modules(root)
-    files_of = {s: stage_files(root, s, graph) for s in stages}
+    files_of = {s: stage_deps(root, s, graph) for s in stages}
     changed = []
     for name in DVC_FILES:
         path = root / name

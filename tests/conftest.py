@@ -71,6 +71,36 @@ def terminate(proc, timeout: float = 20.0) -> None:
         proc.wait()
 
 
+def start_fork_server(work: Path, env: dict, timeout: float = 120.0):
+    """Start ``python -m flows.forkserver`` (what ``sparseflow with-server`` starts) in project
+    ``work`` with ``env`` (its own session, as there); returns ``(process, env)`` where the
+    returned env also names its socket, so that ``sparseflow run`` hands stages to it. Waits
+    until it listens.
+
+    Raises:
+        RuntimeError: it ended or did not listen within ``timeout`` seconds (with its log).
+    """
+    import subprocess
+    import sys
+    import time
+
+    from flows import forkserver
+
+    sock = work.parent / f"fork-{work.name}.sock"
+    log = work.parent / f"fork-{work.name}.log"
+    env = {**env, forkserver.ENV: str(sock)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.forkserver", str(sock)], cwd=work, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            terminate(proc)
+            raise RuntimeError(f"fork server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc, env
+
+
 def _free_port() -> int:
     from flows.server import free_port
 

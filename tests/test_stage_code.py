@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.stage_code import DVC_FILES, job_modules, rewrite_deps, stage_files
+from flows.stage_code import DVC_FILES, collapse, job_modules, rewrite_deps, stage_deps, stage_files
 from sparse_core.imports import import_graph, library_code, project_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_dvc_files_hold_the_computed_code_deps():
     graph = import_graph(ROOT)
-    files_of = {s: stage_files(ROOT, s, graph) for s in job_modules(ROOT)}
+    files_of = {s: stage_deps(ROOT, s, graph) for s in job_modules(ROOT)}
     for name in DVC_FILES:
         text = (ROOT / name).read_text(encoding="utf-8")
         assert rewrite_deps(text, files_of) == text, f"{name}: code deps are stale; run `sparseflow deps --write`"
@@ -44,6 +44,19 @@ def test_the_fingerprint_hashes_what_training_runs():
     paths = {m: p.relative_to(ROOT).as_posix() for m, p in project_modules(ROOT).items()}
     assert {paths[m] for m in code if m.startswith("sparse_core")} == train
     assert "sparse_core.engine" in code and "sparse_core.report" not in code and "sparse_core.corruptions" not in code
+
+
+def test_collapse_writes_a_folder_only_when_the_stage_runs_all_of_it(tmp_path):
+    for rel in ["a/x.py", "a/y.py", "a/__pycache__/x.cpython-311.pyc", "a/z.pyc", "b/z.py", "b/w.py", "c/d/e.py", "f.py"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    assert collapse(tmp_path, ["a/x.py", "a/y.py", "b/z.py", "c/d/e.py", "f.py"]) == ["a", "b/z.py", "c", "f.py"]
+    (tmp_path / "a" / "notes.txt").write_text("")  # DVC would hash it too: no longer the folder
+    assert collapse(tmp_path, ["a/x.py", "a/y.py"]) == ["a/x.py", "a/y.py"]
+    # what collapse leaves out is what DVC ignores here
+    assert {"__pycache__/", "*.pyc"} <= set((ROOT / ".dvcignore").read_text().split())
+    # the training stages run every method file (the registry reads them all): one entry
+    assert "sparse_core/methods" in stage_deps(ROOT, "train") and "sparse_core/methods" not in stage_deps(ROOT, "report")
 
 
 def test_rewrite_refuses_what_it_cannot_map():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import terminate
 from flows.signals import descendants
 from sparse_core import artifacts, schemas
 
@@ -73,13 +74,28 @@ def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout:
     return took, (out or "") + (err or "")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_training_stage_stops_at_a_step_boundary_and_resumes(project, signum):
+@pytest.mark.parametrize("signum,via", [(signal.SIGTERM, "own process"), (signal.SIGINT, "own process"),
+                                        (signal.SIGTERM, "fork server"), (signal.SIGINT, "fork server")])  # fmt: skip
+def test_a_training_stage_stops_at_a_step_boundary_and_resumes(project, signum, via):
+    """Also when the stage runs in a child of the fork server (``sparseflow with-server``):
+    the caller passes the signal on, and returns the child's status."""
+    from tests.conftest import start_fork_server
+
     work, env = project
+    server = None
+    if via == "fork server":
+        server, env = start_fork_server(work, env)
     last = work / "runs" / "s0" / "warmup" / "last.pt"
     proc = subprocess.Popen(["sparseflow", "run", "warmup"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    took, err = _stop_when(proc, last, signum)
+    try:
+        took, err = _stop_when(proc, last, signum)
+        if server is not None:
+            assert descendants(server.pid) == []  # its child, the stage, is gone too
+            assert server.poll() is None  # and it serves on
+    finally:
+        if server is not None:
+            terminate(server)
     assert took < STOP_SECONDS, (took, err)
     assert proc.returncode == 128 + signum
     assert "Traceback" not in err, err

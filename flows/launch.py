@@ -1,0 +1,18 @@
+"""The ``sparseflow`` command's entry point: hand a ``sparseflow run`` stage to the fork server
+when one is running (:mod:`flows.forkserver`, started by ``sparseflow with-server``), otherwise
+run the command here (:func:`flows.cli.main`). Importing this module imports nothing heavy."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    from flows import forkserver
+
+    status = forkserver.forward(sys.argv)
+    if status is not None:
+        return status
+    from flows.cli import main as cli_main
+
+    return cli_main()

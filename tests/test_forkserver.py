@@ -1,0 +1,89 @@
+"""The fork server (flows/forkserver.py): a stage forked from it is the stage a fresh
+``sparseflow run`` process runs (same files, byte for byte; same exit status and messages),
+and whatever the server cannot vouch for (another environment, changed code) runs in the
+caller's own process instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.conftest import start_fork_server, terminate
+from flows import forkserver
+from tests.test_stop import _no_timings, _tiny_copy
+
+
+def test_without_a_server_the_command_runs_in_its_own_process(tmp_path, monkeypatch):
+    monkeypatch.delenv(forkserver.ENV, raising=False)
+    assert forkserver.forward(["sparseflow", "run", "report"]) is None
+    monkeypatch.setenv(forkserver.ENV, str(tmp_path / "no-such.sock"))
+    assert forkserver.forward(["sparseflow", "run", "report"]) is None
+    assert forkserver.forward(["sparseflow", "validate"]) is None  # only stages are handed over
+
+
+def test_the_server_refuses_another_directory_or_environment(tmp_path):
+    env = {"PATH": "/bin", "PREFECT_API_URL": "http://127.0.0.1:1/api", "SPARSEFLOW_TIMINGS": "/tmp/t"}
+    ok = {"cwd": str(tmp_path), "env": {**env, "DVC_STAGE": "train@dpf-0", "DVC_ROOT": "/x", "PWD": "/y", "SHLVL": "2"}}
+    assert forkserver.refusal(ok, tmp_path, env) is None
+    (tmp_path / "sub").mkdir()
+    assert "is not" in forkserver.refusal({**ok, "cwd": str(tmp_path / "sub")}, tmp_path, env)
+    assert forkserver.refusal({**ok, "env": {**env, "OMP_NUM_THREADS": "1"}}, tmp_path, env) == "environment variable OMP_NUM_THREADS differs"
+    missing = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    assert forkserver.refusal({**ok, "env": missing}, tmp_path, env) == "environment variable PREFECT_API_URL differs"
+
+
+def _stage_pids(timings: Path) -> list[int]:
+    return [r["pid"] for r in map(json.loads, timings.read_text().splitlines()) if r["kind"] == "stage"]
+
+
+def test_a_forked_stage_equals_a_fresh_one(tmp_path, mirror, prefect_server):
+    work, env = _tiny_copy(tmp_path / "repo", mirror, prefect_server, warmup_epochs=2, train_subset=600)
+    timings = tmp_path / "timings.jsonl"
+    env = {**env, "SPARSEFLOW_TIMINGS": str(timings)}
+    subprocess.run(["sparseflow", "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
+    run_dir = work / "runs" / "s0" / "warmup"
+
+    def run(*argv: str, env: dict) -> tuple[subprocess.CompletedProcess, int]:
+        proc = subprocess.Popen(["sparseflow", *argv], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+    fresh, pid = run("run", "warmup", env=env)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert _stage_pids(timings)[-1] == pid  # the command's own process ran the stage
+    reference = {p.name: p.read_bytes() for p in run_dir.glob("*.safetensors")}
+    history = _no_timings(run_dir / "history.parquet")
+    shutil.rmtree(work / "runs")
+
+    server, served = start_fork_server(work, env)
+    try:
+        forked, pid = run("run", "warmup", env=served)
+        assert forked.returncode == 0, forked.stderr[-3000:]
+        assert _stage_pids(timings)[-1] != pid  # a child of the server ran it
+        assert "Finished in state Completed()" in forked.stdout + forked.stderr  # its output reached the caller
+        assert {p.name: p.read_bytes() for p in run_dir.glob("*.safetensors")} == reference and "model.safetensors" in reference
+        assert _no_timings(run_dir / "history.parquet").equals(history)
+        assert len(history) == 2
+
+        bad, pid = run("run", "aggregate", "--run", "nosuch", env=served)  # an error: same status, same message
+        assert bad.returncode == 1 and "aggregate --run 'nosuch' is unknown" in bad.stderr, bad.stderr
+        assert _stage_pids(timings)[-1] != pid
+
+        other, pid = run("run", "aggregate", "--run", "nosuch", env={**served, "SPARSEFLOW_SOMETHING": "1"})
+        assert other.returncode == 1 and "is unknown" in other.stderr
+        assert _stage_pids(timings)[-1] == pid  # refused: ran in its own process
+
+        report = work / "sparse_core" / "report.py"  # code changed under the server: it stops serving
+        report.write_text(report.read_text() + "\n# edited\n")
+        stale, pid = run("run", "aggregate", "--run", "nosuch", env=served)
+        assert stale.returncode == 1 and _stage_pids(timings)[-1] == pid
+        server.wait(timeout=20)
+        assert not Path(served[forkserver.ENV]).exists()
+        log = (work.parent / f"fork-{work.name}.log").read_text()
+        assert "environment variable SPARSEFLOW_SOMETHING differs" in log and "report.py changed since the server started" in log
+    finally:
+        terminate(server)
+    assert os.path.exists(work / "params.yaml")
