@@ -60,6 +60,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fanout import BIN, REPO, prefect_server  # noqa: E402  (one Prefect-server helper for the benchmarks)
+from flows import forkserver  # noqa: E402
 
 STUB_REPORT = """
 import sys, types
@@ -120,6 +121,9 @@ def _api_count(api: str, path: str, body: dict) -> list[dict]:
 
 
 # ----- (a) one stage as a fresh process ---------------------------------------------------------
+FORKED = "real stage through the fork server (with-server)"
+
+
 def stage_costs(rounds: int, profile: str | None) -> None:
     raw = read_params(REPO / "profiles" / f"{profile}.yaml" if profile else REPO / "params.yaml")
     with tempfile.TemporaryDirectory(prefix="sparseflow-orch-") as tmp:
@@ -132,7 +136,8 @@ def stage_costs(rounds: int, profile: str | None) -> None:
             path = work / raw["base"]["metrics_dir"] / "seeds" / f"s{seed}" / f"{model}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"test": {"accuracy": 0.9 + 0.01 * seed, "nll": 0.3}, "sparsity": 0.9}))
-        timings = Path(tmp) / "timings.jsonl"
+        timings, forked_timings = Path(tmp) / "timings.jsonl", Path(tmp) / "forked-timings.jsonl"
+        sock = Path(tmp) / "fork.sock"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(Path(tmp) / "home"),
                "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
         env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
@@ -146,11 +151,20 @@ def stage_costs(rounds: int, profile: str | None) -> None:
             "no-op stage (target <= 1.5 s)": ([py, "-c", STUB_REPORT, *stage], {}),
             "no-op stage, Prefect heartbeats on": ([py, "-c", STUB_REPORT, *stage], {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}),
             f"real stage: sparseflow run aggregate --run {model}": ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(timings)}),
+            FORKED: ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(forked_timings), forkserver.ENV: str(sock)}),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         stage_runs = 0
         with prefect_server(Path(tmp) / "home") as api:
             env["PREFECT_API_URL"] = api
+            # The fork server that `sparseflow with-server` starts, with the environment of the
+            # stage commands it serves (the same, or it refuses them).
+            forks = subprocess.Popen([py, "-m", "flows.forkserver", str(sock)], cwd=work, env={**env, **variants[FORKED][1]},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            while not sock.exists():
+                if forks.poll() is not None:
+                    raise RuntimeError("the fork server did not start")
+                time.sleep(0.2)
             for r in range(rounds + 1):  # round 0 warms the server's database and the file cache
                 names = list(variants)
                 names = names[r % len(names):] + names[: r % len(names)]  # rotate the order every round
@@ -162,17 +176,25 @@ def stage_costs(rounds: int, profile: str | None) -> None:
                         times[name].append(seconds)
                 if r == 0:
                     timings.unlink(missing_ok=True)
+                    forked_timings.unlink(missing_ok=True)
+            forks.terminate()
+            forks.wait()
             flow_runs = _api_count(api, "flow_runs/filter", {"flow_runs": {"name": {"any_": [f"aggregate-{model}"]}}, "limit": 200})
             time.sleep(2)  # task runs arrive as events
             task_runs = _api_count(api, "task_runs/filter", {"limit": 200})
         records = read_timings(timings)
         work_s = [w["end"] - w["start"] for w in records if w["kind"] == "work"]
         import_s = [w["start"] - w["import_start"] for w in records if w["kind"] == "work"]
+        forked = read_timings(forked_timings)
+        forked_import_s = [w["start"] - w["import_start"] for w in forked if w["kind"] == "work"]
+        forked_pids = {s["pid"] for s in forked if s["kind"] == "stage"}
     print(f"(a) one stage as a fresh process against a running Prefect server; {rounds} rounds (+1 warm-up), "
           f"median [min .. max]; params: {profile or 'params.yaml'}; {os.cpu_count()} cores")  # fmt: skip
     for name, values in times.items():
         print(f"  {name:55s} {spread(values)}")
     print(f"  real stage: its work {spread(work_s)}; importing its library (sparse_core.aggregate: pandas, ...) {spread(import_s)}")
+    print(f"  through the fork server: importing its library {spread(forked_import_s)} (0: imported by the server) "
+          f"in {len(forked_pids)} stage processes")  # fmt: skip
     completed = sum(r["state_type"] == "COMPLETED" for r in flow_runs)
     print(f"  server: {completed}/{len(flow_runs)} completed flow runs aggregate-{model} for {stage_runs} stage processes; "
           f"{sum(t['state_type'] == 'COMPLETED' for t in task_runs)} completed task runs")  # fmt: skip
@@ -193,7 +215,8 @@ def copy_workspace(src: Path, dest: Path) -> None:
 def repro(workspace: Path, profile: str | None, in_place: bool, force: bool) -> None:
     mirror = os.environ.get("SPARSEFLOW_DATA_MIRROR", str(REPO.parent / "shared" / "data"))
     with tempfile.TemporaryDirectory(prefix="sparseflow-repro-") as tmp:
-        timings = Path(tmp) / "timings.jsonl"
+        timings, forked_timings = Path(tmp) / "timings.jsonl", Path(tmp) / "forked-timings.jsonl"
+        sock = Path(tmp) / "fork.sock"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SPARSEFLOW_DATA_MIRROR": mirror,
                "SPARSEFLOW_TIMINGS": str(timings), "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
         env.pop("PREFECT_API_URL", None)  # with-server starts its own, as make repro does

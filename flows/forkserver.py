@@ -128,14 +128,16 @@ def _valid(fd: int) -> bool:
 
 
 # --------------------------------------------------------------------------------- the server
-def preload(root: Path) -> None:
+def preload() -> None:
     """Import what stage processes import: the CLI, Prefect, the stage flows and tasks, and the
-    library module of every stage's job (:func:`flows.stage_code.job_modules`)."""
+    library module of every stage's job (:func:`flows.stage_code.job_modules`, read from the
+    source of the imported project, wherever it is installed)."""
     import importlib
 
+    import flows
     from flows import cli, stage_code, stage_flows  # noqa: F401  (imports Prefect)
 
-    for modules in stage_code.job_modules(root).values():
+    for modules in stage_code.job_modules(Path(flows.__file__).resolve().parent.parent).values():
         for name in sorted(modules):
             importlib.import_module(name)
 
@@ -214,7 +216,7 @@ def serve(socket_path: Path, root: Path) -> tuple[dict, list[int]] | None:
 
     env = dict(os.environ)  # what a caller's environment must equal (before imports change it)
     gc.disable()  # the imports create objects, not garbage (see flows.cli._run_stage)
-    preload(root)
+    preload()
     gc.freeze()
     gc.enable()
     # What the imports set (pandera sets PYARROW_IGNORE_TIMEZONE), as they would in a fresh process.
