@@ -313,6 +313,39 @@ def test_with_server_runs_a_command_against_one_temporary_server(tmp_path, monke
     assert with_server([sys.executable, "-c", "import os, sys; sys.exit(os.environ['PREFECT_API_URL'] != 'http://127.0.0.1:9/api')"]) == 0
 
 
+def test_with_server_runs_a_fork_server_for_the_command(tmp_path, monkeypatch):
+    """The fork server lives exactly as long as the command (its socket listens while the
+    command runs; no process of it is left after); ``fork_server=False`` starts none."""
+    import socket
+
+    from flows import forkserver
+    from flows.server import with_server
+    from flows.signals import descendants
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no Prefect server needed here
+    probe = f"""
+import os, socket, sys, time
+path = os.environ.get({forkserver.ENV!r})
+if path is None:
+    sys.exit(7)
+open(sys.argv[1], "w").write(path)
+deadline = time.monotonic() + 120
+while not os.path.exists(path):  # the server imports torch and Prefect first
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+s = socket.socket(socket.AF_UNIX); s.connect(path); s.close()
+sys.exit(5)
+"""
+    assert with_server([sys.executable, "-c", probe, str(tmp_path / "sock")]) == 5
+    path = Path((tmp_path / "sock").read_text())
+    assert not path.exists() and not path.parent.exists()  # stopped, its folder removed
+    assert not any("flows.forkserver" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+                   for p in descendants(os.getpid()) if Path(f"/proc/{p}/cmdline").exists())  # fmt: skip
+    assert with_server([sys.executable, "-c", probe, str(tmp_path / "none")], fork_server=False) == 7
+    with pytest.raises(OSError):
+        socket.socket(socket.AF_UNIX).connect(str(path))
+
+
 def test_deploy_a_sweep_and_a_worker_runs_it(tiny_project, prefect_server, mirror):
     """`sparseflow deploy --flow sweep`: the sweep of a workspace as a deployment with the same
     concurrency limit of 1 as the pipeline's; a `sparseflow worker` runs it under the workspace
