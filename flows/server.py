@@ -241,7 +241,7 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
 
-    When ``PREFECT_API_URL`` is set, that server is used and nothing is started. Otherwise a
+    When ``PREFECT_API_URL`` is set, that server is used and no Prefect server is started. Otherwise a
     Prefect server is started on a free 127.0.0.1 port with a temporary ``PREFECT_HOME`` (its
     own SQLite database), ``cmd`` runs with ``PREFECT_API_URL`` pointing at it, and the server is
     stopped (SIGINT, then SIGKILL after 20 s) and its home removed when ``cmd`` ends. Without
