@@ -50,8 +50,8 @@ import sys
 import time
 from pathlib import Path
 
-#: Environment variable naming the server's socket (set by ``sparseflow with-server``).
-ENV = "SPARSEFLOW_FORK_SERVER"
+from flows.server import FORK_SERVER_ENV as ENV  # the socket's path; set by `sparseflow with-server`
+
 #: Environment variables a command may have that differ from the server's.
 FREE_ENV = ("PWD", "OLDPWD", "SHLVL", "_")
 FREE_ENV_PREFIX = "DVC_"

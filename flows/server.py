@@ -237,6 +237,11 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
         load_params(params)
 
 
+#: Environment variable naming the fork server's socket (:mod:`flows.forkserver`; defined here
+#: because the fork server imports the CLI, which imports this module).
+FORK_SERVER_ENV = "SPARSEFLOW_FORK_SERVER"
+
+
 def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True) -> int:
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
@@ -265,7 +270,7 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
     """
     import tempfile
 
-    from flows import forkserver, signals
+    from flows import signals
 
     validate_before_dvc(cmd)
     home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
@@ -281,9 +286,9 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
                 server = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, own),
                                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
             if fork_server:
-                env[forkserver.ENV] = str(home / "fork.sock")
+                env[FORK_SERVER_ENV] = str(home / "fork.sock")
                 # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
-                forks = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[forkserver.ENV]], env=env,
+                forks = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[FORK_SERVER_ENV]], env=env,
                                          stdin=subprocess.DEVNULL, stdout=fork_log, stderr=subprocess.STDOUT,
                                          start_new_session=True)  # fmt: skip
             if server is not None:
