@@ -61,10 +61,7 @@ _HEADER = struct.Struct("!Q")
 # --------------------------------------------------------------------------------- the caller
 def _recv_line(sock: socket.socket, buf: bytearray) -> str | None:
     while b"\n" not in buf:
-        try:
-            chunk = sock.recv(4096)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-            continue
+        chunk = sock.recv(4096)
         if not chunk:
             return None
         buf.extend(chunk)
@@ -187,11 +184,6 @@ def refusal(request: dict, root: Path, env: dict[str, str]) -> str | None:
     return None
 
 
-class _Client:
-    def __init__(self, conn: socket.socket, pid: int) -> None:
-        self.conn, self.pid = conn, pid
-
-
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     conn.settimeout(10)
     msg, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
@@ -237,17 +229,16 @@ def serve(socket_path: Path, root: Path) -> tuple[dict, list[int]] | None:
     listener.listen(16)
     os.replace(tmp, socket_path)  # callers never see a socket that is not listening yet
     print(f"fork server: {len(sources)} project modules loaded; listening on {socket_path}", flush=True)
-    clients: dict[int, _Client] = {}
+    clients: dict[int, socket.socket] = {}  # child pid -> its caller's connection
     me = os.getpid()
     try:
         while not stop and os.getppid() == parent:
             _reap(clients)
-            ready, _, _ = select.select([listener, *(c.conn for c in clients.values())], [], [], 0.2)
+            ready, _, _ = select.select([listener, *clients.values()], [], [], 0.2)
             for conn in ready:
                 if conn is not listener:  # a caller went away (or sent more): stop its child
-                    client = next(c for c in clients.values() if c.conn is conn)
                     if not conn.recv(1):
-                        _signal(client.pid, signal.SIGTERM)
+                        _signal(next(pid for pid, c in clients.items() if c is conn), signal.SIGTERM)
                     continue
                 sock, _ = listener.accept()
                 try:
@@ -271,17 +262,15 @@ def serve(socket_path: Path, root: Path) -> tuple[dict, list[int]] | None:
                 if pid == 0:  # the child: leave the server's loop with its command
                     listener.close()
                     for c in clients.values():
-                        c.conn.close()
+                        c.close()
                     sock.close()
                     request["env"] = {**request["env"], **imported_env}
                     return request, fds
                 for fd in fds:
                     os.close(fd)
-                if _send(sock, f"pid {pid}"):
-                    clients[pid] = _Client(sock, pid)
-                else:
+                clients[pid] = sock
+                if not _send(sock, f"pid {pid}"):  # the caller is gone already
                     _signal(pid, signal.SIGTERM)
-                    clients[pid] = _Client(sock, pid)
     finally:
         if os.getpid() == me:
             listener.close()
@@ -289,8 +278,8 @@ def serve(socket_path: Path, root: Path) -> tuple[dict, list[int]] | None:
                 socket_path.unlink()
             except FileNotFoundError:
                 pass
-            for client in clients.values():
-                _signal(client.pid, signal.SIGTERM)
+            for pid in clients:
+                _signal(pid, signal.SIGTERM)
     return None
 
 
@@ -309,7 +298,8 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _reap(clients: dict[int, _Client]) -> None:
+def _reap(clients: dict[int, socket.socket]) -> None:
+    """Report every ended child's status to its caller (``exit N`` or ``signal N``)."""
     while clients:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -317,14 +307,11 @@ def _reap(clients: dict[int, _Client]) -> None:
             return
         if pid == 0:
             return
-        client = clients.pop(pid, None)
-        if client is None:
+        conn = clients.pop(pid, None)
+        if conn is None:
             continue
-        if os.WIFSIGNALED(status):
-            _send(client.conn, f"signal {os.WTERMSIG(status)}")
-        else:
-            _send(client.conn, f"exit {os.waitstatus_to_exitcode(status)}")
-        client.conn.close()
+        _send(conn, f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}")
+        conn.close()
 
 
 def child_main(request: dict, fds: list[int]) -> None:
