@@ -2,7 +2,8 @@
 
     sparseflow validate [--params params.yaml]
     sparseflow methods               # the registered methods (the README's method table)
-    sparseflow deps [--write]        # each stage's code deps (from the import graph) / write them into the dvc.yaml files
+    sparseflow deps [--write]        # each stage's code (from the import graph) / its manifest as its dep in the dvc.yaml files
+    sparseflow deps --manifests DIR  # write the per-stage code manifests (the `code` stage of dvc.yaml)
     sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
     sparseflow run train --method dpf [--seed 1]   # run-level stages take --seed (default: base.seeds[0])
     sparseflow run retrain --run dpf
@@ -109,8 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate params.yaml and print the resolved config")
     v.add_argument("--params", default="params.yaml")
     sub.add_parser("methods", help="list the registered methods as a markdown table")
-    dp = sub.add_parser("deps", help="each stage's code (its import closure); --write puts it in the dvc.yaml files")
+    dp = sub.add_parser("deps", help="each stage's code (its import closure); --write puts each stage's manifest "
+                        "into the dvc.yaml files; --manifests DIR writes the manifests (the `code` stage)")
     dp.add_argument("--write", action="store_true")
+    dp.add_argument("--manifests", type=Path, metavar="DIR")
+    dp.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
     r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
     r.add_argument("--params", default="params.yaml")
@@ -338,9 +342,13 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             if args.write:
                 for path in stage_code.write_all(root):
                     print(f"sparseflow deps: updated {path}")
-            else:
-                for stage in sorted(stage_code.job_modules(root)):
-                    print(f"{stage}: {' '.join(stage_code.stage_deps(root, stage))}")
+            if args.manifests is not None:
+                n = stage_code.write_manifests(root, load_params(args.params), args.manifests)
+                print(f"sparseflow deps: wrote {n} manifests to {args.manifests}/")
+            if not (args.write or args.manifests):
+                for rel, text in stage_code.manifests(root, load_params(args.params)).items():
+                    files = [line.split("  ", 1)[1] for line in text.splitlines() if not line.startswith("#")]
+                    print(f"{rel.removesuffix('.txt')}: {' '.join(files)}")
         elif args.command == "run":
             _run_stage(args, console)
         elif args.command == "local-worker":

@@ -5,35 +5,79 @@ tasks (:mod:`tasks.stage_tasks`) import the library module of their job by name
 (:func:`tasks.timing.stage_work`). Its code is therefore the import closure
 (:mod:`sparse_core.imports`, read from the source) of ``flows.stage_flows`` and of the job
 modules named by the tasks that the stage's flow uses, found by reading those two files, plus
-the modules loaded by name at run time: every method module (:mod:`sparse_core.methods.registry`
-imports a method's class when it is built) where methods are built, and every model module
-where models are built. ``flows/cli.py`` (the dispatcher) is listed as a file of its own.
+the modules loaded by name at run time: every model module where models are built, and the
+method modules of the methods the stage builds (:mod:`sparse_core.methods.registry` imports a
+method's class when it is built). ``flows/cli.py`` (the dispatcher) is listed as a file of its own.
 
-In ``dvc.yaml`` a folder whose every file the stage runs is listed as the folder
-(:func:`collapse`): the same files, one entry instead of several. Every entry costs DVC a
-block in ``dvc.lock``, which it parses and rewrites (ruamel.yaml, round trip) after every
-stage, so the lock file's size is paid once per stage (README, "Orchestration").
+**Which methods a stage builds.** A stage whose items each run one method or run
+(:data:`ITEMS`: ``train@<method>``, ``evaluate@<run>``, ...) builds that run's method, the
+member method of a ``members`` ensemble (``train.dst_ensemble.method``), the sparse method of a
+``local_*`` run (``local.sparse_method``) and, for a ``<run>_retrain`` run, the internal
+``retrain`` method (:func:`methods_of`); ``warmup`` builds ``dense`` (:data:`FIXED`); any other
+stage that reaches the method base class counts every method module. Every stage that reads the
+registry also depends on every method *declaration* (the registry scans all method files for
+them), but not on the rest of the other methods' files: an edit inside ``mest.py`` re-runs the
+stages that build ``mest`` only.
 
-``sparseflow deps`` prints these lists; ``sparseflow deps --write`` puts them in the ``deps``
-of every stage of ``dvc.yaml``, ``curves/dvc.yaml`` and ``analysis/dvc.yaml``;
-``tests/test_stage_code.py`` fails when the files drift from them. The training stages'
-run fingerprint (:func:`sparse_core.jobs.rundirs.code_fingerprint`) hashes the library part
-of the same set.
+**Manifests.** The ``code`` stage of ``dvc.yaml`` (``sparseflow deps --manifests stage_code``)
+writes one small file per stage, or per item of an :data:`ITEMS` stage:
+``stage_code/<stage>.txt`` or ``stage_code/<stage>/<method or run>.txt``, holding the sha256
+of every file the stage runs (``sha256sum`` format), the methods it builds and a digest of the
+method declarations. Each stage lists its manifest as its one code dependency
+(``sparseflow deps --write`` puts them in ``dvc.yaml``, ``curves/dvc.yaml`` and
+``analysis/dvc.yaml``; ``tests/test_stage_code.py`` fails when they drift). DVC re-runs a
+stage when its manifest's bytes change, i.e. when a file it runs changes, and the ``code``
+stage itself re-runs on any source change (about a second). Two reasons for the indirection:
+
+* DVC gives all items of a ``matrix`` stage one ``deps`` list, where only ``${item.*}``
+  interpolation varies; the method a ``dst_ensemble`` or ``local_*`` item runs is chosen by
+  params, so only a file written from params can name its code.
+* DVC parses and rewrites the whole ``dvc.lock`` (ruamel.yaml, round trip) after every stage,
+  so the lock's size is paid once per stage (README, "Orchestration"); one manifest entry per
+  stage instead of 20 to 35 code entries halves it.
+
+What DVC's ``dvc status`` reports follows: after an edit it names the ``code`` stage (its
+folders changed); once ``code`` has run (``dvc repro code``), it names the stages whose
+manifests changed. The training stages' run fingerprint
+(:func:`sparse_core.jobs.rundirs.code_fingerprint`) hashes the library code of training with
+every method (a checkpoint is resumed only by the same code).
 """
 
 from __future__ import annotations
 
 import ast
-import os
+import dataclasses
+import functools
+import hashlib
 import re
+import shutil
 from pathlib import Path
+from typing import Any
 
-from sparse_core.imports import closure, import_graph, library_code, project_modules
+from sparse_core.imports import DYNAMIC, closure, import_graph, library_code, project_modules
+from sparse_core.methods.registry import MethodSpec, scan_file
 
 FLOWS, TASKS = "flows/stage_flows.py", "tasks/stage_tasks.py"
 ENTRY = "flows.stage_flows"
 CLI_FILE = "flows/cli.py"
 DVC_FILES = ("dvc.yaml", "curves/dvc.yaml", "analysis/dvc.yaml")
+MANIFESTS = "stage_code"
+METHODS_PACKAGE, REGISTRY = "sparse_core.methods", "sparse_core.methods.registry"
+METHODS_DIR = "sparse_core/methods"
+#: Stages whose items each run one method or run (``--method``/``--run`` in their command),
+#: with the params lists that name the items.
+ITEMS = {
+    "train": ("train.methods",),
+    "curves": ("curves.methods",),
+    "retrain": ("retrain.runs",),
+    "evaluate": ("evaluate.runs",),
+    "collect": ("collect.ensembles",),
+    "evaluate_ensemble": ("collect.ensembles",),
+}
+#: Stages without items that build a fixed set of methods.
+FIXED = {"warmup": ("dense",)}
+#: The params keys that choose the other methods an item builds (:func:`methods_of`).
+MEMBER_KEYS = ("train.dst_ensemble.method", "local.sparse_method")
 
 
 def _functions(path: Path) -> dict[str, ast.FunctionDef]:
@@ -71,75 +115,160 @@ def job_modules(root: Path) -> dict[str, set[str]]:
     return stages
 
 
-def stage_files(root: Path, stage: str, graph: dict[str, set[str]] | None = None) -> list[str]:
+def stage_files(root: Path, stage: str, graph: dict[str, set[str]] | None = None,
+                method_modules: list[str] | None = None) -> list[str]:
     """The source files (relative, sorted) that stage ``stage`` runs.
+
+    Args:
+        method_modules: the modules of the methods the stage builds (:func:`methods_of`); None
+            counts every method module where the stage reaches the method base class.
 
     Raises:
         KeyError: no flow ``_<stage>_flow`` in ``flows/stage_flows.py``.
     """
     graph = graph if graph is not None else import_graph(root)
-    jobs = job_modules(root)[stage]
-    modules = closure(graph, ENTRY) | library_code(graph, sorted(jobs), root)
+    jobs = sorted(job_modules(root)[stage])
+    if method_modules is None:
+        modules = closure(graph, ENTRY) | library_code(graph, jobs, root)
+    else:
+        dynamic = {k: v for k, v in DYNAMIC.items() if v != METHODS_PACKAGE}
+        modules = closure(graph, ENTRY) | library_code(graph, jobs + list(method_modules), root, dynamic)
     paths = project_modules(root)
     return sorted({paths[m].relative_to(root).as_posix() for m in modules} | {CLI_FILE})
 
 
-def _dvc_files(root: Path, folder: str) -> frozenset[str]:
-    """The files DVC hashes for a folder dependency ``folder``: all files below it except
-    ``__pycache__/`` folders and ``*.pyc`` (what the project's ``.dvcignore`` leaves out)."""
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(root / folder):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        found.update((Path(dirpath) / f).relative_to(root).as_posix() for f in filenames if not f.endswith(".pyc"))
-    return frozenset(found)
+def method_specs(root: Path) -> dict[str, MethodSpec]:
+    """The method declarations under ``root`` (``sparse_core/methods/*.py``, read with
+    :func:`~sparse_core.methods.registry.scan_file`, nothing imported), in file order."""
+    specs: dict[str, MethodSpec] = {}
+    for path in sorted((root / METHODS_DIR).glob("*.py")):
+        if path.name != "registry.py":
+            specs.update((s.name, s) for s in scan_file(path))
+    return specs
 
 
-def collapse(root: Path, files: list[str]) -> list[str]:
-    """``files`` (relative paths) with every folder whose files are all in ``files`` written as
-    the folder (the highest such folder; the project root never), sorted.
-
-    DVC hashes a folder dependency as the set of its files, so the entries cover exactly the
-    same files; a file added to such a folder later changes the folder's hash, which is right
-    for ``sparse_core/methods/`` (the registry reads every method file) and is otherwise caught
-    by ``tests/test_stage_code.py`` (the folder no longer collapses).
-    """
-    wanted = set(files)
-    cache: dict[str, bool] = {}
-
-    def covered(folder: str) -> bool:
-        if folder not in cache:
-            cache[folder] = _dvc_files(root, folder) <= wanted
-        return cache[folder]
-
-    out = set()
-    for f in wanted:
-        parts = f.split("/")
-        out.add(next(("/".join(parts[:i]) for i in range(1, len(parts)) if covered("/".join(parts[:i]))), f))
-    return sorted(out)
+def declarations_digest(specs: dict[str, MethodSpec]) -> str:
+    """sha256 of every declaration's fields, in file order (its ``file:line`` left out: an edit
+    above a declaration moves it without changing it)."""
+    h = hashlib.sha256()
+    for spec in specs.values():
+        h.update(repr({k: v for k, v in dataclasses.asdict(spec).items() if k != "source"}).encode())
+    return h.hexdigest()
 
 
-def stage_deps(root: Path, stage: str, graph: dict[str, set[str]] | None = None) -> list[str]:
-    """The code deps of stage ``stage`` as written in ``dvc.yaml``: :func:`stage_files` through
-    :func:`collapse`."""
-    return collapse(root, stage_files(root, stage, graph))
-
-
-_CMD = re.compile(r"^\s*cmd: sparseflow run (\w+)")
-_CODE = re.compile(r"^(\s*)- (sparse_core|tasks|flows)(/\S*)?\s*$")
-
-
-def rewrite_deps(text: str, files_of: dict[str, list[str]]) -> str:
-    """``text`` (a dvc.yaml) with each stage's code deps (the run of ``- sparse_core…``,
-    ``- tasks/…``, ``- flows/…`` lines in its ``deps``) replaced by ``files_of[<its CLI stage>]``;
-    other deps (data, upstream outputs) and everything else stay as written.
+def methods_of(specs: dict[str, MethodSpec], params: Any, run: str) -> list[str]:
+    """The methods a stage item for ``run`` (a method name or ``<method>_retrain``) builds: the
+    run's method; ``train.dst_ensemble.method`` for a ``members`` ensemble; ``local.sparse_method``
+    for a ``local_*`` run; ``retrain`` for a fine-tuned run (whose evaluation also costs the run
+    it started from, :func:`sparse_core.jobs.scoring.run_cost`).
 
     Raises:
-        ValueError: a stage whose command is not ``sparseflow run <stage>``, or whose deps hold
-            no code entry to replace.
+        ValueError: ``run`` names no declared method.
+    """
+    method = run if run in specs else run.removesuffix("_retrain")
+    if method not in specs:
+        raise ValueError(f"{run!r} is neither a declared method nor <method>_retrain; declared: {', '.join(specs)}")
+    found = [method]
+    members, sparse = MEMBER_KEYS
+    if specs[method].ensemble == "members":
+        found.append(_param(params, members))
+    if specs[method].family == "local":
+        found.append(_param(params, sparse))
+    if method != run:
+        found.append("retrain")
+    return list(dict.fromkeys(found))
+
+
+def _param(params: Any, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), params)
+
+
+def manifests(root: Path, params: Any) -> dict[str, str]:
+    """``{path relative to stage_code/: text}`` for every stage, and for every item of the
+    :data:`ITEMS` stages named in ``params`` (a :class:`~sparse_core.config.Params`)."""
+    graph, specs, jobs = import_graph(root), method_specs(root), job_modules(root)
+    digest = declarations_digest(specs)
+    reads_registry = {m for m, targets in graph.items() if REGISTRY in targets} | {REGISTRY}
+
+    @functools.cache
+    def sha256(rel: str) -> str:
+        return hashlib.sha256((root / rel).read_bytes()).hexdigest()
+
+    def text(stage: str, title: str, methods: tuple[str, ...] | None) -> str:
+        mods = None if methods is None else [specs[m].module for m in methods]
+        files = stage_files(root, stage, graph, mods)
+        paths = project_modules(root)
+        lines = [f"# {title}: the code it runs (flows/stage_code.py; written by the `code` stage of dvc.yaml)"]
+        if methods is not None:
+            lines.append(f"# methods built: {' '.join(methods)}")
+        if any(paths[m].relative_to(root).as_posix() in files for m in reads_registry if m in paths):
+            lines.append(f"# method declarations (every file of {METHODS_DIR}/): {digest}")
+        lines += [f"{sha256(f)}  {f}" for f in files]
+        return "\n".join(lines) + "\n"
+
+    out = {}
+    for stage in sorted(jobs):
+        if stage not in ITEMS:
+            out[f"{stage}.txt"] = text(stage, f"sparseflow run {stage}", FIXED.get(stage))
+    for stage, keys in ITEMS.items():
+        arg = "--method" if stage in ("train", "curves") else "--run"
+        for run in dict.fromkeys(r for k in keys for r in _param(params, k)):
+            out[f"{stage}/{run}.txt"] = text(stage, f"sparseflow run {stage} {arg} {run}", tuple(methods_of(specs, params, run)))
+    return out
+
+
+def write_manifests(root: Path, params: Any, folder: Path) -> int:
+    """Write :func:`manifests` into ``folder`` (replaced as a whole: built beside it, then
+    renamed); returns the number of files."""
+    files = manifests(root, params)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel, body in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(body, encoding="utf-8")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return len(files)
+
+
+_CMD = re.compile(r"^\s*cmd: sparseflow (run (\w+)(?:.*?--(?:method|run) (\S+))?|deps\b.*)")
+_CODE = re.compile(rf"^(\s*)- (sparse_core|tasks|flows|{MANIFESTS})(/\S*)?\s*$")
+
+
+def manifest_dep(stage: str, item: str | None) -> str:
+    """The code dependency of stage ``stage`` in a dvc.yaml: ``stage_code/<stage>/<item>.txt``
+    for the :data:`ITEMS` stages (``item`` is the ``--method``/``--run`` argument of the
+    command, e.g. ``${item.method}``), else ``stage_code/<stage>.txt``.
+
+    Raises:
+        ValueError: an :data:`ITEMS` stage whose command names no method or run.
+    """
+    if stage in ITEMS:
+        if item is None:
+            raise ValueError(f"stage {stage!r} runs one method or run per item, but its command has no --method/--run")
+        return f"{MANIFESTS}/{stage}/{item}.txt"
+    return f"{MANIFESTS}/{stage}.txt"
+
+
+def rewrite_deps(text: str, stages: set[str]) -> str:
+    """``text`` (a dvc.yaml) with each stage's code deps (the run of ``- sparse_core…``,
+    ``- tasks…``, ``- flows…``, ``- stage_code…`` lines in its ``deps``) replaced by its
+    :func:`manifest_dep`; the ``code`` stage (``sparseflow deps …``), other deps and everything
+    else stay as written. ``stages``: the stages with a flow.
+
+    Raises:
+        ValueError: a command that is neither ``sparseflow run <stage>`` nor ``sparseflow deps``,
+            a stage without a flow, or a stage whose deps hold no code entry to replace.
     """
     lines = text.splitlines(keepends=True)
     out: list[str] = []
-    stage: str | None = None
+    current: str | None = None
     seen: list[str] = []
     replaced: set[str] = set()
     i = 0
@@ -149,37 +278,37 @@ def rewrite_deps(text: str, files_of: dict[str, list[str]]) -> str:
             m = _CMD.match(line)
             if not m:
                 raise ValueError(f"line {i + 1}: {line.strip()!r} is not `sparseflow run <stage>`")
-            stage = m.group(1)
-            if stage not in files_of:
-                raise ValueError(f"line {i + 1}: stage {stage!r} has no flow in {FLOWS}")
-            seen.append(stage)
+            stage, current = m.group(2), None
+            if stage is not None:
+                if stage not in stages:
+                    raise ValueError(f"line {i + 1}: stage {stage!r} has no flow in {FLOWS}")
+                current = manifest_dep(stage, m.group(3))
+                seen.append(current)
         code = _CODE.match(line)
-        if code and stage is not None:
-            indent = code.group(1)
+        if code and current is not None:
             while i < len(lines) and _CODE.match(lines[i]):
                 i += 1
-            out.extend(f"{indent}- {f}\n" for f in files_of[stage])
-            replaced.add(stage)
+            out.append(f"{code.group(1)}- {current}\n")
+            replaced.add(current)
             continue
         out.append(line)
         i += 1
     missing = [s for s in seen if s not in replaced]
     if missing:
-        raise ValueError(f"stages {missing} list no code deps (sparse_core/..., tasks/..., flows/...) to replace")
+        raise ValueError(f"stages with code deps {missing} list no code deps (sparse_core/..., tasks/..., flows/..., "
+                         f"{MANIFESTS}/...) to replace")
     return "".join(out)
 
 
 def write_all(root: Path) -> list[Path]:
     """Rewrite the code deps of every stage in :data:`DVC_FILES`; returns the files changed."""
-    graph = import_graph(root)
-    stages = job_modules(root)
-    files_of = {s: stage_deps(root, s, graph) for s in stages}
+    stages = set(job_modules(root))
     changed = []
     for name in DVC_FILES:
         path = root / name
         old = path.read_text(encoding="utf-8")
         try:
-            new = rewrite_deps(old, files_of)
+            new = rewrite_deps(old, stages)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         if new != old:

@@ -146,12 +146,13 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 DYNAMIC = {"sparse_core.methods.base": "sparse_core.methods", "sparse_core.models.builders": "sparse_core.models"}
 
 
-def library_code(graph: dict[str, set[str]], start: str | list[str], root: Path) -> set[str]:
-    """The closure of ``start`` with the modules of :data:`DYNAMIC` it loads by name (and
-    their closures): the code a job runs."""
+def library_code(graph: dict[str, set[str]], start: str | list[str], root: Path,
+                 dynamic: dict[str, str] | None = None) -> set[str]:
+    """The closure of ``start`` with the modules of :data:`DYNAMIC` (or ``dynamic``) it loads by
+    name (and their closures): the code a job runs."""
     modules = closure(graph, start)
     names = project_modules(root)
-    for trigger, package in DYNAMIC.items():
+    for trigger, package in (DYNAMIC if dynamic is None else dynamic).items():
         if trigger in modules:
             modules |= closure(graph, [m for m in names if m.startswith(package + ".")])
     return modules

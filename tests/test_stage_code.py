@@ -1,6 +1,7 @@
-"""Stages re-run only what a change touches (issue 14, part 5): each DVC stage's code deps are
-the modules it imports (flows.stage_code), the dvc.yaml files hold exactly those, and a real
-``dvc status`` after an edit names exactly the stages that run the edited file."""
+"""Stages re-run only what a change touches (issue 14, part 5): each DVC stage's code is the
+modules it imports plus the methods it builds (flows.stage_code), written as a manifest by the
+``code`` stage; the dvc.yaml files list exactly those manifests, and a real ``dvc status`` after an
+edit (and the ``code`` stage) names exactly the stages that run the edited file."""
 
 from __future__ import annotations
 
@@ -10,19 +11,34 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from flows.stage_code import DVC_FILES, collapse, job_modules, rewrite_deps, stage_deps, stage_files
+from flows.stage_code import (DVC_FILES, ITEMS, MEMBER_KEYS, declarations_digest, job_modules, manifests,
+                              method_specs, methods_of, rewrite_deps, stage_files, write_manifests)  # fmt: skip
+from sparse_core.config import load_params
 from sparse_core.imports import import_graph, library_code, project_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dvc_files_hold_the_computed_code_deps():
-    graph = import_graph(ROOT)
-    files_of = {s: stage_deps(ROOT, s, graph) for s in job_modules(ROOT)}
+def test_dvc_files_hold_the_manifest_deps():
+    stages = set(job_modules(ROOT))
     for name in DVC_FILES:
         text = (ROOT / name).read_text(encoding="utf-8")
-        assert rewrite_deps(text, files_of) == text, f"{name}: code deps are stale; run `sparseflow deps --write`"
+        assert rewrite_deps(text, stages) == text, f"{name}: code deps are stale; run `sparseflow deps --write`"
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        code = [d for d in stage.get("do", stage).get("deps", []) if d.split("/")[0] in ("sparse_core", "tasks", "flows", "stage_code")]
+        assert code == (["flows", "sparse_core", "tasks"] if name == "code" else [d for d in code if d.startswith("stage_code/")]), name
+        assert name == "code" or len(code) == 1, f"{name}: one manifest, got {code}"
+
+
+def test_the_code_stage_depends_on_what_the_manifests_read():
+    """Its params are whole sections (a params file may leave a key to its default); every key
+    the manifests read is inside one of them."""
+    code = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["code"]
+    read = [k for keys in ITEMS.values() for k in keys] + list(MEMBER_KEYS)
+    assert {k.split(".")[0] for k in read} <= set(code["params"]) and all("." not in p for p in code["params"])
+    assert code["outs"] == [{"stage_code": {"cache": False}}] and "--manifests stage_code" in code["cmd"]
 
 
 def test_each_stage_runs_its_own_job():
@@ -32,13 +48,17 @@ def test_each_stage_runs_its_own_job():
     report, train = stage_files(ROOT, "report"), stage_files(ROOT, "train")
     assert "sparse_core/report.py" in report and "sparse_core/engine.py" not in report
     assert "sparse_core/report.py" not in train and "sparse_core/corruptions.py" not in train
-    # Methods and models are loaded by name (registries): every training stage lists them all.
+    # Without a method list, a training stage counts every method module; models are always all.
     assert {"sparse_core/methods/gradual.py", "sparse_core/methods/topkast.py", "sparse_core/models/small.py"} <= set(train)
+    dpf = set(stage_files(ROOT, "train", method_modules=["sparse_core.methods.gradual"]))
+    assert {"sparse_core/methods/gradual.py", "sparse_core/methods/base.py", "sparse_core/models/small.py"} <= dpf
+    assert not {"sparse_core/methods/dst.py", "sparse_core/methods/topkast.py"} & dpf
 
 
 def test_the_fingerprint_hashes_what_training_runs():
-    """The run fingerprint (code_fingerprint) hashes the library part of the training stages'
-    deps: a report or corruption change leaves checkpoints resumable, an engine change does not."""
+    """The run fingerprint (code_fingerprint) hashes the library part of the training stage's
+    code with every method: a report or corruption change leaves checkpoints resumable, an
+    engine change does not."""
     code = library_code(import_graph(ROOT), "sparse_core.jobs.training", ROOT)
     train = {f for f in stage_files(ROOT, "train") if f.startswith("sparse_core/")}
     paths = {m: p.relative_to(ROOT).as_posix() for m, p in project_modules(ROOT).items()}
@@ -46,26 +66,52 @@ def test_the_fingerprint_hashes_what_training_runs():
     assert "sparse_core.engine" in code and "sparse_core.report" not in code and "sparse_core.corruptions" not in code
 
 
-def test_collapse_writes_a_folder_only_when_the_stage_runs_all_of_it(tmp_path):
-    for rel in ["a/x.py", "a/y.py", "a/__pycache__/x.cpython-311.pyc", "a/z.pyc", "b/z.py", "b/w.py", "c/d/e.py", "f.py"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("")
-    assert collapse(tmp_path, ["a/x.py", "a/y.py", "b/z.py", "c/d/e.py", "f.py"]) == ["a", "b/z.py", "c", "f.py"]
-    (tmp_path / "a" / "notes.txt").write_text("")  # DVC would hash it too: no longer the folder
-    assert collapse(tmp_path, ["a/x.py", "a/y.py"]) == ["a/x.py", "a/y.py"]
-    # what collapse leaves out is what DVC ignores here
-    assert {"__pycache__/", "*.pyc"} <= set((ROOT / ".dvcignore").read_text().split())
-    # the training stages run every method file (the registry reads them all): one entry
-    assert "sparse_core/methods" in stage_deps(ROOT, "train") and "sparse_core/methods" not in stage_deps(ROOT, "report")
+def test_an_item_builds_its_method_and_the_methods_params_choose():
+    params = load_params(ROOT / "profiles" / "tiny.yaml")
+    specs = method_specs(ROOT)
+    member, sparse = params.train.dst_ensemble.method, params.local.sparse_method
+    assert methods_of(specs, params, "dpf") == ["dpf"]
+    assert methods_of(specs, params, "dpf_retrain") == ["dpf", "retrain"]
+    assert methods_of(specs, params, "dst_ensemble") == ["dst_ensemble", member]
+    assert methods_of(specs, params, "local_greedy") == list(dict.fromkeys(["local_greedy", sparse]))
+    with pytest.raises(ValueError, match="'nope' is neither a declared method"):
+        methods_of(specs, params, "nope")
+    swapped = params.model_copy(update={"train": params.train.model_copy(update={
+        "dst_ensemble": params.train.dst_ensemble.model_copy(update={"method": "mest"})})})  # fmt: skip
+    assert methods_of(specs, swapped, "dst_ensemble") == ["dst_ensemble", "mest"]
+    files = {rel: {line.split("  ", 1)[1] for line in text.splitlines() if not line.startswith("#")}
+             for rel, text in manifests(ROOT, swapped).items()}  # fmt: skip
+    assert "sparse_core/methods/mest.py" in files["train/dst_ensemble.txt"] and "sparse_core/methods/mest.py" not in files["train/rigl.txt"]
+    assert "sparse_core/methods/gradual.py" in files["train/dpf.txt"] and "sparse_core/methods/dst.py" not in files["train/dpf.txt"]
+    assert not any(f.startswith("sparse_core/methods/") and not f.endswith(("base.py", "registry.py", "__init__.py"))
+                   for f in files["warmup.txt"])  # fmt: skip
+    assert {"train/dpf.txt", "evaluate/dpf_retrain.txt", "collect/dst_ensemble.txt", "curves/rigl.txt", "prepare.txt"} <= set(files)
+
+
+def test_the_declarations_digest_ignores_method_bodies(tmp_path):
+    shutil.copytree(ROOT / "sparse_core" / "methods", tmp_path / "sparse_core" / "methods")
+    before = declarations_digest(method_specs(tmp_path))
+    path = tmp_path / "sparse_core" / "methods" / "gradual.py"
+    original = path.read_text()
+    path.write_text("# a new first line moves every declaration\n" + original.replace("return", "return  ", 1))
+    assert declarations_digest(method_specs(tmp_path)) == before
+    path.write_text(original.replace('name="dpf", family="gradual"', 'name="dpf2", family="gradual"'))
+    assert declarations_digest(method_specs(tmp_path)) != before
 
 
 def test_rewrite_refuses_what_it_cannot_map():
     with pytest.raises(ValueError, match="not `sparseflow run <stage>`"):
-        rewrite_deps("stages:\n  x:\n    cmd: python train.py\n    deps:\n      - sparse_core\n", {"train": ["a.py"]})
+        rewrite_deps("stages:\n  x:\n    cmd: python train.py\n    deps:\n      - sparse_core\n", {"train"})
+    with pytest.raises(ValueError, match="has no flow"):
+        rewrite_deps("stages:\n  x:\n    cmd: sparseflow run nope\n    deps:\n      - sparse_core\n", {"train"})
+    with pytest.raises(ValueError, match="has no --method/--run"):
+        rewrite_deps("stages:\n  x:\n    cmd: sparseflow run train\n    deps:\n      - sparse_core\n", {"train"})
     with pytest.raises(ValueError, match="list no code deps"):
-        rewrite_deps("stages:\n  x:\n    cmd: sparseflow run train\n    deps:\n      - data\n", {"train": ["a.py"]})
-    text = "stages:\n  x:\n    cmd: sparseflow run train\n    deps:\n      - data\n      - sparse_core\n      - tasks/t.py\n    outs:\n      - o\n"
-    assert rewrite_deps(text, {"train": ["b.py", "c.py"]}) == text.replace("      - sparse_core\n      - tasks/t.py\n", "      - b.py\n      - c.py\n")
+        rewrite_deps("stages:\n  x:\n    cmd: sparseflow run report\n    deps:\n      - data\n", {"report"})
+    text = ("stages:\n  x:\n    cmd: sparseflow run train --method ${item.m} --seed 1\n    deps:\n      - data\n"
+            "      - sparse_core\n      - tasks/t.py\n    outs:\n      - o\n")  # fmt: skip
+    want = text.replace("      - sparse_core\n      - tasks/t.py\n", "      - stage_code/train/${item.m}.txt\n")
+    assert rewrite_deps(text, {"train"}) == want and rewrite_deps(want, {"train"}) == want
 
 
 def _copy_project(dest: Path) -> None:
@@ -81,19 +127,28 @@ def _copy_project(dest: Path) -> None:
 
 def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
     """In a copy of the project (tiny profile): every stage committed as up to date with
-    placeholder outputs (``dvc commit``, nothing trained), then one file edited at a time."""
+    placeholder outputs (``dvc commit``, nothing trained) and real manifests, then one file
+    edited at a time and the manifests rewritten, as ``dvc repro`` runs the ``code`` stage first."""
     from dvc.repo import Repo
 
     _copy_project(tmp_path)
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    params = load_params("params.yaml")
+
+    def code_stage() -> None:
+        write_manifests(Path("."), params, Path("stage_code"))
+
     try:
         Repo.init(".", no_scm=True)
         repo = Repo(".")
+        code_stage()
         names = [s.addressing for s in repo.index.stages]
         for stage in repo.index.stages:
             for out in stage.outs:
                 path = Path(out.fs_path)
+                if path.exists():
+                    continue
                 if path.suffix:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text("{}")
@@ -108,19 +163,34 @@ def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
             original = path.read_text()
             path.write_text(original + "\n# edited\n")
             try:
+                code_stage()
                 return set(repo.status())
             finally:
                 path.write_text(original)
+                code_stage()
 
         def named(*prefixes: str) -> set[str]:
             return {n for n in names if n.split("@")[0] in prefixes}
 
+        def building(*methods: str) -> set[str]:
+            """The item stages whose run builds one of ``methods``."""
+            specs = method_specs(Path("."))
+            return {n for n in names if n.split("@")[0] in ITEMS
+                    and set(methods) & set(methods_of(specs, params, n.split("@")[1].rsplit("-", 1)[0]))}  # fmt: skip
+
         evaluation = named("evaluate", "collect", "evaluate_ensemble")
         training = named("warmup", "train", "retrain")
-        assert touched("sparse_core/report.py") == {"report"}
-        assert touched("sparse_core/corruptions.py") == {"corrupt"}
-        assert touched("sparse_core/calibration.py") == evaluation
-        assert touched("sparse_core/methods/gradual.py") == training | evaluation  # a method file
-        assert touched("sparse_core/engine.py") == training | evaluation
+        assert touched("sparse_core/report.py") == {"code", "report"}
+        assert touched("sparse_core/corruptions.py") == {"code", "corrupt"}
+        assert touched("sparse_core/calibration.py") == {"code"} | evaluation
+        assert touched("sparse_core/engine.py") == {"code"} | training | evaluation
+        # A method file: only the stages that build one of its methods.
+        gradual = touched("sparse_core/methods/gradual.py")
+        assert gradual == {"code"} | building("gmp", "dpf", "oneshot")
+        assert {"train@dpf-0", "evaluate@dpf_retrain-0", "retrain@dpf-0"} <= gradual
+        assert not {"train@rigl-0", "warmup@0", "collect@dst_ensemble-0", "report"} & gradual
+        dst = touched("sparse_core/methods/dst.py")  # rigl, and the ensembles built on it
+        assert {"train@rigl-0", "train@dst_ensemble-0", "train@edst_ensemble-0", "evaluate_ensemble@dst_ensemble-0"} <= dst
+        assert not {"train@dpf-0", "evaluate@dpf-0"} & dst
     finally:
         os.chdir(cwd)
