@@ -14,10 +14,16 @@ method's class when it is built). ``flows/cli.py`` (the dispatcher) is listed as
 member method of a ``members`` ensemble (``train.dst_ensemble.method``), the sparse method of a
 ``local_*`` run (``local.sparse_method``) and, for a ``<run>_retrain`` run, the internal
 ``retrain`` method (:func:`methods_of`); ``warmup`` builds ``dense`` (:data:`FIXED`); any other
-stage that reaches the method base class counts every method module. Every stage that reads the
-registry also depends on every method *declaration* (the registry scans all method files for
-them), but not on the rest of the other methods' files: an edit inside ``mest.py`` re-runs the
-stages that build ``mest`` only.
+stage that reaches the method base class counts every method module. An edit inside
+``mest.py`` re-runs the stages that build ``mest`` only.
+
+**Method declarations.** The registry scans every method file for the declarations
+(``register_method(...)`` arguments). A stage that builds a known set of methods depends on
+their declarations through their files, and on no other: the others can change which params
+validate and the defaults of method lists, not what training ``dpf`` computes, so adding a
+method does not retrain the others. Every other stage that reads the registry (``report``'s
+method table, ``aggregate``, ``prepare``'s validation, ...) depends on all declarations: its
+manifest holds their digest (:func:`declarations_digest`).
 
 **Manifests.** The ``code`` stage of ``dvc.yaml`` (``sparseflow deps --manifests stage_code``)
 writes one small file per stage, or per item of an :data:`ITEMS` stage:
@@ -201,7 +207,7 @@ def manifests(root: Path, params: Any) -> dict[str, str]:
         lines = [f"# {title}: the code it runs (flows/stage_code.py; written by the `code` stage of dvc.yaml)"]
         if methods is not None:
             lines.append(f"# methods built: {' '.join(methods)}")
-        if any(paths[m].relative_to(root).as_posix() in files for m in reads_registry if m in paths):
+        if methods is None and any(paths[m].relative_to(root).as_posix() in files for m in reads_registry if m in paths):
             lines.append(f"# method declarations (every file of {METHODS_DIR}/): {digest}")
         lines += [f"{sha256(f)}  {f}" for f in files]
         return "\n".join(lines) + "\n"

@@ -86,6 +86,11 @@ def test_an_item_builds_its_method_and_the_methods_params_choose():
     assert not any(f.startswith("sparse_core/methods/") and not f.endswith(("base.py", "registry.py", "__init__.py"))
                    for f in files["warmup.txt"])  # fmt: skip
     assert {"train/dpf.txt", "evaluate/dpf_retrain.txt", "collect/dst_ensemble.txt", "curves/rigl.txt", "prepare.txt"} <= set(files)
+    # The digest of every declaration: in the stages that read the whole registry, not in those
+    # that build known methods (their declarations are in their files): a new method retrains no other.
+    texts = manifests(ROOT, swapped)
+    assert "# method declarations" in texts["report.txt"] and "# method declarations" in texts["aggregate.txt"]
+    assert not any("# method declarations" in texts[k] for k in ("train/dpf.txt", "warmup.txt", "evaluate/dpf_retrain.txt"))
 
 
 def test_the_declarations_digest_ignores_method_bodies(tmp_path):
