@@ -60,7 +60,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sparse_core.imports import DYNAMIC, closure, import_graph, library_code, project_modules
+from sparse_core.imports import closure, import_graph, library_code, project_modules
 from sparse_core.methods.registry import MethodSpec, scan_file
 
 FLOWS, TASKS = "flows/stage_flows.py", "tasks/stage_tasks.py"
@@ -68,7 +68,7 @@ ENTRY = "flows.stage_flows"
 CLI_FILE = "flows/cli.py"
 DVC_FILES = ("dvc.yaml", "curves/dvc.yaml", "analysis/dvc.yaml")
 MANIFESTS = "stage_code"
-METHODS_PACKAGE, REGISTRY = "sparse_core.methods", "sparse_core.methods.registry"
+REGISTRY = "sparse_core.methods.registry"
 METHODS_DIR = "sparse_core/methods"
 #: Stages whose items each run one method or run (``--method``/``--run`` in their command),
 #: with the params lists that name the items.
@@ -133,12 +133,7 @@ def stage_files(root: Path, stage: str, graph: dict[str, set[str]] | None = None
         KeyError: no flow ``_<stage>_flow`` in ``flows/stage_flows.py``.
     """
     graph = graph if graph is not None else import_graph(root)
-    jobs = sorted(job_modules(root)[stage])
-    if method_modules is None:
-        modules = closure(graph, ENTRY) | library_code(graph, jobs, root)
-    else:
-        dynamic = {k: v for k, v in DYNAMIC.items() if v != METHODS_PACKAGE}
-        modules = closure(graph, ENTRY) | library_code(graph, jobs + list(method_modules), root, dynamic)
+    modules = closure(graph, ENTRY) | library_code(graph, sorted(job_modules(root)[stage]), root, method_modules)
     paths = project_modules(root)
     return sorted({paths[m].relative_to(root).as_posix() for m in modules} | {CLI_FILE})
 

@@ -143,16 +143,22 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
 #: ``{trigger: package}``: where the closure holds ``trigger``, every module of ``package``
 #: counts (the method registry imports a method's module when the method is built; building a
 #: model imports every model module).
-DYNAMIC = {"sparse_core.methods.base": "sparse_core.methods", "sparse_core.models.builders": "sparse_core.models"}
+METHODS = "sparse_core.methods"
+DYNAMIC = {"sparse_core.methods.base": METHODS, "sparse_core.models.builders": "sparse_core.models"}
 
 
 def library_code(graph: dict[str, set[str]], start: str | list[str], root: Path,
-                 dynamic: dict[str, str] | None = None) -> set[str]:
-    """The closure of ``start`` with the modules of :data:`DYNAMIC` (or ``dynamic``) it loads by
-    name (and their closures): the code a job runs."""
-    modules = closure(graph, start)
+                 method_modules: list[str] | None = None) -> set[str]:
+    """The closure of ``start`` with the modules of :data:`DYNAMIC` it loads by name (and their
+    closures): the code a job runs. ``method_modules``: the modules of the methods the job
+    builds, instead of every method module (:data:`METHODS`)."""
+    modules = closure(graph, [start] if isinstance(start, str) else start)
+    dynamic = DYNAMIC
+    if method_modules is not None:
+        modules |= closure(graph, list(method_modules))
+        dynamic = {k: v for k, v in DYNAMIC.items() if v != METHODS}
     names = project_modules(root)
-    for trigger, package in (DYNAMIC if dynamic is None else dynamic).items():
+    for trigger, package in dynamic.items():
         if trigger in modules:
             modules |= closure(graph, [m for m in names if m.startswith(package + ".")])
     return modules

@@ -57,13 +57,19 @@ def test_each_stage_runs_its_own_job():
 
 def test_the_fingerprint_hashes_what_training_runs():
     """The run fingerprint (code_fingerprint) hashes the library part of the training stage's
-    code with every method: a report or corruption change leaves checkpoints resumable, an
-    engine change does not."""
-    code = library_code(import_graph(ROOT), "sparse_core.jobs.training", ROOT)
-    train = {f for f in stage_files(ROOT, "train") if f.startswith("sparse_core/")}
+    manifest for the run's methods: a report, corruption or other method's change leaves
+    checkpoints resumable, an engine or own method change does not."""
+    from sparse_core.jobs.rundirs import code_fingerprint
+
+    code = library_code(import_graph(ROOT), "sparse_core.jobs.training", ROOT, ["sparse_core.methods.gradual"])
+    train = {f for f in stage_files(ROOT, "train", method_modules=["sparse_core.methods.gradual"]) if f.startswith("sparse_core/")}
     paths = {m: p.relative_to(ROOT).as_posix() for m, p in project_modules(ROOT).items()}
     assert {paths[m] for m in code if m.startswith("sparse_core")} == train
     assert "sparse_core.engine" in code and "sparse_core.report" not in code and "sparse_core.corruptions" not in code
+    assert "sparse_core.methods.dst" not in code
+    # same module, same code; another method's module, another fingerprint
+    assert code_fingerprint("dpf") == code_fingerprint("gmp") != code_fingerprint("rigl")
+    assert code_fingerprint("local_greedy", "dense") != code_fingerprint("local_greedy", "dpf")
 
 
 def test_an_item_builds_its_method_and_the_methods_params_choose():

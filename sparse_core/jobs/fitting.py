@@ -27,7 +27,7 @@ def train_run(
     Inside :func:`stage_train_ddp` (a DDP rank, :func:`~sparse_core.distributed.active_parallel`)
     every rank trains on its own device; rank 0 alone prepares the folder and exports, and every
     rank returns once the export is complete."""
-    fingerprint = f"{fingerprint}-{code_fingerprint()}"
+    fingerprint = f"{fingerprint}-{code_fingerprint(*filter(None, (method_name, recorded_method)))}"
     parallel = active_parallel()
     steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
     t = params.train

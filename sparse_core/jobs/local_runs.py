@@ -109,7 +109,7 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
 def _train_local_pipeline(params: Params, method: str, net: nn.Module, data: PreparedData, init: str, fp: str) -> Path:
     from sparse_core.local.chunk_processes import run_pipeline
 
-    fingerprint = f"{fp}-{code_fingerprint()}"
+    fingerprint = f"{fp}-{code_fingerprint(method, params.local.sparse_method)}"
     fresh_run_dir(params, method, fingerprint)
     spec = _local_pipeline_spec(params, method, net, data)
     local, info = run_pipeline(spec)
@@ -126,7 +126,7 @@ def stage_local_worker(params: Params, method: str) -> Path | None:
     if method not in registry.names(family="local"):
         raise ValueError(f"local-worker runs local methods {registry.names(family='local')}, not {method!r}")
     _, data, net, init, fp = _local_setup(params, method)
-    fingerprint = f"{fp}-{code_fingerprint()}"
+    fingerprint = f"{fp}-{code_fingerprint(method, params.local.sparse_method)}"
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         fresh_run_dir(params, method, fingerprint)

@@ -194,21 +194,28 @@ def export_run(params: Params, run: str, model: nn.Module, method: Method, histo
     return folder
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """sha256 (first 16 hex chars) of the library code a training run executes: the import
-    closure of :mod:`sparse_core.jobs.training` with every method and model module
-    (:func:`sparse_core.imports.library_code`), the library part of the training stages' code
-    deps in ``dvc.yaml`` (:mod:`flows.stage_code`). A checkpoint written by other code is
-    never resumed, so a fixed bug cannot survive in a resumed run; a change to code that
-    training never runs (the report, the corruptions) leaves the fingerprint alone."""
+@functools.lru_cache(maxsize=16)
+def code_fingerprint(*methods: str) -> str:
+    """sha256 (first 16 hex chars) of the library code a training run of ``methods`` (the
+    method it builds, and the local method it is trained under, if any) executes: the import
+    closure of :mod:`sparse_core.jobs.training` with every model module and those methods'
+    modules (:func:`sparse_core.imports.library_code`), the library part of the code manifest of
+    the training stage that runs them (:mod:`flows.stage_code`). A checkpoint written by other
+    code is never resumed, so a fixed bug cannot survive in a resumed run; a change to code the
+    run never executes (the report, the corruptions, another method's file) leaves the
+    fingerprint alone.
+
+    Raises:
+        sparse_core.methods.registry.RegistryError: an unknown method.
+    """
     import hashlib
 
     from sparse_core.imports import import_graph, library_code, project_modules
 
     root = Path(__file__).resolve().parents[2]
     paths = project_modules(root)
-    modules = library_code(import_graph(root), "sparse_core.jobs.training", root)
+    built = sorted({registry.spec(m).module for m in methods})
+    modules = library_code(import_graph(root), "sparse_core.jobs.training", root, built)
     h = hashlib.sha256()
     for name in sorted(m for m in modules if m.split(".")[0] == "sparse_core"):
         h.update(paths[name].relative_to(root).as_posix().encode())
