@@ -12,10 +12,12 @@ method's class when it is built). ``flows/cli.py`` (the dispatcher) is listed as
 **Which methods a stage builds.** A stage whose items each run one method or run
 (:data:`ITEMS`: ``train@<method>``, ``evaluate@<run>``, ...) builds that run's method, the
 member method of a ``members`` ensemble (``train.dst_ensemble.method``), the sparse method of a
-``local_*`` run (``local.sparse_method``) and, for a ``<run>_retrain`` run, the internal
-``retrain`` method (:func:`methods_of`); ``warmup`` builds ``dense`` (:data:`FIXED`); any other
-stage that reaches the method base class counts every method module. An edit inside
-``mest.py`` re-runs the stages that build ``mest`` only.
+``local_*`` run (``local.sparse_method``) and, for a ``<run>_retrain`` run, also the internal
+``retrain`` method (:func:`methods_of`); ``warmup`` builds ``dense`` and ``retrain@<run>``
+``retrain`` (:data:`FIXED`); any other stage that reaches the method base class counts every
+method module. An edit inside ``mest.py`` re-runs the stages that build ``mest`` only. Names a
+package loads on first access (PEP 562 tables such as ``sparse_core.sparsity._EXPORTS``) count
+as imports of their submodules (:func:`sparse_core.imports.lazy_exports`).
 
 **Method declarations.** The registry scans every method file for the declarations
 (``register_method(...)`` arguments). A stage that builds a known set of methods depends on
@@ -44,9 +46,8 @@ stage itself re-runs on any source change (about a second). Two reasons for the 
 
 What DVC's ``dvc status`` reports follows: after an edit it names the ``code`` stage (its
 folders changed); once ``code`` has run (``dvc repro code``), it names the stages whose
-manifests changed. The training stages' run fingerprint
-(:func:`sparse_core.jobs.rundirs.code_fingerprint`) hashes the library code of training with
-every method (a checkpoint is resumed only by the same code).
+manifests changed. A training run's fingerprint (:func:`sparse_core.jobs.rundirs.code_fingerprint`)
+hashes the library part of its manifest (a checkpoint is resumed only by the same code).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ ITEMS = {
     "collect": ("collect.ensembles",),
     "evaluate_ensemble": ("collect.ensembles",),
 }
-#: Stages without items that build a fixed set of methods.
-FIXED = {"warmup": ("dense",)}
+#: Stages that build a fixed set of methods, whatever their item (``retrain@<run>`` fine-tunes
+#: the run's exported weights with the internal ``retrain`` method, not with the run's method).
+FIXED = {"warmup": ("dense",), "retrain": ("retrain",)}
 #: The params keys that choose the other methods an item builds (:func:`methods_of`).
 MEMBER_KEYS = ("train.dst_ensemble.method", "local.sparse_method")
 
@@ -214,7 +216,8 @@ def manifests(root: Path, params: Any) -> dict[str, str]:
     for stage, keys in ITEMS.items():
         arg = "--method" if stage in ("train", "curves") else "--run"
         for run in dict.fromkeys(r for k in keys for r in _param(params, k)):
-            out[f"{stage}/{run}.txt"] = text(stage, f"sparseflow run {stage} {arg} {run}", tuple(methods_of(specs, params, run)))
+            built = FIXED.get(stage) or tuple(methods_of(specs, params, run))
+            out[f"{stage}/{run}.txt"] = text(stage, f"sparseflow run {stage} {arg} {run}", built)
     return out
 
 
@@ -222,24 +225,22 @@ def write_manifests(root: Path, params: Any, folder: Path) -> int:
     """Write :func:`manifests` into ``folder`` (replaced as a whole: built beside it, then
     renamed); returns the number of files."""
     files = manifests(root, params)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for leftover in (tmp, old):  # of a run killed between the steps below
+        shutil.rmtree(leftover, ignore_errors=True)
     for rel, body in files.items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text(body, encoding="utf-8")
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return len(files)
 
 
 _CMD = re.compile(r"^\s*cmd: sparseflow (run (\w+)(?:.*?--(?:method|run) (\S+))?|deps\b.*)")
 _CODE = re.compile(rf"^(\s*)- (sparse_core|tasks|flows|{MANIFESTS})(/\S*)?\s*$")
+_STAGE = re.compile(r"^( {2})?[A-Za-z_][\w-]*:")
 
 
 def manifest_dep(stage: str, item: str | None) -> str:
@@ -275,6 +276,8 @@ def rewrite_deps(text: str, stages: set[str]) -> str:
     i = 0
     while i < len(lines):
         line = lines[i]
+        if _STAGE.match(line):  # a new stage (or top-level key): no code deps until its cmd
+            current = None
         if line.lstrip().startswith("cmd:"):
             m = _CMD.match(line)
             if not m:

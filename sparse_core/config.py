@@ -830,7 +830,7 @@ OUTPUT_KEYS = ("base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots
 #: Project paths no output setting may name, contain or lie inside: version control, DVC, the
 #: code, the profiles, the folders of the other DVC pipelines and the files at the top of the project.
 RESERVED_PATHS = (".git", ".dvc", ".ci", ".venv", "sparse_core", "flows", "tasks", "tests", "benchmarks", "profiles",
-                  "curves", "analysis", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile",
+                  "curves", "analysis", "stage_code", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "Makefile",
                   "README.md")  # fmt: skip
 
 

@@ -49,8 +49,28 @@ def _resolve(node: ast.ImportFrom, current: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports_of(path: Path, current: str, modules: dict[str, Path]) -> set[str]:
+def lazy_exports(path: Path, package: str, modules: dict[str, Path]) -> dict[str, str]:
+    """``{name: submodule}`` that package ``package`` (its ``__init__.py`` at ``path``) loads on
+    first access (PEP 562): the entries of its module-level dict literals whose values name a
+    submodule, when it defines a module ``__getattr__`` (``sparse_core.sparsity._EXPORTS``,
+    ``sparse_core.methods._LAZY``). ``from package import name`` then runs that submodule."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
+        return {}
+    found = {}
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        if isinstance(value, ast.Dict):
+            for k, v in zip(value.keys, value.values):
+                if isinstance(k, ast.Constant) and isinstance(v, ast.Constant) and isinstance(v.value, str) \
+                        and f"{package}.{v.value}" in modules:
+                    found[k.value] = f"{package}.{v.value}"
+    return found
+
+
+def imports_of(path: Path, current: str, modules: dict[str, Path], lazy: dict[str, dict[str, str]] | None = None) -> set[str]:
     """The project modules that ``path`` (module ``current``) imports, with their parent packages.
+    ``lazy``: the :func:`lazy_exports` of each package (``from pkg import name`` runs its submodule).
 
     Raises:
         SyntaxError: the file does not parse (the message names it).
@@ -65,6 +85,7 @@ def imports_of(path: Path, current: str, modules: dict[str, Path]) -> set[str]:
             targets.add(base)
             targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
             targets.update(LAZY_NAMES[(base, a.name)] for a in node.names if (base, a.name) in LAZY_NAMES)
+            targets.update((lazy or {}).get(base, {})[a.name] for a in node.names if a.name in (lazy or {}).get(base, {}))
     found = set()
     for target in targets:
         parts = target.split(".")
@@ -78,7 +99,8 @@ def imports_of(path: Path, current: str, modules: dict[str, Path]) -> set[str]:
 def import_graph(root: Path) -> dict[str, set[str]]:
     """``{module: the project modules it imports}`` for every project module under ``root``."""
     modules = project_modules(root)
-    return {name: imports_of(path, name, modules) for name, path in modules.items()}
+    lazy = {name: lazy_exports(path, name, modules) for name, path in modules.items() if path.name == "__init__.py"}
+    return {name: imports_of(path, name, modules, lazy) for name, path in modules.items()}
 
 
 def closure(graph: dict[str, set[str]], start: str | list[str]) -> set[str]:

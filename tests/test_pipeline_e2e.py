@@ -120,7 +120,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
     runs = ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")
     # The tiny profile has one training seed (0): per-seed stages end in -0.
-    expected = ["prepare", "ood", "corrupt", "warmup@0"] + [f"train@{m}-0" for m in methods] + ["retrain@dpf-0"]
+    expected = ["code", "prepare", "ood", "corrupt", "warmup@0"] + [f"train@{m}-0" for m in methods] + ["retrain@dpf-0"]
     expected += [f"{stage}@{e}-0" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
     expected += [f"evaluate@{r}-0" for r in runs] + ["report"]
     expected += [f"aggregate@{r}" for r in runs] + [f"aggregate_ensemble@{e}" for e in ("dst_ensemble", "edst_ensemble")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stage_code import (DVC_FILES, ITEMS, MEMBER_KEYS, declarations_digest, job_modules, manifests,
+from flows.stage_code import (DVC_FILES, FIXED, ITEMS, MEMBER_KEYS, declarations_digest, job_modules, manifests,
                               method_specs, methods_of, rewrite_deps, stage_files, write_manifests)  # fmt: skip
 from sparse_core.config import load_params
 from sparse_core.imports import import_graph, library_code, project_modules
@@ -89,6 +89,8 @@ def test_an_item_builds_its_method_and_the_methods_params_choose():
              for rel, text in manifests(ROOT, swapped).items()}  # fmt: skip
     assert "sparse_core/methods/mest.py" in files["train/dst_ensemble.txt"] and "sparse_core/methods/mest.py" not in files["train/rigl.txt"]
     assert "sparse_core/methods/gradual.py" in files["train/dpf.txt"] and "sparse_core/methods/dst.py" not in files["train/dpf.txt"]
+    assert "sparse_core/sparsity/criteria.py" in files["train/dpf.txt"]  # loaded through sparse_core.sparsity's table
+    assert "sparse_core/methods/gradual.py" not in files["retrain/dpf.txt"]  # fine-tuning builds `retrain` only
     assert not any(f.startswith("sparse_core/methods/") and not f.endswith(("base.py", "registry.py", "__init__.py"))
                    for f in files["warmup.txt"])  # fmt: skip
     assert {"train/dpf.txt", "evaluate/dpf_retrain.txt", "collect/dst_ensemble.txt", "curves/rigl.txt", "prepare.txt"} <= set(files)
@@ -186,8 +188,11 @@ def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
         def building(*methods: str) -> set[str]:
             """The item stages whose run builds one of ``methods``."""
             specs = method_specs(Path("."))
-            return {n for n in names if n.split("@")[0] in ITEMS
-                    and set(methods) & set(methods_of(specs, params, n.split("@")[1].rsplit("-", 1)[0]))}  # fmt: skip
+            def built(name: str) -> set[str]:
+                stage, item = name.split("@")[0], name.split("@")[1].rsplit("-", 1)[0]
+                return set(FIXED.get(stage) or methods_of(specs, params, item))
+
+            return {n for n in names if n.split("@")[0] in ITEMS and set(methods) & built(n)}
 
         evaluation = named("evaluate", "collect", "evaluate_ensemble")
         training = named("warmup", "train", "retrain")
@@ -198,8 +203,10 @@ def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
         # A method file: only the stages that build one of its methods.
         gradual = touched("sparse_core/methods/gradual.py")
         assert gradual == {"code"} | building("gmp", "dpf", "oneshot")
-        assert {"train@dpf-0", "evaluate@dpf_retrain-0", "retrain@dpf-0"} <= gradual
-        assert not {"train@rigl-0", "warmup@0", "collect@dst_ensemble-0", "report"} & gradual
+        assert {"train@dpf-0", "evaluate@dpf_retrain-0"} <= gradual
+        assert not {"train@rigl-0", "warmup@0", "retrain@dpf-0", "collect@dst_ensemble-0", "report"} & gradual
+        # criteria.py is loaded by name (sparse_core.sparsity's PEP 562 table) by the pruning methods
+        assert {"train@dpf-0", "train@gmp-0", "train@oneshot-0"} <= touched("sparse_core/sparsity/criteria.py")
         dst = touched("sparse_core/methods/dst.py")  # rigl, and the ensembles built on it
         assert {"train@rigl-0", "train@dst_ensemble-0", "train@edst_ensemble-0", "evaluate_ensemble@dst_ensemble-0"} <= dst
         assert not {"train@dpf-0", "evaluate@dpf-0"} & dst
