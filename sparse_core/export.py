@@ -22,7 +22,9 @@ Formats (each written atomically as one folder, ``<run folder>/export/<format>/`
       next layer: into its bias for linear layers and unpadded convolutions; for a padded
       convolution, whose border outputs see fewer of the constant inputs, into a one-channel
       kernel ``K = Σ_k c_k W[:, k]`` whose response to an all-ones image is added to the output
-      (:class:`ConstConv2d`; computed once per input size and cached).
+      (:class:`ConstConv2d`; computed once per input size and cached). Where a BatchNorm follows,
+      as in every conv of the networks here, that map is folded into the BatchNorm's shift
+      (:meth:`ConstConv2d.forward_bn`), so it costs no pass of its own.
     * A residual bias (the constant a dead channel adds to the stream) is folded into the shift
       of the BatchNorm whose kept filter writes that stream channel, where there is one; only
       the remaining channels pay an extra pass.
@@ -230,12 +232,13 @@ class ConstConv2d(nn.Conv2d):
         if const_kernel:
             self.register_buffer("const_kernel", torch.zeros(self.out_channels, 1, *self.kernel_size))
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._bn_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _const_map(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``conv(ones(1, 1, H, W), K)`` in fp32, cast to ``dtype``: ``(1, C_out, H', W')``."""
         tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
                    or torch.onnx.is_in_onnx_export())  # fmt: skip
-        key = (x.shape[-2], x.shape[-1], x.device, dtype)
+        key = (x.shape[-2], x.shape[-1], x.device, dtype, self.const_kernel._version)
         if not tracing and key in self._cache:
             return self._cache[key]
         ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
@@ -252,8 +255,45 @@ class ConstConv2d(nn.Conv2d):
             y = y + self._const_map(x, y.dtype)
         return y
 
+    def forward_bn(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+        """``bn(self(x))``, with the constant map folded into the BatchNorm in eval mode.
+
+        Eval BatchNorm is ``z·s + (β - μ·s)`` with ``s = γ / sqrt(σ² + ε)``, so with ``z = y + M``
+        (``M`` the constant map) it is ``y·s + (M·s + β - μ·s)``: one ``addcmul`` over the output
+        with a cached ``(1, C_out, H', W')`` shift, instead of an add pass and a BatchNorm pass.
+        A compact layer then makes as many passes over its output as a plain narrower one. Batch
+        statistics (training mode) keep the two steps.
+        """
+        if not self.has_const or bn.training or not bn.track_running_stats:
+            return bn(self(x))
+        y = super().forward(x)
+        scale, shift = self._folded(x, y.dtype, bn)
+        return torch.addcmul(shift, y, scale)
+
+    def _folded(self, x: torch.Tensor, dtype: torch.dtype, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, M·s + β - μ·s)`` of :meth:`forward_bn`, shapes ``(1, C, 1, 1)`` and ``(1, C, H', W')``,
+        computed in fp32 and cast to ``dtype``; cached while no tensor they come from changes
+        (the key holds the tensors' version counters, which in-place loads bump)."""
+        tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                   or torch.onnx.is_in_onnx_export())  # fmt: skip
+        tensors = [t for t in (self.const_kernel, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+        key = (x.shape[-2], x.shape[-1], x.device, dtype, *(t._version for t in tensors))
+        if not tracing and key in self._bn_cache:
+            return self._bn_cache[key]
+        with torch.autocast(x.device.type, enabled=False):
+            ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
+            m = F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation)
+            s = (bn.running_var + bn.eps).rsqrt()
+            if bn.weight is not None:
+                s = s * bn.weight
+            b = -bn.running_mean * s + (bn.bias if bn.bias is not None else 0)
+            out = (s.view(1, -1, 1, 1).to(dtype), (m * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(dtype))
+        if not tracing:
+            self._bn_cache = {key: out}
+        return out
+
     def _apply(self, fn, recurse=True):  # .to() / .half(): cached maps are stale
-        self._cache = {}
+        self._cache, self._bn_cache = {}, {}
         return super()._apply(fn, recurse)
 
 
@@ -297,8 +337,8 @@ class CompactBlock(nn.Module):
             self.register_buffer("residual_bias", torch.zeros(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.place(self.bn2(self.conv2(out))) + self.shortcut(x)
+        out = F.relu(self.conv1.forward_bn(x, self.bn1))
+        out = self.place(self.conv2.forward_bn(out, self.bn2)) + self.shortcut(x)
         if self.has_bias:
             out = out + self.residual_bias.view(1, -1, 1, 1).to(out.dtype)
         return F.relu(out)
@@ -323,11 +363,28 @@ class CompactResNet(nn.Module):
         self.fc = nn.Linear(arch["fc"]["in"], arch["fc"]["out"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.place(self.bn1(self.conv1(x)))
+        x = self.place(self.conv1.forward_bn(x, self.bn1))
         if self.has_bias:
             x = x + self.residual_bias.view(1, -1, 1, 1).to(x.dtype)
         x = self.layers(F.relu(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class CompactSequential(nn.Sequential):
+    """``nn.Sequential`` (same parameter names) whose ``ConstConv2d`` → ``BatchNorm2d`` pairs run
+    as :meth:`ConstConv2d.forward_bn`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            if isinstance(mods[i], ConstConv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                x = mods[i].forward_bn(x, mods[i + 1])
+                i += 2
+            else:
+                x = mods[i](x)
+                i += 1
+        return x
 
 
 def _sequential_from_arch(arch: dict[str, Any]) -> nn.Sequential:
@@ -351,7 +408,7 @@ def _sequential_from_arch(arch: dict[str, Any]) -> nn.Sequential:
             mods.append(nn.Flatten(1))
         else:
             raise ExportError(f"arch.json: unknown layer op {kind!r}")
-    return nn.Sequential(*mods)
+    return CompactSequential(*mods)
 
 
 def build_compact(arch: dict[str, Any]) -> nn.Module:

@@ -219,6 +219,37 @@ def test_const_conv_equals_conv_plus_the_constant_response(hw, stride, kernel, p
     assert _close(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["fp32", "fp32 channels_last", "bf16"])
+def test_const_conv_folds_its_map_into_the_following_batchnorm(mode):
+    """``forward_bn(x, bn)`` equals ``bn(conv(x))`` in eval mode (the map folded into the shift),
+    follows a change of the BN statistics or the kernel made in place after a first call (the
+    cache keys on the tensors' versions), and keeps batch statistics in training mode."""
+    from sparse_core.export import ConstConv2d
+
+    g = torch.Generator().manual_seed(1)
+    conv = ConstConv2d(4, 6, 3, 1, 1, bias=False, const_kernel=True)
+    bn = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        for t in (conv.weight, conv.const_kernel, bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(t.shape, generator=g))
+        bn.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+    bn.eval()
+    x = torch.randn(2, 4, 9, 7, generator=g)
+    if mode == "fp32 channels_last":
+        conv, bn, x = conv.to(memory_format=torch.channels_last), bn, x.contiguous(memory_format=torch.channels_last)
+    tol = 0.05 if mode == "bf16" else 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        for _ in range(2):  # computed, then cached
+            ref, out = bn(conv(x)).float(), conv.forward_bn(x, bn).float()
+            assert _close(out, ref) <= tol * max(1.0, float(ref.abs().max()))
+        bn.running_mean.add_(1.0)
+        conv.const_kernel.mul_(2.0)
+        ref2, out2 = bn(conv(x)).float(), conv.forward_bn(x, bn).float()
+    assert _close(out2, ref2) <= tol * max(1.0, float(ref2.abs().max())) and _close(out2, out) > 0.1
+    bn.train()
+    assert torch.equal(conv.forward_bn(x, bn), bn(conv(x)))  # batch statistics: no folding
+
+
 def test_compact_resnet_folds_residual_biases_into_bn2():
     """A stream channel that a kept conv2 filter writes takes its residual bias through bn2's
     shift, so masks aligned along the residual stream (a plain narrower network, option-A
