@@ -249,9 +249,11 @@ class ConstConv2d(nn.Conv2d):
         self._cache = {key: out}
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """``conv(x, W) + conv(ones, K)``; ``plain``: the first term only (:meth:`forward_bn` adds
+        the second through the BatchNorm)."""
         y = super().forward(x)
-        if self.has_const:
+        if self.has_const and not plain:
             y = y + self._const_map(x, y.dtype)
         return y
 
@@ -266,7 +268,7 @@ class ConstConv2d(nn.Conv2d):
         """
         if not self.has_const or bn.training or not bn.track_running_stats:
             return bn(self(x))
-        y = super().forward(x)
+        y = self(x, plain=True)  # through __call__: forward hooks (FLOPs counters, profilers) still see the conv
         scale, shift = self._folded(x, y.dtype, bn)
         return torch.addcmul(shift, y, scale)
 

@@ -136,6 +136,12 @@ def test_compact_resnet20_random_filter_masks_equal_masked():
     # The inner convolution of each block keeps exactly its unpruned filters.
     for b, blk in enumerate(model.layers):
         assert arch["blocks"][b]["inner"] == int(blk.conv1.weight.flatten(1).any(1).sum())
+    # Every conv still runs through its module call (forward_bn included): FLOPs counters and
+    # other forward hooks see all of them.
+    from sparse_core.flops import layer_flops
+
+    weights = {f"{n}.weight" for n, m in compact.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert set(layer_flops(compact, shape)) == weights and any(m.has_const for m in compact.modules() if hasattr(m, "has_const"))
 
 
 def test_compact_resnet20_prunes_residual_stream_channels_and_whole_inner_convs():
