@@ -30,8 +30,8 @@ manifest holds their digest (:func:`declarations_digest`).
 **Manifests.** The ``code`` stage of ``dvc.yaml`` (``sparseflow deps --manifests stage_code``)
 writes one small file per stage, or per item of an :data:`ITEMS` stage:
 ``stage_code/<stage>.txt`` or ``stage_code/<stage>/<method or run>.txt``, holding the sha256
-of every file the stage runs (``sha256sum`` format), the methods it builds and a digest of the
-method declarations. Each stage lists its manifest as its one code dependency
+of every file the stage runs (``sha256sum`` format), the methods it builds and, where it reads
+the whole registry, a digest of the method declarations. Each stage lists its manifest as its one code dependency
 (``sparseflow deps --write`` puts them in ``dvc.yaml``, ``curves/dvc.yaml`` and
 ``analysis/dvc.yaml``; ``tests/test_stage_code.py`` fails when they drift). DVC re-runs a
 stage when its manifest's bytes change, i.e. when a file it runs changes, and the ``code``
@@ -197,14 +197,16 @@ def manifests(root: Path, params: Any) -> dict[str, str]:
     def sha256(rel: str) -> str:
         return hashlib.sha256((root / rel).read_bytes()).hexdigest()
 
+    paths = project_modules(root)
+    registry_files = {paths[m].relative_to(root).as_posix() for m in reads_registry if m in paths}
+
     def text(stage: str, title: str, methods: tuple[str, ...] | None) -> str:
         mods = None if methods is None else [specs[m].module for m in methods]
         files = stage_files(root, stage, graph, mods)
-        paths = project_modules(root)
         lines = [f"# {title}: the code it runs (flows/stage_code.py; written by the `code` stage of dvc.yaml)"]
         if methods is not None:
             lines.append(f"# methods built: {' '.join(methods)}")
-        if methods is None and any(paths[m].relative_to(root).as_posix() in files for m in reads_registry if m in paths):
+        if methods is None and registry_files & set(files):
             lines.append(f"# method declarations (every file of {METHODS_DIR}/): {digest}")
         lines += [f"{sha256(f)}  {f}" for f in files]
         return "\n".join(lines) + "\n"

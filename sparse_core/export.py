@@ -234,19 +234,27 @@ class ConstConv2d(nn.Conv2d):
         self._cache: dict[tuple, torch.Tensor] = {}
         self._bn_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @staticmethod
+    def _tracing() -> bool:
+        """Tracing, compiling or exporting: nothing is cached (the graph must compute the maps)."""
+        return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.onnx.is_in_onnx_export())  # fmt: skip
+
+    def _response(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(ones(1, 1, H, W), K)`` in fp32 (autocast off): ``(1, C_out, H', W')``."""
+        ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation)
+
     def _const_map(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``conv(ones(1, 1, H, W), K)`` in fp32, cast to ``dtype``: ``(1, C_out, H', W')``."""
-        tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                   or torch.onnx.is_in_onnx_export())  # fmt: skip
+        """:meth:`_response` cast to ``dtype``, cached per input size while ``K`` is unchanged."""
+        tracing = self._tracing()
         key = (x.shape[-2], x.shape[-1], x.device, dtype, self.const_kernel._version)
         if not tracing and key in self._cache:
             return self._cache[key]
-        ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
-        if tracing:
-            return F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation).to(dtype)
-        self._cache = {key: out}
+        out = self._response(x).to(dtype)
+        if not tracing:
+            self._cache = {key: out}
         return out
 
     def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
@@ -276,20 +284,17 @@ class ConstConv2d(nn.Conv2d):
         """``(s, M·s + β - μ·s)`` of :meth:`forward_bn`, shapes ``(1, C, 1, 1)`` and ``(1, C, H', W')``,
         computed in fp32 and cast to ``dtype``; cached while no tensor they come from changes
         (the key holds the tensors' version counters, which in-place loads bump)."""
-        tracing = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                   or torch.onnx.is_in_onnx_export())  # fmt: skip
+        tracing = self._tracing()
         tensors = [t for t in (self.const_kernel, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         key = (x.shape[-2], x.shape[-1], x.device, dtype, *(t._version for t in tensors))
         if not tracing and key in self._bn_cache:
             return self._bn_cache[key]
-        with torch.autocast(x.device.type, enabled=False):
-            ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], device=x.device, dtype=self.const_kernel.dtype)
-            m = F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation)
-            s = (bn.running_var + bn.eps).rsqrt()
-            if bn.weight is not None:
-                s = s * bn.weight
-            b = -bn.running_mean * s + (bn.bias if bn.bias is not None else 0)
-            out = (s.view(1, -1, 1, 1).to(dtype), (m * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(dtype))
+        m = self._response(x)
+        s = (bn.running_var + bn.eps).rsqrt()
+        if bn.weight is not None:
+            s = s * bn.weight
+        b = -bn.running_mean * s + (bn.bias if bn.bias is not None else 0)
+        out = (s.view(1, -1, 1, 1).to(dtype), (m * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(dtype))
         if not tracing:
             self._bn_cache = {key: out}
         return out
