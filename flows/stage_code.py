@@ -42,7 +42,7 @@ stage itself re-runs on any source change (about a second). Two reasons for the 
   params, so only a file written from params can name its code.
 * DVC parses and rewrites the whole ``dvc.lock`` (ruamel.yaml, round trip) after every stage,
   so the lock's size is paid once per stage (README, "Orchestration"); one manifest entry per
-  stage instead of 20 to 35 code entries halves it.
+  stage instead of 18 to 39 code entries halves it.
 
 What DVC's ``dvc status`` reports follows: after an edit it names the ``code`` stage (its
 folders changed); once ``code`` has run (``dvc repro code``), it names the stages whose
