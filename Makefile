@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # One Prefect server for all stages (a temporary one unless PREFECT_API_URL is set) and a fork
-# server whose children run the stages with their imports done (README, "Orchestration"): a bare
-# `dvc repro` works too, but each of its stages then starts a temporary server of its own.
+# server whose children run the stages with their imports done, and DVC reusing the dvc.lock it
+# wrote (flows/dvc_main.py; README, "Orchestration"): a bare `dvc repro` works too, but each of
+# its stages then starts a temporary server of its own.
 repro: $(STAMP)
 	$(BIN)/sparseflow validate > /dev/null
 	$(BIN)/sparseflow with-server -- $(BIN)/dvc repro

@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     ws = sub.add_parser("with-server", help="run a command against one Prefect server (a temporary one unless PREFECT_API_URL is set)")
     ws.add_argument("--no-fork-server", action="store_true",
                     help="start every stage as a fresh process (default: stages fork from a server that has their imports done)")
+    ws.add_argument("--plain-dvc", action="store_true",
+                    help="run a `dvc` command as given (default: this environment's DVC through flows.dvc_main, which "
+                    "reuses the dvc.lock it wrote after the last stage instead of parsing it again)")
     ws.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     pr = sub.add_parser("profile", help="replace params.yaml by a validated profile from profiles/")
     pr.add_argument("name")
@@ -402,7 +405,7 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not cmd:
                 raise SystemExit("sparseflow with-server: give the command after --, e.g. sparseflow with-server -- dvc repro")
-            return server.with_server(cmd, fork_server=not args.no_fork_server)
+            return server.with_server(cmd, fork_server=not args.no_fork_server, reuse_lock=not args.plain_dvc)
         elif args.command == "server":
             from flows import server
 

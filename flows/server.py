@@ -242,7 +242,19 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
 FORK_SERVER_ENV = "SPARSEFLOW_FORK_SERVER"
 
 
-def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True) -> int:
+def lock_reusing(cmd: list[str]) -> list[str]:
+    """``cmd`` with this environment's ``dvc`` run as ``python -m flows.dvc_main`` (DVC's command
+    line, reusing the ``dvc.lock`` it wrote instead of parsing it after every stage); any other
+    command, or a ``dvc`` from elsewhere on ``PATH``, as given."""
+    if not cmd or Path(cmd[0]).name != "dvc":
+        return cmd
+    found, ours = shutil.which(cmd[0]), Path(sys.executable).parent / "dvc"
+    if found is None or not ours.is_file() or Path(found).resolve() != ours.resolve():
+        return cmd
+    return [sys.executable, "-m", "flows.dvc_main", *cmd[1:]]
+
+
+def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True, reuse_lock: bool = True) -> int:
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
 
@@ -261,7 +273,8 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
     imported.
 
     A ``dvc repro`` (or ``dvc exp``) command runs only after ``params.yaml`` validates
-    (:func:`validate_before_dvc`).
+    (:func:`validate_before_dvc`). With ``reuse_lock`` (the default), this environment's ``dvc``
+    runs through :mod:`flows.dvc_main` (:func:`lock_reusing`).
 
     Raises:
         ConfigError: ``cmd`` is a DVC command and ``params.yaml`` is invalid.
@@ -299,7 +312,7 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
             # children get the signal from their callers, which are the command's processes.
             ours = [p.pid for p in (server, forks) if p is not None]
             signals.install(forward_to_children=True, exclude=lambda: {q for p in ours for q in (p, *signals.descendants(p))})
-            return subprocess.call(cmd, env=env)
+            return subprocess.call(lock_reusing(cmd) if reuse_lock else cmd, env=env)
     finally:
         for proc, sig in ((forks, signal.SIGTERM), (server, signal.SIGINT)):
             if proc is None:

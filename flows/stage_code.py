@@ -1,4 +1,5 @@
-"""The code each DVC stage runs, so that a change re-runs only the stages it touches.
+"""The code each DVC stage runs and the params it reads, so that a change re-runs only the stages it
+touches.
 
 A stage process (``sparseflow run <stage>``) runs its flow in :mod:`flows.stage_flows`, whose
 tasks (:mod:`tasks.stage_tasks`) import the library module of their job by name
@@ -27,25 +28,37 @@ method does not retrain the others. Every other stage that reads the registry (`
 method table, ``aggregate``, ``prepare``'s validation, ...) depends on all declarations: its
 manifest holds their digest (:func:`declarations_digest`).
 
+**Params.** :data:`PARAMS` names the keys or sections each stage reads; its manifest holds the
+validated value of every leaf under them, one ``# param <key> = <JSON>`` line each (defaults
+filled in). Only the ``code`` stage lists ``params.yaml`` in ``dvc.yaml`` (all of it, so ``dvc
+params diff`` and ``dvc exp show`` see every key); a params change re-runs ``code``, which
+rewrites the manifests, and the stages whose manifests changed. This is finer than DVC's own
+``params:`` lists, which a ``matrix`` stage shares among its items: the lists that only name the
+items (``train.methods``, ``evaluate.runs``, ...) are left out of an :data:`ITEMS` stage's
+manifests, so adding a method trains it alone.
+
 **Manifests.** The ``code`` stage of ``dvc.yaml`` (``sparseflow deps --manifests stage_code``)
 writes one small file per stage, or per item of an :data:`ITEMS` stage:
 ``stage_code/<stage>.txt`` or ``stage_code/<stage>/<method or run>.txt``, holding the sha256
-of every file the stage runs (``sha256sum`` format), the methods it builds and, where it reads
-the whole registry, a digest of the method declarations. Each stage lists its manifest as its one code dependency
+of every file the stage runs (``sha256sum`` format), the methods it builds, the params values it
+reads and, where it reads the whole registry, a digest of the method declarations. Each stage
+lists its manifest as its one code and params dependency
 (``sparseflow deps --write`` puts them in ``dvc.yaml``, ``curves/dvc.yaml`` and
 ``analysis/dvc.yaml``; ``tests/test_stage_code.py`` fails when they drift). DVC re-runs a
-stage when its manifest's bytes change, i.e. when a file it runs changes, and the ``code``
-stage itself re-runs on any source change (about a second). Two reasons for the indirection:
+stage when its manifest's bytes change, i.e. when a file it runs or a value it reads changes,
+and the ``code`` stage itself re-runs on any source or params change (about a second). Two
+reasons for the indirection:
 
 * DVC gives all items of a ``matrix`` stage one ``deps`` list, where only ``${item.*}``
   interpolation varies; the method a ``dst_ensemble`` or ``local_*`` item runs is chosen by
   params, so only a file written from params can name its code.
 * DVC parses and rewrites the whole ``dvc.lock`` (ruamel.yaml, round trip) after every stage,
   so the lock's size is paid once per stage (README, "Orchestration"); one manifest entry per
-  stage instead of 18 to 39 code entries halves it.
+  stage instead of 18 to 39 code entries halved it, and its params values (two thirds of what
+  was left: DVC records every value of every listed section, per stage) are in the manifests.
 
 What DVC's ``dvc status`` reports follows: after an edit it names the ``code`` stage (its
-folders changed); once ``code`` has run (``dvc repro code``), it names the stages whose
+folders or ``params.yaml`` changed); once ``code`` has run (``dvc repro code``), it names the stages whose
 manifests changed. A training run's fingerprint (:func:`sparse_core.jobs.rundirs.code_fingerprint`)
 hashes the library part of its manifest (a checkpoint is resumed only by the same code).
 """
@@ -56,6 +69,7 @@ import ast
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -86,6 +100,45 @@ ITEMS = {
 FIXED = {"warmup": ("dense",), "retrain": ("retrain",)}
 #: The params keys that choose the other methods an item builds (:func:`methods_of`).
 MEMBER_KEYS = ("train.dst_ensemble.method", "local.sparse_method")
+#: How a manifest line holding a param value starts.
+PARAM_PREFIX = "# param "
+
+_DEVICE = ("base.device", "base.precision", "base.channels_last", "base.deterministic", "base.num_threads")
+_LOCAL = ("local.chunks", "local.split_points", "local.head", "local.head_hidden")  # a local_* run's network
+#: The params each stage reads: keys or whole sections of the validated params (a key a params
+#: file leaves out counts with its default). Its manifest lists the value of every leaf under
+#: them (``# param <key> = <JSON>``), so a stage re-runs when a value it reads changes, as a
+#: ``params:`` entry in dvc.yaml would make it; an :data:`ITEMS` stage leaves out the lists that
+#: only name the items (``train.methods``, ``evaluate.runs``, ...): adding ``set`` to
+#: ``train.methods`` runs ``train@set-*`` and re-runs no other training. ``base.precision`` and
+#: ``base.channels_last`` are read wherever a model runs. Left out as they change no finished
+#: result: ``base.resume``, ``base.progress``, ``orchestration`` and ``base.nonfinite_*`` (how
+#: a run retries after a NaN; a change would re-run every training for the runs that met none).
+#: ``sweep`` is not a DVC stage.
+PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("base.seed", "base.data_dir", "data"),
+    "ood": ("base.seed", "base.data_dir", "data", "ood"),
+    "corrupt": ("base.seed", "base.data_dir", "data", "corrupt"),
+    "warmup": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.plots_dir", "data", "augment", "model", "warmup"),
+    "train": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.plots_dir", "data", "augment", "model", "warmup", "train",
+              *_LOCAL, "local.optimizer", "local.execution", "local.backend", "local.sparse_method"),
+    "retrain": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.plots_dir", "data", "augment", "model", "train.pruning",
+                "retrain"),
+    "collect": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.ensembles_dir", "data", "model", "train", "collect"),
+    "evaluate_ensemble": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.ensembles_dir", "base.metrics_dir",
+                          "base.plots_dir", "data", "model", "warmup", "train", "evaluate"),
+    "evaluate": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots_dir", "data", "model",
+                 "warmup", "train", "retrain", "evaluate", *_LOCAL, "local.sparse_method"),
+    "aggregate": ("base.seeds", "base.metrics_dir", "evaluate.runs", "collect.ensembles"),
+    "report": ("base.seeds", "base.data_dir", "base.metrics_dir", "base.plots_dir", "base.reports_dir", "data.dataset",
+               "model.name", "evaluate.runs", "collect.ensembles"),
+    "curves": (*_DEVICE, "base.reports_dir", "base.data_dir", "base.runs_dir", "data", "augment", "model", "warmup", "train",
+               "retrain", "evaluate.batch_size", "curves.sparsities"),
+    "curves_report": ("base.seeds", "base.metrics_dir", "base.reports_dir", "data.dataset", "model.name", "curves",
+                      "retrain.epochs", "train.pruning.scope"),
+    "local_analysis": ("base.data_dir", "base.reports_dir", "base.seed", "data.dataset", "model", "local"),
+    "sweep": (),
+}
 
 
 def _functions(path: Path) -> dict[str, ast.FunctionDef]:
@@ -186,9 +239,45 @@ def _param(params: Any, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), params)
 
 
+def param_values(params: Any, keys: tuple[str, ...], skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``{leaf key: value}`` for every leaf of the validated ``params`` (a
+    :class:`~sparse_core.config.Params`) under ``keys``, sorted, leaving out the keys in ``skip``
+    and what lies under them. A leaf is a value that is not a mapping, or an empty mapping;
+    method sections that ``train`` allows as extras (``train.<params_key>``) count as written.
+
+    Raises:
+        ValueError: a key that is not in the params.
+    """
+    tree = params.model_dump(mode="json")
+    out: dict[str, Any] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if key in skip:
+            return
+        if isinstance(value, dict) and value:
+            for sub, v in value.items():
+                walk(f"{key}.{sub}", v)
+        else:
+            out[key] = value
+
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"{key!r} is not a params key (flows/stage_code.py, PARAMS)")
+            node = node[part]
+        walk(key, node)
+    return dict(sorted(out.items()))
+
+
 def manifests(root: Path, params: Any) -> dict[str, str]:
     """``{path relative to stage_code/: text}`` for every stage, and for every item of the
-    :data:`ITEMS` stages named in ``params`` (a :class:`~sparse_core.config.Params`)."""
+    :data:`ITEMS` stages named in ``params`` (a :class:`~sparse_core.config.Params`).
+
+    Raises:
+        ValueError: a stage without a :data:`PARAMS` entry, or an entry naming a key the params
+            do not have.
+    """
     graph, specs, jobs = import_graph(root), method_specs(root), job_modules(root)
     digest = declarations_digest(specs)
     reads_registry = {m for m, targets in graph.items() if REGISTRY in targets} | {REGISTRY}
@@ -200,14 +289,21 @@ def manifests(root: Path, params: Any) -> dict[str, str]:
     paths = project_modules(root)
     registry_files = {paths[m].relative_to(root).as_posix() for m in reads_registry if m in paths}
 
+    item_lists = {k for keys in ITEMS.values() for k in keys}
+
     def text(stage: str, title: str, methods: tuple[str, ...] | None) -> str:
         mods = None if methods is None else [specs[m].module for m in methods]
         files = stage_files(root, stage, graph, mods)
-        lines = [f"# {title}: the code it runs (flows/stage_code.py; written by the `code` stage of dvc.yaml)"]
+        lines = [f"# {title}: the code it runs and the params it reads (flows/stage_code.py; written by the `code` "
+                 "stage of dvc.yaml)"]
         if methods is not None:
             lines.append(f"# methods built: {' '.join(methods)}")
         if methods is None and registry_files & set(files):
             lines.append(f"# method declarations (every file of {METHODS_DIR}/): {digest}")
+        if stage not in PARAMS:
+            raise ValueError(f"stage {stage!r} has no entry in PARAMS (flows/stage_code.py): list the params it reads")
+        values = param_values(params, PARAMS[stage], item_lists if stage in ITEMS else frozenset())
+        lines += [f"{PARAM_PREFIX}{k} = {json.dumps(v, sort_keys=True)}" for k, v in values.items()]
         lines += [f"{sha256(f)}  {f}" for f in files]
         return "\n".join(lines) + "\n"
 

@@ -98,27 +98,6 @@ def test_local_pipeline_cannot_compose_with_a_sparse_method(default_params_dict)
         parse_params(raw)
 
 
-def test_every_profile_has_every_param_dvc_yaml_lists():
-    """DVC refuses to run a stage whose listed params are missing from params.yaml, so every
-    profile must spell out each key (or section) that dvc.yaml names."""
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    listed = set()
-    for dvc_file in (repo / "dvc.yaml", repo / "analysis" / "dvc.yaml"):
-        for stage in yaml.safe_load(dvc_file.read_text())["stages"].values():
-            listed |= set((stage.get("do") or stage).get("params", []))
-    assert "local.sparse_method" in listed
-    for profile in [repo / "params.yaml", *sorted((repo / "profiles").glob("*.yaml"))]:
-        raw = yaml.safe_load(profile.read_text())
-        load_params(profile)
-        for key in sorted(listed):
-            node = raw
-            for part in key.split("."):
-                assert isinstance(node, dict) and part in node, f"{profile.name}: dvc.yaml lists {key!r}, missing"
-                node = node[part]
-
-
 # ----- training seeds and the curves section ---------------------------------------------------
 @pytest.mark.parametrize(
     "seeds, message",

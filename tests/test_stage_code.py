@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.stage_code import (DVC_FILES, FIXED, ITEMS, MEMBER_KEYS, declarations_digest, job_modules, manifests,
-                              method_specs, methods_of, rewrite_deps, stage_files, write_manifests)  # fmt: skip
+from flows.stage_code import (DVC_FILES, FIXED, ITEMS, PARAM_PREFIX, PARAMS, declarations_digest, job_modules,
+                              manifests, method_specs, methods_of, param_values, rewrite_deps, stage_files,
+                              write_manifests)  # fmt: skip
 from sparse_core.config import load_params
 from sparse_core.imports import import_graph, library_code, project_modules
 
@@ -32,13 +33,50 @@ def test_dvc_files_hold_the_manifest_deps():
         assert name == "code" or len(code) == 1, f"{name}: one manifest, got {code}"
 
 
-def test_the_code_stage_depends_on_what_the_manifests_read():
-    """Its params are whole sections (a params file may leave a key to its default); every key
-    the manifests read is inside one of them."""
+def test_the_code_stage_alone_lists_params_and_lists_all_of_them():
+    """The manifests hold what each stage reads, so ``code`` depends on the whole params file
+    (``dvc params diff`` sees every key) and no other stage lists params (they would be recorded
+    again, per stage, in ``dvc.lock``)."""
     code = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["code"]
-    read = [k for keys in ITEMS.values() for k in keys] + list(MEMBER_KEYS)
-    assert {k.split(".")[0] for k in read} <= set(code["params"]) and all("." not in p for p in code["params"])
+    assert code["params"] == [{"params.yaml": None}]
     assert code["outs"] == [{"stage_code": {"cache": False}}] and "--manifests stage_code" in code["cmd"]
+    for name in DVC_FILES:
+        for stage_name, stage in yaml.safe_load((ROOT / name).read_text())["stages"].items():
+            assert stage_name == "code" or "params" not in stage.get("do", stage), f"{name}: {stage_name} lists params"
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))])
+def test_every_stage_reads_params_that_every_profile_has(profile):
+    """Every stage with a flow has a PARAMS entry, and every key it names exists in the validated
+    params of each profile (a key a file leaves out counts with its default)."""
+    path = ROOT / profile if profile == "params.yaml" else ROOT / "profiles" / profile
+    params = load_params(path)
+    assert set(PARAMS) == set(job_modules(ROOT))
+    for stage, keys in PARAMS.items():
+        values = param_values(params, keys)
+        assert all(any(k == key or k.startswith(key + ".") for k in values) for key in keys), stage
+    assert {"base.precision", "base.channels_last"} <= set(PARAMS["train"]) & set(PARAMS["evaluate"])
+    with pytest.raises(ValueError, match="'train.nope' is not a params key"):
+        param_values(params, ("train.nope",))
+
+
+def test_a_manifest_holds_the_values_its_stage_reads():
+    params = load_params(ROOT / "profiles" / "tiny.yaml")
+    texts = manifests(ROOT, params)
+    lines = {rel: {line.removeprefix(PARAM_PREFIX) for line in text.splitlines() if line.startswith(PARAM_PREFIX)}
+             for rel, text in texts.items()}  # fmt: skip
+    assert f"train.dst.sparsity = {params.train.dst.sparsity}" in lines["train/dpf.txt"]
+    assert 'base.precision = "fp32"' in lines["train/dpf.txt"] and 'base.precision = "fp32"' in lines["warmup.txt"]
+    assert not any(k.startswith("train.") for k in lines["warmup.txt"]) and not lines["sweep.txt"]
+    # the lists that only name the items are left out of the items' manifests, kept where read whole
+    assert not any(line.startswith(("train.methods ", "evaluate.runs ")) for line in lines["evaluate/dpf.txt"])
+    assert any(line.startswith("evaluate.runs ") for line in lines["report.txt"])
+    # a value: only the manifests of the stages that read it change
+    bf16 = params.model_copy(update={"base": params.base.model_copy(update={"precision": "bf16"})})
+    changed = {rel for rel, text in manifests(ROOT, bf16).items() if texts[rel] != text}
+    assert {"warmup.txt", "train/dpf.txt", "retrain/dpf.txt", "evaluate/dpf.txt", "collect/dst_ensemble.txt",
+            "evaluate_ensemble/dst_ensemble.txt", "curves/dpf.txt"} <= changed  # fmt: skip
+    assert not {"prepare.txt", "report.txt", "aggregate.txt", "curves_report.txt"} & changed
 
 
 def test_each_stage_runs_its_own_job():
@@ -141,7 +179,8 @@ def _copy_project(dest: Path) -> None:
 def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
     """In a copy of the project (tiny profile): every stage committed as up to date with
     placeholder outputs (``dvc commit``, nothing trained) and real manifests, then one file
-    edited at a time and the manifests rewritten, as ``dvc repro`` runs the ``code`` stage first."""
+    edited, or one params value changed, at a time and the manifests rewritten, as ``dvc repro``
+    runs the ``code`` stage first."""
     from dvc.repo import Repo
 
     _copy_project(tmp_path)
@@ -210,5 +249,35 @@ def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
         dst = touched("sparse_core/methods/dst.py")  # rigl, and the ensembles built on it
         assert {"train@rigl-0", "train@dst_ensemble-0", "train@edst_ensemble-0", "evaluate_ensemble@dst_ensemble-0"} <= dst
         assert not {"train@dpf-0", "evaluate@dpf-0"} & dst
+
+        def params_changed(key: str, value) -> set[str]:
+            """``dvc status`` after setting ``key`` in params.yaml and running the code stage (a
+            fresh Repo: the stages are interpolated from params.yaml)."""
+            path = Path("params.yaml")
+            original = path.read_text()
+            raw = yaml.safe_load(original)
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = value(node[leaf]) if callable(value) else value
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            try:
+                write_manifests(Path("."), load_params(path), Path("stage_code"))
+                return set(Repo(".").status())
+            finally:
+                path.write_text(original)
+                code_stage()
+
+        # base.precision changes what training and evaluation compute (not listed before: a bf16
+        # profile re-ran nothing)
+        assert params_changed("base.precision", "bf16") == {"code"} | training | evaluation
+        assert params_changed("train.dst.sparsity", 0.5) == {"code"} | named("train") | evaluation
+        # per stage, not per item: every evaluate item reads `retrain` (for its <run>_retrain items)
+        assert params_changed("retrain.epochs", 2) == {"code", "retrain@dpf-0"} | named("evaluate")
+        assert params_changed("base.progress", lambda on: not on) == {"code"}
+        # adding a method trains it alone (DVC's params lists, shared by a matrix's items, re-ran every train stage)
+        assert params_changed("train.methods", lambda methods: [*methods, "set"]) == {"code", "train@set-0"}
+        assert Repo(".").status() == {}
     finally:
         os.chdir(cwd)
