@@ -87,3 +87,38 @@ def test_a_forked_stage_equals_a_fresh_one(tmp_path, mirror, prefect_server):
     finally:
         terminate(server)
     assert os.path.exists(work / "params.yaml")
+
+
+PROBE = """
+import json, sys
+from flows.forkserver import preload
+preload()
+before = set(sys.modules)
+from prefect import flow, task
+
+@task
+def double(x: int) -> int:
+    return 2 * x
+
+@flow(name="probe")
+def probe(x: int, path: str = "params.yaml") -> int:
+    return double(x)
+
+assert probe(2) == 4
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_flow_run_imports_nothing_the_server_could_have(tmp_path, prefect_server):
+    """After preload(), a flow run with a task run (what every stage starts) imports no module
+    of Prefect or of what Prefect loads on the way (FLOW_RUN_MODULES): each would cost every
+    stage forked from the server its import again."""
+    import sys
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = json.loads(proc.stdout.strip().splitlines()[-1])
+    heavy = ("prefect", "fastapi", "starlette", "pydantic", "graphviz", "opentelemetry", "sparse_core", "flows")
+    assert [m for m in new if m.split(".")[0] in heavy] == []
