@@ -57,7 +57,13 @@ def test_bf16_trains_resumes_and_keeps_float32_state(tmp_path, method_name):
     # bf16 really ran: the weights differ from an fp32 run of the same seed.
     fp32, _ = _run(tmp_path / "fp32", method_name, FP32)
     assert not torch.equal(fp32.fc.weight, full.fc.weight)
-    assert torch.allclose(fp32.fc.weight, full.fc.weight, atol=0.05), "bf16 must stay close to fp32"
+    # bf16 stays close to fp32 where both keep a connection. A DST topology update ranks
+    # gradients, and bf16 rounding may flip a near-tie (here, on the AVX2-only CI machine, rigl
+    # keeps 38 of its 39 fc connections in both runs; elsewhere all 39): the masks agree on
+    # nearly every active position, not necessarily on all.
+    both = (fp32.fc.weight != 0) & (full.fc.weight != 0)
+    assert both.sum() >= 0.9 * (fp32.fc.weight != 0).sum(), "bf16 moved the topology, not only the values"
+    assert torch.allclose(fp32.fc.weight[both], full.fc.weight[both], atol=0.05), "bf16 must stay close to fp32"
 
 
 def test_bf16_activations_and_channels_last_layout():
