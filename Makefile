@@ -64,7 +64,7 @@ queue:
 	$(BIN)/dvc queue start -j $(JOBS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4
 
 metrics: $(STAMP)
 	$(BIN)/dvc metrics show

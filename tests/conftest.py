@@ -16,6 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), give each worker its share of the
+    cores: torch's default of one thread per core in every worker (and in every process a test
+    starts, through ``OMP_NUM_THREADS``) would oversubscribe the machine. An explicit
+    ``OMP_NUM_THREADS`` is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_cores_between_workers()
+
+
 @pytest.fixture
 def default_params_dict() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())

@@ -140,6 +140,24 @@ def test_precision_values_and_devices():
     assert FP32.inputs(x) is x
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_keeps_the_setting(monkeypatch, native):
+    import warnings
+    from types import SimpleNamespace
+
+    from sparse_core import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "native_bf16_cpu", lambda: native)
+    base = SimpleNamespace(precision="bf16", channels_last=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = Precision.of(base, torch.device("cpu"))
+        Precision.of(SimpleNamespace(precision="fp32", channels_last=False), torch.device("cpu"))
+    assert got.name == "bf16"
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "emulates bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1), [str(w.message) for w in caught]
+
+
 def test_config_refuses_fp16_on_cpu_and_fingerprints_precision(default_params_dict):
     d = default_params_dict
     base = Params.model_validate(d)
