@@ -64,7 +64,7 @@ queue:
 	$(BIN)/dvc queue start -j $(JOBS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist load
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist load --maxschedchunk 1
 
 metrics: $(STAMP)
 	$(BIN)/dvc metrics show
