@@ -64,7 +64,8 @@ queue:
 	$(BIN)/dvc queue start -j $(JOBS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist load --maxschedchunk 1
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist load --maxschedchunk 1 -m 'not serial'
+	$(BIN)/python -m pytest -m serial
 
 metrics: $(STAMP)
 	$(BIN)/dvc metrics show

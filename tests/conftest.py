@@ -217,9 +217,9 @@ def postgres_prefect(tmp_path_factory):
 
 
 #: Test files whose tests take minutes, longest first (measured under ``make test``, 2026-12-01:
-#: the e2e test 566 s, the WRN-28-10 profile 250 s, each stopped-worker test 145 s, the
-#: experiment queue 122 s).
-LONGEST_FIRST = ("test_pipeline_e2e.py", "test_profiles_smoke.py", "test_stop.py", "test_exp_queue.py")
+#: the e2e test 566 s, the WRN-28-10 profile 250 s, the experiment queue 122 s). tests/test_stop.py
+#: is marked ``serial``: ``make test`` runs it alone, after the others.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_profiles_smoke.py", "test_exp_queue.py")
 
 
 def pytest_collection_modifyitems(config, items):
