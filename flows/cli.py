@@ -280,17 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _main(args, console=argv is None)
     except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (flows.signals), outside a training loop
-        from sparse_core import interrupt
-
         if _debug(args):
             raise
-        status = _stopped(interrupt.reason() if interrupt.stop_requested() else str(exc) or "SIGINT")
+        status = _stopped_by(exc)
     finally:
         if args.command == "run":
             from tasks.timing import record_stage
 
             record_stage(args.stage, sys.argv[1:] if argv is None else list(argv), status)
     return status
+
+
+def _stopped_by(exc: KeyboardInterrupt) -> int:
+    """:func:`_stopped` for a ``KeyboardInterrupt``: the signal that requested the stop
+    (:mod:`flows.signals`), else the interrupt's own message (``SIGINT`` if it has none)."""
+    from sparse_core import interrupt
+
+    return _stopped(interrupt.reason() if interrupt.stop_requested() else str(exc) or "SIGINT")
 
 
 def _stopped(reason: str, detail: str | None = None) -> int:
@@ -435,6 +441,9 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         stopped = sys.modules.get("sparse_core.interrupt")
         if stopped is not None and isinstance(exc, stopped.Stopped) and not _debug(args):
             return _stopped(stopped.reason(), str(exc))
+        wrapped = _wrapped_interrupt(exc)
+        if wrapped is not None and not _debug(args):  # the stop, re-raised as a library's own error
+            return _stopped_by(wrapped)
         if _debug(args) or not isinstance(exc, _user_errors()):
             raise
         print(f"sparseflow: {exc}", file=sys.stderr)
@@ -442,6 +451,23 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             print("  (run with --debug, or set SPARSEFLOW_DEBUG=1, for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _wrapped_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` (SIGTERM or Ctrl-C, :mod:`flows.signals`) that ``exc`` wraps, if
+    any: a library that calls our code may catch the interrupt and raise its own error from it.
+    pydantic does (a stop during ``model_dump`` surfaces as ``PydanticSerializationError: Error
+    calling function `_ser_model`: KeyboardInterrupt: SIGTERM``, a ``ValueError``), which would
+    otherwise be reported as a user error with exit status 1 instead of the stop it is (128 + the
+    signal number). Follows ``__cause__`` and ``__context__``; returns None for any other error."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _debug(args: argparse.Namespace) -> bool:

@@ -66,13 +66,14 @@ class Precision:
         """The precision of ``base`` (a :class:`~sparse_core.config.BaseSection`) on ``device``.
 
         Warns (``RuntimeWarning``) for ``bf16`` on a CPU without native bf16 instructions
-        (:func:`native_bf16_cpu`): torch then emulates bf16 and the run is much slower than
-        ``fp32``, not faster; the setting is kept, since it changes the results.
+        (:func:`native_bf16_cpu`): torch's bf16 convolutions then leave oneDNN for its generic
+        fallback kernels and the run is much slower than ``fp32``, not faster; the setting is
+        kept, since it changes the results.
         """
         precision = cls(base.precision, base.channels_last, torch.device(device).type)
         if precision.name == "bf16" and precision.device_type == "cpu" and not native_bf16_cpu():
             warnings.warn(f"base.precision: bf16 on a CPU without AVX512-BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
-                          "torch emulates bf16 here, about 9x slower than fp32 for WRN-28-10 and ResNet-56 on an AVX2 "
+                          "torch has no fast bf16 kernels here, about 9x slower than fp32 for WRN-28-10 and ResNet-56 on an AVX2 "
                           "CPU (measured 2026-12-01); use base.precision: fp32 on this machine", RuntimeWarning, stacklevel=2)  # fmt: skip
         return precision
 
@@ -107,11 +108,35 @@ class Precision:
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as torch detects it.
 
-    Without them, CPU autocast to bf16 still runs, on emulated kernels: one training step of
-    WRN-28-10 (batch 16, channels_last) took 74-101 s against 8-12 s in fp32 on a 2-core AVX2
-    AMD EPYC, and ResNet-56 1.7-1.9 s against 0.19-0.23 s (``/tmp`` script, 2026-12-01).
+    Without them, CPU autocast to bf16 still runs, but not on oneDNN: torch 2.14's profiler shows
+    a bf16 ``Conv2d`` forward and backward as ``aten::_slow_conv2d_forward`` /
+    ``aten::_slow_conv2d_backward`` (its generic im2col fallback) where fp32 runs
+    ``aten::mkldnn_convolution``, on a 2-core AVX2 AMD EPYC. One training step of WRN-28-10
+    (batch 16, channels_last) took 74-101 s there against 8-12 s in fp32, and ResNet-56
+    1.7-1.9 s against 0.19-0.23 s (``/tmp`` script, 2026-12-01).
+
+    torch's probes (``torch.cpu._is_avx512_bf16_supported``, ``_is_amx_tile_supported``) are
+    private; where a torch version lacks them, the CPU flags the kernel reports are read instead
+    (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``, Linux), and elsewhere the answer is
+    False. The answer only decides a warning (and the profile smoke test's precision), never a
+    result.
     """
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return bool(any(probe() for probe in probes))
+    return bool(_cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of the first processor in ``path`` (Linux); empty where it is absent."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 #: Plain float32, standard layout: the default, bit-reproducible mode.

@@ -463,6 +463,50 @@ def test_debug_shows_the_traceback(workspace, capsys, monkeypatch):  # noqa: F81
         _cli(["export", "--run", "nope", "--format", "onnx"])
 
 
+def _serialize_with(error: BaseException):
+    """A params loader whose pydantic serializer meets ``error`` (as a signal handler's
+    KeyboardInterrupt would, landing inside ``model_dump``)."""
+    from pydantic import BaseModel, model_serializer
+
+    class Params(BaseModel):
+        a: int = 1
+
+        @model_serializer
+        def _ser_model(self):
+            raise error
+
+    return lambda _path: Params().model_dump()
+
+
+def _via_context(_path):
+    try:
+        raise KeyboardInterrupt("SIGTERM")
+    except KeyboardInterrupt:
+        raise RuntimeError("a library's own error, raised while handling the interrupt")  # noqa: B904
+
+
+@pytest.mark.parametrize(("loader", "status", "line"), [
+    (_serialize_with(KeyboardInterrupt("SIGTERM")), 143, "stopped by SIGTERM"),
+    (_serialize_with(KeyboardInterrupt("SIGINT")), 130, "stopped by SIGINT"),
+    (_via_context, 143, "stopped by SIGTERM"),
+    (_serialize_with(OSError("not a stop")), 1, "not a stop"),
+], ids=["pydantic-SIGTERM", "pydantic-SIGINT", "context", "other-error"])  # fmt: skip
+def test_a_stop_wrapped_by_a_library_is_the_stop(tmp_path, capsys, monkeypatch, loader, status, line):
+    """CI found it: SIGTERM 0.05 s into `sparseflow run prepare` landed in pydantic's serializer,
+    which re-raises it as PydanticSerializationError (a ValueError); the command reported it as
+    an error (exit 1) instead of the stop it was (143). A library error that merely *is* an
+    error keeps its one line and exit 1 (the RuntimeError of the `context` case would have been
+    re-raised as a bug)."""
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "load_params", loader)
+    assert _cli(["validate", "--params", str(tmp_path / "params.yaml")]) == status
+    err = capsys.readouterr().err
+    assert line in err and "Traceback" not in err, err
+    if status != 1:
+        assert "_ser_model" not in err and "Error calling" not in err, err
+
+
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     import errno
 

@@ -5,6 +5,8 @@ of the fingerprint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -154,8 +156,28 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_keeps_the_setting(monkeypat
         got = Precision.of(base, torch.device("cpu"))
         Precision.of(SimpleNamespace(precision="fp32", channels_last=False), torch.device("cpu"))
     assert got.name == "bf16"
-    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "emulates bf16" in str(w.message)]
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "no fast bf16 kernels" in str(w.message)]
     assert len(slow) == (0 if native else 1), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("flags", ["fpu avx2 avx512_bf16", "fpu avx2 amx_bf16 amx_tile", "fpu avx2 avx512f", None])
+def test_native_bf16_falls_back_to_the_cpu_flags_without_torchs_private_probes(tmp_path, monkeypatch, flags):
+    """torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private: a torch
+    without them must not turn every bf16 stage into an AttributeError."""
+    from sparse_core import precision as precision_module
+
+    native_here = precision_module.native_bf16_cpu()
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    read_flags = precision_module._cpuinfo_flags
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda path=str(cpuinfo): read_flags(path))
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert precision_module.native_bf16_cpu() == (flags is not None and "bf16" in flags)
+    monkeypatch.undo()
+    assert precision_module.native_bf16_cpu() == native_here
+    if Path("/proc/cpuinfo").exists():  # torch's probes and the kernel's flags agree on this machine
+        assert native_here == bool(precision_module._cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def test_config_refuses_fp16_on_cpu_and_fingerprints_precision(default_params_dict):

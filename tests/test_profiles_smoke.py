@@ -32,17 +32,19 @@ def smoke_sizes(raw: dict) -> dict:
     """``raw`` with its sizes shrunk (and nothing else changed but the precision, below).
 
     A profile's ``bf16`` runs in ``fp32`` on a CPU without native bf16 (no AVX512-BF16 or AMX):
-    torch emulates bf16 there, one WRN-28-10 step about 9x slower than fp32 (one profile took
+    torch's bf16 convolutions fall back from oneDNN to its generic kernels there
+    (:func:`sparse_core.precision.native_bf16_cpu`), one WRN-28-10 step about 9x slower than fp32 (one profile took
     over 20 minutes on a 2-core AVX2 machine). bf16 training itself is tested on small models in
     tests/test_precision.py, and the warning such a run gives in tests/test_precision.py too.
     """
+    from sparse_core.engine import resolve_device
     from sparse_core.precision import native_bf16_cpu
 
     raw = copy.deepcopy(raw)
     base = raw.setdefault("base", {})
     base["seeds"] = (base.get("seeds") or [base.get("seed", 0)])[:1]
     base["progress"] = False
-    on_cpu = base.get("device", "auto") == "cpu" or not torch.cuda.is_available()
+    on_cpu = resolve_device(base.get("device", "auto")).type == "cpu"
     if base.get("precision") == "bf16" and on_cpu and not native_bf16_cpu():
         base["precision"] = "fp32"
     # 36 training images in batches of 8: 4 full steps an epoch (enough for every update period below).
