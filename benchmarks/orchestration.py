@@ -272,11 +272,44 @@ def report(records: list[dict], wall: float, window: tuple[float, float], profil
     outside = wall - in_stages
     print(f"    outside stage processes                   {outside:8.1f} s  {outside / wall:6.1%}   {outside / max(n, 1):.2f} s/stage"
           "   (DVC, process exit, server start/stop)")  # fmt: skip
+    exits = [clip(r["start"], r["end"]) for r in records if r["kind"] == "child-exit"]
+    callers = [clip(r["start"], r["end"]) for r in records if r["kind"] == "caller"]
+    if callers:  # the fork server ran the stages: split the time outside them further
+        stage_spans = [clip(s["start"], s["end"]) for s in stages]
+        exiting = union(stage_spans + exits) - in_stages
+        caller_only = union(stage_spans + exits + callers) - union(stage_spans + exits)
+        dvc = outside - exiting - caller_only
+        for label, value, what in (("forked stage's exit", exiting, "threads joined, atexit: Prefect's last logs and events"),
+                                   ("caller around the fork", caller_only, "`sparseflow run` start, hand-over, wait"),
+                                   ("neither (DVC, server)", dvc, "DVC between stages, server start/stop")):  # fmt: skip
+            print(f"      {label:<38}  {value:8.1f} s  {value / wall:6.1%}   {value / max(n, 1):.2f} s/stage   ({what})")
+    print_stage_breakdown(stages, works, clip)
     by_task: dict[str, list[tuple[float, float]]] = {}
     for w in works:
         by_task.setdefault(w["task"], []).append(clip(w["start"], w["end"]))
     parts = sorted(((union(v), k, len(v)) for k, v in by_task.items()), reverse=True)
     print("  stage work by task: " + ", ".join(f"{k} {s:.1f} s ({c})" for s, k, c in parts))
+
+
+def print_stage_breakdown(stages: list[dict], works: list[dict], clip) -> None:  # noqa: ANN001 - clip: (a, b) -> (a, b)
+    """Per stage command (``train``, ``evaluate``, ...): the median seconds of a stage process
+    outside its library work and imports, and the median gap from the end of one stage process
+    to the start of the next (DVC's work between stages, the previous child's exit)."""
+    by_pid: dict[int, list[tuple[float, float]]] = {}
+    for w in works:
+        by_pid.setdefault(w["pid"], []).append((w["import_start"], w["end"]))
+    rest: dict[str, list[float]] = {}
+    for s in stages:
+        a, b = clip(s["start"], s["end"])
+        inside = union([(max(x, a), min(y, b)) for x, y in by_pid.get(s["pid"], []) if min(y, b) > max(x, a)])
+        rest.setdefault(s["stage"], []).append(b - a - inside)
+    ordered = sorted(stages, key=lambda s: s["start"])
+    gaps = [nxt["start"] - cur["end"] for cur, nxt in zip(ordered, ordered[1:]) if nxt["start"] > cur["end"]]
+    print("  rest of a stage process by stage, median s (stages): "
+          + ", ".join(f"{k} {statistics.median(v):.2f} ({len(v)})" for k, v in sorted(rest.items(), key=lambda kv: -sum(kv[1]))))
+    if gaps:
+        print(f"  gap between consecutive stage processes: median {statistics.median(gaps):.2f} s "
+              f"[{min(gaps):.2f} .. {max(gaps):.2f}], {len(gaps)} gaps, {sum(gaps):.1f} s in all")
 
 
 def main() -> None:
