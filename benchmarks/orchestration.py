@@ -37,7 +37,10 @@ spent outside stage work.
     rest ("orchestration", target <= 10% of wall) split into the library imports inside stage
     processes, the rest of the stage processes (interpreter, CLI, validation, Prefect flow and
     task runs), and the time outside any stage process (DVC's hashing, lock and cache writes,
-    process start and exit, the Prefect server's start and stop).
+    process start and exit, the Prefect server's start and stop); under the fork server that
+    time is split further into the forked child's exit, the ``sparseflow run`` caller around
+    the fork and the rest (DVC, the server). Also printed: the rest of a stage process per
+    stage command (median) and the gaps between consecutive stage processes.
 
 Needs the data mirror for ``--repro`` (``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``).
 """
