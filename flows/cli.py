@@ -268,7 +268,16 @@ def _profile(args: argparse.Namespace) -> None:
     print(f"{args.params} <- {src}; run `dvc repro` (or `make repro`); `git checkout {args.params}` restores the default")
 
 
+#: How long a command waits for Prefect's temporary server (started when ``PREFECT_API_URL`` is
+#: unset, e.g. under a plain ``dvc repro``) to answer: Prefect's default, 20 s, ran out on a
+#: loaded 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API
+#: server", `sparseflow pipeline` in tests/test_stop.py, fresh-clone CI, 2026-12-01). Set in
+#: the environment, so the stage processes that DVC starts inherit it; a value the user set wins.
+EPHEMERAL_STARTUP_ENV, EPHEMERAL_STARTUP_SECONDS = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(EPHEMERAL_STARTUP_ENV, EPHEMERAL_STARTUP_SECONDS)  # before Prefect reads its settings
     args = _parser().parse_args(argv)
     if argv is None:  # the `sparseflow` command itself, not a caller in a longer-lived process
         _skip_final_gc()

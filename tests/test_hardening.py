@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -505,6 +506,19 @@ def test_a_stop_wrapped_by_a_library_is_the_stop(tmp_path, capsys, monkeypatch, 
     assert line in err and "Traceback" not in err, err
     if status != 1:
         assert "_ser_model" not in err and "Error calling" not in err, err
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_the_temporary_server_gets_time_to_start_unless_the_user_says(monkeypatch, user_value):
+    """Prefect's 20 s for its temporary server ran out in CI on a loaded 2-core machine; the
+    command raises it for itself and its stage processes, and keeps a value the user set."""
+    import flows.cli
+
+    monkeypatch.setenv(flows.cli.EPHEMERAL_STARTUP_ENV, user_value or "unset below")  # restored after the test
+    if user_value is None:
+        monkeypatch.delenv(flows.cli.EPHEMERAL_STARTUP_ENV)
+    assert _cli(["validate", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 0
+    assert os.environ[flows.cli.EPHEMERAL_STARTUP_ENV] == (user_value or "120")
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
