@@ -11,7 +11,7 @@
     sparseflow run collect --run edst_ensemble
     sparseflow run evaluate_ensemble --run edst_ensemble
     sparseflow compare [REV_A] [REV_B]  # metric and params differences (default HEAD vs workspace)
-    sparseflow pipeline [--force] [--profile NAME] [--wait SECONDS] [TARGET ...]
+    sparseflow pipeline [--force] [--profile NAME] [--wait SECONDS] [--no-fork-server] [TARGET ...]
     sparseflow profile NAME          # copy profiles/NAME.yaml over params.yaml (validated)
     sparseflow export --run gmp --format compact|sparse|onnx [--seed 0] [--out PATH]   # runs/s<seed>/<run>/export/<format>/
     sparseflow sweep --method rigl --sparsity 0.8 0.9 --seeds 0 1   # fanned out (params.orchestration)
@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", help="switch params.yaml to profiles/NAME.yaml first")
     pl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long for another pipeline run on this workspace (default 0: refuse; -1: forever)")
+    pl.add_argument("--no-fork-server", action="store_true",
+                    help="start every stage as a fresh process (default: stages fork from a server that has their imports done)")
     sw = sub.add_parser("sweep", help="sparsity x seed sweep of one method, fanned out to the task runner")
     sw.add_argument("--method", required=True)
     sw.add_argument("--sparsity", type=float, nargs="+", required=True)
@@ -400,7 +402,11 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             if not _debug(args):
                 _quiet_user_tracebacks()
 
-            pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait)
+            from flows.server import one_server_for_this_process
+
+            with one_server_for_this_process():  # one Prefect server for the pipeline and its stages
+                pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait,
+                              fork_server=not args.no_fork_server)  # fmt: skip
         elif args.command == "sweep":
             from flows import stage_flows as f
 

@@ -298,9 +298,30 @@ def serve(socket_path: Path, root: Path) -> tuple[dict, list[int]] | None:
                 socket_path.unlink()
             except FileNotFoundError:
                 pass
+            if stop:  # asked to stop (by its starter, after its command ended or was signalled)
+                _drain(clients, exits, STOP_GRACE_SECONDS)
             for pid in clients:
                 _signal(pid, signal.SIGTERM)
     return None
+
+
+#: How long a stopped server waits for running stages before it sends them SIGTERM (seconds).
+STOP_GRACE_SECONDS = 10.0
+
+
+def _drain(clients: dict[int, socket.socket], exits: dict[int, int], seconds: float) -> None:
+    """Wait up to ``seconds`` for the running children to end, reporting each end to its caller.
+
+    A server is stopped while stages run when everything of a flow run is signalled at once
+    (``sparseflow worker`` spares the servers; a service manager may not): the stages then
+    stop at a step boundary, on the signal their callers pass on, and their callers learn
+    their real exit status. A SIGTERM from the server as well would be a second signal, which
+    stops a stage at once instead (:mod:`flows.signals`)."""
+    deadline = time.monotonic() + seconds
+    while clients and time.monotonic() < deadline:
+        _reap(clients, exits)
+        if clients:
+            select.select(list(exits.values()), [], [], 0.1)
 
 
 def _send(sock: socket.socket, line: str) -> bool:
@@ -386,9 +407,9 @@ def child_main(request: dict, fds: list[int]) -> None:
                 thread.join()
         atexit._run_exitfuncs()
         if os.environ.get("SPARSEFLOW_TIMINGS"):  # tasks.timing.TIMINGS_ENV (benchmarks/orchestration.py)
-            from tasks.timing import record_exit
+            from tasks.timing import record_child_exit
 
-            record_exit("child-exit", exiting)
+            record_child_exit(exiting)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -14,9 +14,9 @@ def main() -> int:
     status = forkserver.forward(sys.argv)
     if status is not None:
         if os.environ.get("SPARSEFLOW_TIMINGS"):  # tasks.timing.TIMINGS_ENV (benchmarks/orchestration.py)
-            from tasks.timing import record_exit
+            from tasks.timing import record_caller
 
-            record_exit("caller", 0.0)
+            record_caller()
         return status
     from flows.cli import main as cli_main
 

@@ -15,8 +15,11 @@ work pool with ``sparseflow deploy`` (see README, "Schedule it on a Prefect serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -89,6 +92,27 @@ def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def _stage_fork_server(wanted: bool) -> Iterator[None]:
+    """While the block runs, a fork server for the working directory with this process's
+    environment, named in ``os.environ`` so that DVC's stage commands inherit it."""
+    if not wanted:
+        yield
+        return
+    from flows.server import FORK_SERVER_ENV, stage_fork_server
+
+    env, previous = dict(os.environ), os.environ.get(FORK_SERVER_ENV)
+    with tempfile.TemporaryDirectory(prefix="sparseflow-forks-") as home, stage_fork_server(Path(home), env):
+        os.environ[FORK_SERVER_ENV] = env[FORK_SERVER_ENV]
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(FORK_SERVER_ENV, None)
+            else:
+                os.environ[FORK_SERVER_ENV] = previous
+
+
 @flow(name="pipeline")
 def pipeline_flow(
     targets: list[str] | None = None,
@@ -96,8 +120,14 @@ def pipeline_flow(
     profile: str | None = None,
     repo_dir: str = ".",
     wait_seconds: float = 0.0,
+    fork_server: bool = True,
 ) -> list[str]:
     """Reproduce the DVC pipeline of the checkout ``repo_dir``.
+
+    With ``fork_server`` (the default), a fork server (:func:`flows.server.stage_fork_server`)
+    runs while DVC reproduces, and the stages start from it with Prefect and their library
+    imported, as under ``make repro`` (a fresh stage process spends about 3 s on imports on the
+    2-core machine; see README, "Orchestration").
 
     Args:
         targets: stages to reproduce with their upstream stages (``["evaluate@dpf-0"]``); all
@@ -107,6 +137,7 @@ def pipeline_flow(
         repo_dir: the project checkout (absolute, or relative to the working directory).
         wait_seconds: how long to wait for another pipeline run on the same workspace
             (0: refuse at once; negative: wait forever).
+        fork_server: start the stages from a fork server (False: each as a fresh process).
 
     Returns:
         The addresses of the stages that ran.
@@ -139,7 +170,7 @@ def pipeline_flow(
         try:
             os.chdir(repo)  # stage commands and relative paths resolve in the checkout
             try:
-                with Repo(str(repo)) as dvc_repo:
+                with _stage_fork_server(fork_server), Repo(str(repo)) as dvc_repo:
                     # Targets are stage names of this project, matched against its stages (DVC
                     # would also take a path to another project's dvc.yaml).
                     known = [s.addressing for s in dvc_repo.index.stages]

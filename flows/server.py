@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
@@ -254,27 +256,117 @@ def lock_reusing(cmd: list[str]) -> list[str]:
     return [sys.executable, "-m", "flows.dvc_main", *cmd[1:]]
 
 
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc`` and wait for it (SIGKILL after 20 s)."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def temporary_prefect_server(home: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A Prefect server started on a free 127.0.0.1 port with ``home`` as its ``PREFECT_HOME``
+    (its own SQLite database, its log in ``home/server.log``); sets ``env["PREFECT_API_URL"]`` to
+    it. Stopped (SIGINT, then SIGKILL after 20 s) when the block ends.
+
+    The block starts at once (start the fork server meanwhile); call :func:`wait_until_healthy`
+    before the first command that reports to it.
+    """
+    port = free_port()
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    own = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, own), stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        _stop(proc, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stage_fork_server(home: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A :mod:`flows.forkserver` for the working directory, with ``env`` as its environment,
+    listening on ``home/fork.sock`` (its log in ``home/fork-server.log``); sets
+    ``env[FORK_SERVER_ENV]`` to the socket, so that the ``sparseflow run`` commands started with
+    ``env`` hand their stage to it. Stopped (SIGTERM) when the block ends.
+
+    The block does not wait for the server's imports: a command that comes before the server
+    listens runs in its own process, as without a server.
+    """
+    env[FORK_SERVER_ENV] = str(home / "fork.sock")
+    with open(home / "fork-server.log", "w") as log:
+        # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
+        proc = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[FORK_SERVER_ENV]], env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def one_server_for_this_process(startup_seconds: float = 90.0) -> Iterator[str | None]:
+    """When no Prefect API is configured (``PREFECT_API_URL``, in the environment or Prefect's
+    settings), a :func:`temporary_prefect_server` for the block, named in this process's
+    Prefect settings and in ``os.environ`` (so the processes it starts, DVC's stage commands,
+    report to it too); yields its API URL, or None when one was configured.
+
+    ``sparseflow pipeline`` runs in it: without it, Prefect starts a temporary server for the
+    pipeline's flow run and each stage process one of its own (each took 20 to 40 s to start on
+    the loaded 2-core machine, tests/test_stop.py).
+
+    Raises:
+        RuntimeError: the server did not answer ``/api/health`` within ``startup_seconds``.
+    """
+    import tempfile
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
+    env: dict[str, str] = {}
+    try:
+        with temporary_prefect_server(home, env) as proc:
+            wait_until_healthy(env["PREFECT_API_URL"], proc, home / "server.log", startup_seconds)
+            os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+            try:
+                with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+                    yield env["PREFECT_API_URL"]
+            finally:
+                os.environ.pop("PREFECT_API_URL", None)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True, reuse_lock: bool = True) -> int:
     """Run ``cmd`` with every Prefect flow it starts reporting to one Prefect server; returns
     ``cmd``'s exit status.
 
-    When ``PREFECT_API_URL`` is set, that server is used and no Prefect server is started. Otherwise a
-    Prefect server is started on a free 127.0.0.1 port with a temporary ``PREFECT_HOME`` (its
-    own SQLite database), ``cmd`` runs with ``PREFECT_API_URL`` pointing at it, and the server is
-    stopped (SIGINT, then SIGKILL after 20 s) and its home removed when ``cmd`` ends. Without
-    this, each ``sparseflow run`` that a bare ``dvc repro`` starts brings up a temporary server of
-    its own (measured: a warmup stage with a 4.6 s epoch took 19.7 s that way on the 2-core
-    machine), and a default ``dvc repro`` has over a hundred
+    When ``PREFECT_API_URL`` is set, that server is used and no Prefect server is started.
+    Otherwise a :func:`temporary_prefect_server` runs while ``cmd`` runs, with ``PREFECT_API_URL``
+    pointing at it. Without this, each ``sparseflow run`` that a bare ``dvc repro`` starts
+    brings up a temporary server of its own (measured: a warmup stage with a 4.6 s epoch took
+    19.7 s that way on the 2-core machine), and a default ``dvc repro`` has over a hundred
     stages.
 
-    With ``fork_server`` (the default), a :mod:`flows.forkserver` runs beside it for the same
-    time, and ``cmd``'s ``sparseflow run`` processes hand their stage to it
-    (``SPARSEFLOW_FORK_SERVER``): each stage then starts with Prefect and its library already
-    imported.
+    With ``fork_server`` (the default), a :func:`stage_fork_server` runs beside it for the same time,
+    and ``cmd``'s ``sparseflow run`` processes hand their stage to it: each stage then starts
+    with Prefect and its library already imported.
 
     A ``dvc repro`` (or ``dvc exp``) command runs only after ``params.yaml`` validates
     (:func:`validate_before_dvc`). With ``reuse_lock`` (the default), this environment's ``dvc``
     runs through :mod:`flows.dvc_main` (:func:`lock_reusing`).
+
+    SIGTERM / Ctrl-C are passed on to the command's processes (the stages stop at a step
+    boundary and report to the server); the servers are stopped last (:mod:`flows.signals`
+    leaves Prefect servers and fork servers to the process that started them).
 
     Raises:
         ConfigError: ``cmd`` is a DVC command and ``params.yaml`` is invalid.
@@ -288,39 +380,15 @@ def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool
     validate_before_dvc(cmd)
     home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
     env = {**os.environ}
-    server: subprocess.Popen | None = None
-    forks: subprocess.Popen | None = None
     try:
-        with open(home / "server.log", "w") as log, open(home / "fork-server.log", "w") as fork_log:
-            if not env.get("PREFECT_API_URL"):
-                port = free_port()
-                env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-                own = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-                server = subprocess.Popen(server_command("127.0.0.1", port), env=server_env("127.0.0.1", port, own),
-                                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-            if fork_server:
-                env[FORK_SERVER_ENV] = str(home / "fork.sock")
-                # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
-                forks = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[FORK_SERVER_ENV]], env=env,
-                                         stdin=subprocess.DEVNULL, stdout=fork_log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
-            if server is not None:
-                wait_until_healthy(env["PREFECT_API_URL"], server, home / "server.log", startup_seconds)
+        with contextlib.ExitStack() as servers:
+            prefect = None if env.get("PREFECT_API_URL") else servers.enter_context(temporary_prefect_server(home, env))
+            if fork_server:  # started before the wait: its imports overlap the server's start
+                servers.enter_context(stage_fork_server(home, env))
+            if prefect is not None:
+                wait_until_healthy(env["PREFECT_API_URL"], prefect, home / "server.log", startup_seconds)
                 print(f"sparseflow with-server: Prefect API at {env['PREFECT_API_URL']} for: {' '.join(cmd)}", flush=True)
-            # SIGTERM / Ctrl-C: passed on to the command's processes (the stages stop at a step
-            # boundary and report to the server); the servers are stopped last. The fork server's
-            # children get the signal from their callers, which are the command's processes.
-            ours = [p.pid for p in (server, forks) if p is not None]
-            signals.install(forward_to_children=True, exclude=lambda: {q for p in ours for q in (p, *signals.descendants(p))})
+            signals.install(forward_to_children=True)
             return subprocess.call(lock_reusing(cmd) if reuse_lock else cmd, env=env)
     finally:
-        for proc, sig in ((forks, signal.SIGTERM), (server, signal.SIGINT)):
-            if proc is None:
-                continue
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(home, ignore_errors=True)

@@ -19,7 +19,6 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Callable
 
 from sparse_core import interrupt
 
@@ -45,26 +44,28 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _servers(pids: list[int]) -> set[int]:
-    """The Prefect servers among ``pids`` (uvicorn processes: a temporary server that Prefect
-    started for this command or for one of its stages) and their descendants: they are left to
-    the processes that started them, which stop them after reporting their final state."""
+def servers(pids: list[int]) -> set[int]:
+    """The servers among ``pids`` and their descendants: Prefect servers (uvicorn processes: one
+    that ``with-server`` or ``pipeline`` started, or a temporary one that Prefect started for this
+    command or for one of its stages) and fork servers (:mod:`flows.forkserver`, whose forked
+    stages get the signal from their callers, which are among ``pids``). They are left to the
+    processes that started them, which stop them after the stages reported their final state."""
     out: set[int] = set()
     for pid in pids:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"uvicorn" in cmdline:
+        if b"uvicorn" in cmdline or b"flows.forkserver" in cmdline:
             out |= {pid, *descendants(pid)}
     return out
 
 
-def _forward(signum: int, grace: float, exclude: set[int]) -> None:
-    """Send ``signum`` to every descendant but ``exclude`` and Prefect servers, then wait up to
+def _forward(signum: int, grace: float) -> None:
+    """Send ``signum`` to every descendant but the servers (:func:`servers`), then wait up to
     ``grace`` seconds for them to exit."""
     family = descendants(os.getpid())
-    skip = exclude | _servers(family)
+    skip = servers(family)
     pids = [p for p in family if p not in skip]
     for pid in pids:
         try:
@@ -84,13 +85,12 @@ def _zombie(pid: int) -> bool:
     return text[text.rfind(")") + 2 :].startswith("Z")
 
 
-def install(forward_to_children: bool = False, exclude: Callable[[], set[int]] | None = None) -> None:
+def install(forward_to_children: bool = False) -> None:
     """Install the SIGTERM and SIGINT handlers of the module docstring in this (main) thread.
 
     Args:
         forward_to_children: pass the signal on to every descendant process first and wait for
             them (``pipeline``, ``with-server``).
-        exclude: PIDs not to pass it to (``with-server``: the Prefect server, stopped last).
     """
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -98,7 +98,7 @@ def install(forward_to_children: bool = False, exclude: Callable[[], set[int]] |
         again = interrupt.stop_requested()
         interrupt.request_stop(name)
         if forward_to_children:
-            _forward(signum, CHILD_GRACE_SECONDS, exclude() if exclude else set())
+            _forward(signum, CHILD_GRACE_SECONDS)
         if again or not interrupt.training_active():
             raise KeyboardInterrupt(name)
 

@@ -7,7 +7,9 @@ stops a worker, or Ctrl-C in its terminal, expects it to stop now. This command 
 own worker as a child process (its own session, so a terminal's Ctrl-C reaches only this
 process) and on SIGTERM or SIGINT:
 
-1. sends SIGTERM to every flow-run process of the worker and their children: a training stage
+1. sends SIGTERM to every flow-run process of the worker and their children (but servers:
+   :func:`flows.signals.servers`; a stage forked by a pipeline run's fork server gets it from
+   its caller, once): a training stage
    stops at its next step boundary and keeps its checkpoint (:mod:`sparse_core.interrupt`),
    Prefect's engine marks the flow run ``Crashed`` ("aborted by a termination signal");
 2. waits up to ``grace`` seconds for them, then kills what is left;
@@ -27,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.signals import descendants
+from flows.signals import descendants, servers
 
 #: How long flow-run processes get to stop after SIGTERM before they are killed (seconds).
 GRACE_SECONDS = 30.0
@@ -86,7 +88,12 @@ def stop_flow_runs(worker_pid: int, signame: str, grace: float = GRACE_SECONDS) 
     runs = [p for p in descendants(worker_pid) if _flow_run_id(p)]
     run_ids = _unfinished({rid for p in runs if (rid := _flow_run_id(p))})
     family = [q for p in runs for q in (p, *descendants(p))]
+    # Not the servers a flow run started (a pipeline run's fork server, whose stages get the
+    # signal from their callers): the flow run stops them once its stages have ended.
+    spared = servers(family)
     for p in family:
+        if p in spared:
+            continue
         try:
             os.kill(p, signal.SIGTERM)
         except ProcessLookupError:

@@ -15,7 +15,7 @@ appended to it (nothing is written, and nothing is imported, when it is unset: t
 - where the fork server ran the stage (:mod:`flows.forkserver`), one ``{"kind": "child-exit",
   "start", "end", "pid"}`` for the forked child's exit and one ``{"kind": "caller", "start",
   "end", "pid"}`` for the ``sparseflow run`` process that DVC started and that waited for it
-  (:func:`record_exit`).
+  (:func:`record_caller`, :func:`record_child_exit`).
 
 Times are Unix epoch seconds (``time.time()``): the same clock in every process of the machine,
 so a benchmark can take the union of intervals written by parallel tasks. Each line is written
@@ -100,15 +100,18 @@ def process_start_time() -> float:
         return psutil.Process().create_time()
 
 
-def record_exit(kind: str, start: float) -> None:
-    """Record the end of a process that :func:`record_stage` does not cover (no-op when unset):
-    ``"caller"``, a ``sparseflow run`` that handed its command to the fork server, from its
-    creation (``start`` is ignored) to its child's exit; ``"child-exit"``, a forked stage's exit
-    (threads joined, ``atexit`` handlers such as Prefect's last log and event flush) from
-    ``start`` on."""
+def record_caller() -> None:
+    """Record a ``sparseflow run`` that handed its command to the fork server, from its creation
+    to its child's exit (no-op when unset)."""
     if enabled():
-        begin = process_start_time() if kind == "caller" else start
-        record({"kind": kind, "start": begin, "end": time.time(), "pid": os.getpid()})
+        record({"kind": "caller", "start": process_start_time(), "end": time.time(), "pid": os.getpid()})
+
+
+def record_child_exit(start: float) -> None:
+    """Record a forked stage's exit (threads joined, ``atexit`` handlers such as Prefect's last
+    log and event flush) from ``start`` (seconds since the epoch) on (no-op when unset)."""
+    if enabled():
+        record({"kind": "child-exit", "start": start, "end": time.time(), "pid": os.getpid()})
 
 
 def record_stage(stage: str, argv: list[str], status: int) -> None:

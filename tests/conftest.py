@@ -37,13 +37,19 @@ def default_params_dict() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-@pytest.fixture
-def mirror() -> Path:
-    """The offline data mirror (``SPARSEFLOW_DATA_MIRROR``, else ``../shared/data``)."""
+def mirror_path() -> Path:
+    """The offline data mirror (``SPARSEFLOW_DATA_MIRROR``, else ``../shared/data``); fails the
+    test when it lacks the data."""
     path = Path(os.environ.get("SPARSEFLOW_DATA_MIRROR", REPO.parent / "shared" / "data"))
     if not (path / "FashionMNIST" / "raw").is_dir():
         pytest.fail(f"data mirror {path} lacks FashionMNIST/raw; set SPARSEFLOW_DATA_MIRROR")
     return path
+
+
+@pytest.fixture
+def mirror() -> Path:
+    """The offline data mirror (:func:`mirror_path`)."""
+    return mirror_path()
 
 
 class TinyNet(nn.Module):

@@ -122,3 +122,41 @@ def test_imagefolder_from_archive_in_mirror(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"imgs\.tar\.gz: md5 .* does not match"):
         prepare_dataset(DataSection(dataset="imagefolder", imagefolder=spec), tmp_path / "data2", 0)
     assert not (tmp_path / "data2" / "prepared").exists()
+
+
+def test_imagefolder_subset_decodes_only_the_images_it_keeps(tmp_path, monkeypatch):
+    """A subset of an image folder is prepared from its own images only (the offline CIFAR-10
+    JPEG copy has 60,000): the rows are the images at their source indices, decoded as PIL
+    does, and a damaged file outside the subset is never opened."""
+    from torchvision.datasets import ImageFolder
+
+    from sparse_core.data import prepare
+
+    _image_tree(tmp_path / "tree", {"train": ["cat", "dog"], "test": ["cat", "dog"]}, n=20)
+    cfg = DataSection(dataset="imagefolder", imagefolder={"root": str(tmp_path / "tree")}, train_subset=6, test_subset=4,
+                      val_fraction=0.5)  # fmt: skip
+    opened: list[str] = []
+    real_take = prepare.ImageFiles.take
+    monkeypatch.setattr(prepare.ImageFiles, "take", lambda self, idx: opened.extend(self.paths[i] for i in idx) or real_take(self, idx))
+    data = pd.read_parquet(prepare_dataset(cfg, tmp_path / "data", seed=1))
+    assert data["split"].value_counts().to_dict() == {"train": 3, "val": 3, "test": 4}
+    assert len(opened) == 10
+    for source in ("train", "test"):
+        samples = ImageFolder(str(tmp_path / "tree" / source)).samples
+        for row in data[data.source_split == source].itertuples():
+            path, label = samples[row.source_index]
+            assert row.label == label and row.image == np.asarray(Image.open(path).convert("RGB")).tobytes()
+    # The rows depend on the number of images only: a damaged image not drawn changes nothing.
+    unused = next(p for p, _ in ImageFolder(str(tmp_path / "tree" / "train")).samples if p not in opened)
+    Path(unused).write_bytes(b"not a png")
+    again = pd.read_parquet(prepare_dataset(cfg, tmp_path / "data2", seed=1))
+    assert again.equals(data)
+
+
+def test_imagefolder_images_of_different_shapes_are_refused(tmp_path):
+    _image_tree(tmp_path / "tree", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "tree" / "test" / "dog" / "tall.png")
+    cfg = DataSection(dataset="imagefolder", imagefolder={"root": str(tmp_path / "tree")})
+    with pytest.raises(DataError, match=r"tree/test: images have different shapes \[\(8, 8, 3\), \(9, 8, 3\)\]"):
+        prepare_dataset(cfg, tmp_path / "data", 0)
+    assert not (tmp_path / "data" / "prepared").exists()

@@ -166,3 +166,84 @@ def test_a_process_start_time_is_on_the_wall_clock():
     after = time.time()
     start = float(out.stdout)
     assert before - 0.05 <= start <= after, (before, start, after)  # 10 ms ticks
+
+
+def test_a_stopped_server_lets_its_running_stages_end_and_reports_them():
+    """Stopped while a stage runs (everything of a flow run signalled at once), the server waits
+    for the stage, which stops on the signal its caller passes on, and reports its real status;
+    a SIGTERM of its own would be a second signal, which stops a stage at once. It waits only so
+    long."""
+    import socket
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(0.5)
+        os._exit(7)
+    server_end, caller_end = socket.socketpair()
+    clients = {pid: server_end}
+    exits = {pid: os.pidfd_open(pid)} if hasattr(os, "pidfd_open") else {}
+    forkserver._drain(clients, exits, 20.0)
+    assert clients == {} and caller_end.recv(64) == b"exit 7\n"
+    caller_end.close()
+
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    server_end, caller_end = socket.socketpair()
+    clients, t0 = {pid: server_end}, time.monotonic()
+    forkserver._drain(clients, {}, 0.3)
+    assert list(clients) == [pid] and time.monotonic() - t0 < 5.0  # left to the server's SIGTERM
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    server_end.close()
+    caller_end.close()
+
+
+def test_a_stopped_worker_spares_the_fork_server_of_its_flow_run(tmp_path, monkeypatch):
+    """`sparseflow worker` stopping its flow runs sends SIGTERM to the flow-run process and its
+    children, but not to a fork server among them (nor its forked stages, which their callers
+    signal once): the flow run stops its server after its stages."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from flows import worker
+
+    monkeypatch.setattr(worker, "_unfinished", lambda ids: ids)
+    monkeypatch.setattr(worker, "_crash_unfinished", lambda ids, name: [])
+    child = textwrap.dedent("""
+        import os, signal, sys, time
+        out, parent = sys.argv[1], os.getppid()
+        signal.signal(signal.SIGTERM, lambda *a: (open(out, "w").write("SIGTERM"), sys.exit(0)))
+        open(out + ".ready", "w").close()
+        while os.getppid() == parent:  # ends with its flow run, as a fork server does
+            time.sleep(0.05)
+        open(out, "w").write("parent gone")
+    """)
+    # (The marker is split in the flow run's own command line, which must not look like a server.)
+    flow_run = textwrap.dedent(f"""
+        import subprocess, sys, time
+        kids = [subprocess.Popen([sys.executable, "-c", {child!r}, {str(tmp_path / "forks")!r}, "-m", "flows." + "forkserver"]),
+                subprocess.Popen([sys.executable, "-c", {child!r}, {str(tmp_path / "stage")!r}, "run", "warmup"])]
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", flow_run], env={**os.environ, "PREFECT__FLOW_RUN_ID": "run-1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "forks.ready").exists() and (tmp_path / "stage.ready").exists()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        stopped, crashed = worker.stop_flow_runs(os.getpid(), "SIGTERM", grace=20.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert stopped == {"run-1"} and crashed == []
+    assert (tmp_path / "stage").read_text() == "SIGTERM"
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "forks").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (tmp_path / "forks").read_text() == "parent gone"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import terminate
+from tests.conftest import mirror_path, terminate
 from flows.signals import descendants
 from sparse_core import artifacts, schemas
 
@@ -49,11 +49,28 @@ def _tiny_copy(root: Path, mirror: Path, prefect_server: str, warmup_epochs: int
     return root, env
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """``data/prepared`` of :func:`project`'s params, prepared once for this module, in this
+    process (what ``sparseflow run prepare`` writes; a stage process costs about 12 s here)."""
+    from sparse_core.config import parse_params
+    from sparse_core.jobs.rundirs import stage_prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    raw["data"]["train_subset"] = 2000
+    raw["base"]["data_dir"] = str(root / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSEFLOW_DATA_MIRROR", str(mirror_path()))
+        stage_prepare(parse_params(raw, "profiles/tiny.yaml (train_subset 2000)"))
+    return root / "data" / "prepared"
+
+
 @pytest.fixture
-def project(tmp_path, mirror, prefect_server):
+def project(tmp_path, mirror, prefect_server, prepared):
     """The tiny profile with a warmup long enough to be stopped mid-way, data prepared."""
     work, env = _tiny_copy(tmp_path / "repo", mirror, prefect_server, warmup_epochs=400, train_subset=2000)
-    subprocess.run(["sparseflow", "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
+    shutil.copytree(prepared, work / "data" / "prepared")
     return work, env
 
 

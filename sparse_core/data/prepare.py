@@ -78,9 +78,52 @@ def prepared_schema(num_classes: int, image_bytes: int, split_sizes: dict[str, i
     )
 
 
-def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Read ``<root>/{train,test}/<class>/*`` (extracting the archive first when one is set)."""
-    from PIL import Image, UnidentifiedImageError
+class ImageFiles:
+    """The images of one split of an image folder, decoded only when taken (:meth:`take`).
+
+    Preparing a subset (``data.train_subset`` / ``test_subset``) of an image folder thus decodes
+    only the images it keeps: measured on the offline JPEG copy of CIFAR-10 (60,000 files),
+    decoding every image took most of a 40-image prepare. The split is drawn from the number
+    of images alone, so the prepared rows are the same as from decoding everything; what
+    differs is that an unreadable image outside the subset is not noticed.
+    """
+
+    def __init__(self, folder: Path, paths: list[str]):
+        self.folder, self.paths = folder, paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Images ``idx`` (positions in :attr:`paths`), decoded to RGB: (len(idx), H, W, 3) uint8.
+
+        Raises:
+            DataError: an image is unreadable (names its file), or the images differ in shape.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        images = []
+        for i in idx:
+            path = self.paths[int(i)]
+            try:
+                with Image.open(path) as im:
+                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                # Decoders of damaged files raise any of these (PIL's own errors included).
+                raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise DataError(f"{self.folder}: images have different shapes {sorted(shapes)[:5]}; resize them first")
+        return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _take(images: np.ndarray | ImageFiles, idx: np.ndarray) -> np.ndarray:
+    return images.take(idx) if isinstance(images, ImageFiles) else images[idx]
+
+
+def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[ImageFiles, np.ndarray]], list[str]]:
+    """List ``<root>/{train,test}/<class>/*`` (extracting the archive first when one is set);
+    the images are decoded later, only those prepared (:class:`ImageFiles`)."""
     from torchvision.datasets import ImageFolder
 
     spec = cfg.imagefolder
@@ -107,7 +150,7 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
             raise DataError(f"data.imagefolder.root={spec.root!r} leads outside the extracted archive {extract_to}")
     else:
         root = Path(spec.root)
-    out: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[bool, tuple[ImageFiles, np.ndarray]] = {}
     classes: list[str] | None = None
     for train, split in ((True, "train"), (False, "test")):
         folder = root / split
@@ -125,24 +168,14 @@ def _read_imagefolder(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple
                 f"{folder}: class folders {ds.classes} differ from train's {classes} (mismatch: {missing + extra}; "
                 f"missing here: {missing}, unexpected here: {extra})"
             )
-        images = []
-        for path, _ in ds.samples:
-            try:
-                with Image.open(path) as im:
-                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                # Decoders of damaged files raise any of these (PIL's own errors included).
-                raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
-        shapes = {im.shape for im in images}
-        if len(shapes) != 1:
-            raise DataError(f"{folder}: images have different shapes {sorted(shapes)[:5]}; resize them first")
-        out[train] = (np.stack(images), np.asarray(ds.targets, dtype=np.int64))
+        out[train] = (ImageFiles(folder, [path for path, _ in ds.samples]), np.asarray(ds.targets, dtype=np.int64))
     assert classes is not None
     return out, classes
 
 
-def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray, np.ndarray]], list[str], bool]:
-    """Original train/test arrays: ``{train: (images (N,H,W,C) uint8, labels (N,) int64)}``."""
+def load_raw(cfg: DataSection, raw_dir: Path) -> tuple[dict[bool, tuple[np.ndarray | ImageFiles, np.ndarray]], list[str], bool]:
+    """Original train/test splits: ``{train: (images (N,H,W,C) uint8, labels (N,) int64)}``, the
+    images of an image folder as :class:`ImageFiles` (decoded when taken)."""
     if cfg.dataset == "imagefolder":
         arrays, classes = _read_imagefolder(cfg, raw_dir)
         return arrays, classes, True
@@ -186,10 +219,14 @@ def prepare_dataset(cfg: DataSection, data_dir: str | Path, seed: int) -> Path:
     if cfg.test_subset:
         test_idx = np.sort(rng.permutation(len(x_te))[: cfg.test_subset])
 
+    # Only the images kept are decoded (an image folder's are read here: ImageFiles).
+    x_fit = _take(x_tr, np.concatenate([train_idx, val_idx]))
+    x_train, x_val, x_test = x_fit[: len(train_idx)], x_fit[len(train_idx):], _take(x_te, test_idx)
+
     def rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray, split: str, source: str) -> pd.DataFrame:
         return pd.DataFrame(
             {
-                "image": [x[i].tobytes() for i in idx],
+                "image": [im.tobytes() for im in x],
                 "label": y[idx].astype(np.int64),
                 "split": split,
                 "source_split": source,
@@ -199,16 +236,16 @@ def prepare_dataset(cfg: DataSection, data_dir: str | Path, seed: int) -> Path:
 
     df = pd.concat(
         [
-            rows(x_tr, y_tr, train_idx, "train", "train"),
-            rows(x_tr, y_tr, val_idx, "val", "train"),
-            rows(x_te, y_te, test_idx, "test", "test"),
+            rows(x_train, y_tr, train_idx, "train", "train"),
+            rows(x_val, y_tr, val_idx, "val", "train"),
+            rows(x_test, y_te, test_idx, "test", "test"),
         ],
         ignore_index=True,
     )
-    h, w, c = x_tr.shape[1:]
+    h, w, c = x_fit.shape[1:]
     sizes = {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)}
     prepared_schema(len(classes), h * w * c, sizes).validate(df)
-    pix = x_tr[train_idx].reshape(-1, c).astype(np.float64) / 255.0
+    pix = x_train.reshape(-1, c).astype(np.float64) / 255.0
     meta = {
         "name": cfg.dataset,
         "classes": json.dumps(classes),
