@@ -402,11 +402,8 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
             if not _debug(args):
                 _quiet_user_tracebacks()
 
-            from flows.server import one_server_for_this_process
-
-            with one_server_for_this_process():  # one Prefect server for the pipeline and its stages
-                pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait,
-                              fork_server=not args.no_fork_server)  # fmt: skip
+            pipeline_flow(targets=args.targets or None, force=args.force, profile=args.profile, wait_seconds=args.wait,
+                          fork_server=not args.no_fork_server)  # fmt: skip
         elif args.command == "sweep":
             from flows import stage_flows as f
 

@@ -92,20 +92,35 @@ def _stage_runs_markdown(run_id: str, stages: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: How long a pipeline run waits for its fork server to listen before DVC starts (seconds).
+FORK_WAIT_SECONDS = 120.0
+
+
 @contextlib.contextmanager
 def _stage_fork_server(wanted: bool) -> Iterator[None]:
     """While the block runs, a fork server for the working directory with this process's
-    environment, named in ``os.environ`` so that DVC's stage commands inherit it."""
-    if not wanted:
+    environment, named in ``os.environ`` so that DVC's stage commands inherit it; only when
+    ``wanted`` and ``PREFECT_API_URL`` names a server (without one, each stage process starts
+    Prefect's temporary server of its own, as before: a forked stage doing that was not tested)."""
+    if not wanted or not os.environ.get("PREFECT_API_URL"):
         yield
         return
     from flows.server import FORK_SERVER_ENV, stage_fork_server
 
     env, previous = dict(os.environ), os.environ.get(FORK_SERVER_ENV)
-    with tempfile.TemporaryDirectory(prefix="sparseflow-forks-") as home, stage_fork_server(Path(home), env):
+    # Waits for the server's imports (about 5 s here): every stage then starts from it, and the
+    # first does not import the same libraries beside it on the same cores.
+    with tempfile.TemporaryDirectory(prefix="sparseflow-forks-") as home, stage_fork_server(Path(home), env, FORK_WAIT_SECONDS):
         os.environ[FORK_SERVER_ENV] = env[FORK_SERVER_ENV]
         try:
             yield
+        except BaseException:
+            # A stop (Prefect raises TerminationSignal on SIGTERM before the handler of
+            # flows.signals runs): the running stage first, through its caller, then the server.
+            from flows.signals import stop_children
+
+            stop_children()
+            raise
         finally:
             if previous is None:
                 os.environ.pop(FORK_SERVER_ENV, None)
@@ -124,7 +139,8 @@ def pipeline_flow(
 ) -> list[str]:
     """Reproduce the DVC pipeline of the checkout ``repo_dir``.
 
-    With ``fork_server`` (the default), a fork server (:func:`flows.server.stage_fork_server`)
+    With ``fork_server`` (the default) and a Prefect server named by ``PREFECT_API_URL`` (a
+    deployment's run always has one), a fork server (:func:`flows.server.stage_fork_server`)
     runs while DVC reproduces, and the stages start from it with Prefect and their library
     imported, as under ``make repro`` (a fresh stage process spends about 3 s on imports on the
     2-core machine; see README, "Orchestration").

@@ -288,15 +288,18 @@ def temporary_prefect_server(home: Path, env: dict[str, str]) -> Iterator[subpro
 
 
 @contextlib.contextmanager
-def stage_fork_server(home: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def stage_fork_server(home: Path, env: dict[str, str], wait_seconds: float = 0.0) -> Iterator[subprocess.Popen]:
     """A :mod:`flows.forkserver` for the working directory, with ``env`` as its environment,
     listening on ``home/fork.sock`` (its log in ``home/fork-server.log``); sets
     ``env[FORK_SERVER_ENV]`` to the socket, so that the ``sparseflow run`` commands started with
     ``env`` hand their stage to it. Stopped (SIGTERM) when the block ends.
 
-    The block does not wait for the server's imports: a command that comes before the server
-    listens runs in its own process, as without a server.
+    The block starts once the server listens, or after ``wait_seconds`` (default 0: at once),
+    or when the server ended: a command that comes before the server listens runs in its own
+    process, as without a server.
     """
+    import time
+
     env[FORK_SERVER_ENV] = str(home / "fork.sock")
     with open(home / "fork-server.log", "w") as log:
         # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
@@ -304,45 +307,12 @@ def stage_fork_server(home: Path, env: dict[str, str]) -> Iterator[subprocess.Po
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
+        deadline = time.monotonic() + wait_seconds
+        while not os.path.exists(env[FORK_SERVER_ENV]) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         yield proc
     finally:
         _stop(proc, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def one_server_for_this_process(startup_seconds: float = 90.0) -> Iterator[str | None]:
-    """When no Prefect API is configured (``PREFECT_API_URL``, in the environment or Prefect's
-    settings), a :func:`temporary_prefect_server` for the block, named in this process's
-    Prefect settings and in ``os.environ`` (so the processes it starts, DVC's stage commands,
-    report to it too); yields its API URL, or None when one was configured.
-
-    ``sparseflow pipeline`` runs in it: without it, Prefect starts a temporary server for the
-    pipeline's flow run and each stage process one of its own (each took 20 to 40 s to start on
-    the loaded 2-core machine, tests/test_stop.py).
-
-    Raises:
-        RuntimeError: the server did not answer ``/api/health`` within ``startup_seconds``.
-    """
-    import tempfile
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield None
-        return
-    home = Path(tempfile.mkdtemp(prefix="sparseflow-prefect-"))
-    env: dict[str, str] = {}
-    try:
-        with temporary_prefect_server(home, env) as proc:
-            wait_until_healthy(env["PREFECT_API_URL"], proc, home / "server.log", startup_seconds)
-            os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-            try:
-                with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-                    yield env["PREFECT_API_URL"]
-            finally:
-                os.environ.pop("PREFECT_API_URL", None)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True, reuse_lock: bool = True) -> int:

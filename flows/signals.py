@@ -85,6 +85,15 @@ def _zombie(pid: int) -> bool:
     return text[text.rfind(")") + 2 :].startswith("Z")
 
 
+def stop_children(signum: int = signal.SIGTERM, grace: float = CHILD_GRACE_SECONDS) -> None:
+    """Pass ``signum`` on to every descendant process but the servers (:func:`servers`) and wait
+    up to ``grace`` seconds for them to end: what the handler of :func:`install` does with
+    ``forward_to_children``, for code that learns of a stop by an exception instead (Prefect's
+    flow engine raises ``TerminationSignal`` from its own SIGTERM handler, and calls the
+    previous handler, ours, only once the exception has left the flow)."""
+    _forward(signum, grace)
+
+
 def install(forward_to_children: bool = False) -> None:
     """Install the SIGTERM and SIGINT handlers of the module docstring in this (main) thread.
 

@@ -59,8 +59,8 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
     raw["data"]["train_subset"] = 2000
-    raw["base"]["data_dir"] = str(root / "data")
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
         mp.setenv("SPARSEFLOW_DATA_MIRROR", str(mirror_path()))
         stage_prepare(parse_params(raw, "profiles/tiny.yaml (train_subset 2000)"))
     return root / "data" / "prepared"
@@ -72,6 +72,14 @@ def project(tmp_path, mirror, prefect_server, prepared):
     work, env = _tiny_copy(tmp_path / "repo", mirror, prefect_server, warmup_epochs=400, train_subset=2000)
     shutil.copytree(prepared, work / "data" / "prepared")
     return work, env
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    except OSError:
+        return False
 
 
 def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout: float = 240.0) -> tuple[float, str]:
@@ -89,7 +97,7 @@ def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout:
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     took = time.monotonic() - t0
-    alive = [p for p in family if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]]
+    alive = [p for p in family if _running(p)]
     assert alive == [], f"processes left running: {alive}"
     return took, (out or "") + (err or "")
 
@@ -240,7 +248,9 @@ def test_a_stopped_worker_crashes_its_run_and_the_next_run_resumes(tmp_path, mir
         os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
     else:
         worker.send_signal(signal.SIGTERM)
-    while any(Path(f"/proc/{p}").exists() for p in stages) and time.monotonic() - t0 < 30:
+    # Ended: gone, or exited and not yet reaped by DVC in the flow-run process, which ends after
+    # its fork server has reported the stage's end (the stage's caller is DVC's child).
+    while any(_running(p) for p in stages) and time.monotonic() - t0 < 30:
         time.sleep(0.05)
     stage_took = time.monotonic() - t0
     out = worker.communicate(timeout=90)[0]
