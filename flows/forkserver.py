@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.server import FORK_SERVER_ENV as ENV  # the socket's path; set by `sparseflow with-server`
+from flows.stage_server import FORK_SERVER_ENV as ENV  # the socket's path; set by whoever starts the server
 
 #: Environment variables a command may have that differ from the server's.
 FREE_ENV = ("PWD", "OLDPWD", "SHLVL", "_")

@@ -105,7 +105,7 @@ def _stage_fork_server(wanted: bool) -> Iterator[None]:
     if not wanted or not os.environ.get("PREFECT_API_URL"):
         yield
         return
-    from flows.server import FORK_SERVER_ENV, stage_fork_server
+    from flows.stage_server import FORK_SERVER_ENV, stage_fork_server
 
     env, previous = dict(os.environ), os.environ.get(FORK_SERVER_ENV)
     # Waits for the server's imports (about 5 s here): every stage then starts from it, and the
@@ -140,7 +140,7 @@ def pipeline_flow(
     """Reproduce the DVC pipeline of the checkout ``repo_dir``.
 
     With ``fork_server`` (the default) and a Prefect server named by ``PREFECT_API_URL`` (a
-    deployment's run always has one), a fork server (:func:`flows.server.stage_fork_server`)
+    deployment's run always has one), a fork server (:func:`flows.stage_server.stage_fork_server`)
     runs while DVC reproduces, and the stages start from it with Prefect and their library
     imported, as under ``make repro`` (a fresh stage process spends about 3 s on imports on the
     2-core machine; see README, "Orchestration").

@@ -25,6 +25,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# The fork server's starter lives in flows.stage_server: the pipeline flow, which this module
+# imports, needs it too.
+from flows.stage_server import FORK_SERVER_ENV, stage_fork_server, stop_process  # noqa: F401
+
 ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
 SWEEP_ENTRYPOINT = "flows/repro_flow.py:workspace_sweep_flow"
 
@@ -239,9 +243,6 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
         load_params(params)
 
 
-#: Environment variable naming the fork server's socket (:mod:`flows.forkserver`; defined here
-#: because the fork server imports the CLI, which imports this module).
-FORK_SERVER_ENV = "SPARSEFLOW_FORK_SERVER"
 
 
 def lock_reusing(cmd: list[str]) -> list[str]:
@@ -254,16 +255,6 @@ def lock_reusing(cmd: list[str]) -> list[str]:
     if found is None or not ours.is_file() or Path(found).resolve() != ours.resolve():
         return cmd
     return [sys.executable, "-m", "flows.dvc_main", *cmd[1:]]
-
-
-def _stop(proc: subprocess.Popen, sig: int) -> None:
-    """Send ``sig`` to ``proc`` and wait for it (SIGKILL after 20 s)."""
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager
@@ -284,35 +275,7 @@ def temporary_prefect_server(home: Path, env: dict[str, str]) -> Iterator[subpro
     try:
         yield proc
     finally:
-        _stop(proc, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def stage_fork_server(home: Path, env: dict[str, str], wait_seconds: float = 0.0) -> Iterator[subprocess.Popen]:
-    """A :mod:`flows.forkserver` for the working directory, with ``env`` as its environment,
-    listening on ``home/fork.sock`` (its log in ``home/fork-server.log``); sets
-    ``env[FORK_SERVER_ENV]`` to the socket, so that the ``sparseflow run`` commands started with
-    ``env`` hand their stage to it. Stopped (SIGTERM) when the block ends.
-
-    The block starts once the server listens, or after ``wait_seconds`` (default 0: at once),
-    or when the server ended: a command that comes before the server listens runs in its own
-    process, as without a server.
-    """
-    import time
-
-    env[FORK_SERVER_ENV] = str(home / "fork.sock")
-    with open(home / "fork-server.log", "w") as log:
-        # Its own session: a terminal's Ctrl-C reaches a stage through the stage's caller.
-        proc = subprocess.Popen([sys.executable, "-m", "flows.forkserver", env[FORK_SERVER_ENV]], env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + wait_seconds
-        while not os.path.exists(env[FORK_SERVER_ENV]) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield proc
-    finally:
-        _stop(proc, signal.SIGTERM)
+        stop_process(proc, signal.SIGINT)
 
 
 def with_server(cmd: list[str], startup_seconds: float = 90.0, fork_server: bool = True, reuse_lock: bool = True) -> int:

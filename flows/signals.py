@@ -46,7 +46,7 @@ def descendants(pid: int) -> list[int]:
 
 def servers(pids: list[int]) -> set[int]:
     """The servers among ``pids`` and their descendants: Prefect servers (uvicorn processes: one
-    that ``with-server`` or ``pipeline`` started, or a temporary one that Prefect started for this
+    that ``with-server`` started, or a temporary one that Prefect started for this
     command or for one of its stages) and fork servers (:mod:`flows.forkserver`, whose forked
     stages get the signal from their callers, which are among ``pids``). They are left to the
     processes that started them, which stop them after the stages reported their final state."""
