@@ -108,8 +108,8 @@ def _stage_fork_server(wanted: bool) -> Iterator[None]:
     from flows.stage_server import FORK_SERVER_ENV, stage_fork_server
 
     env, previous = dict(os.environ), os.environ.get(FORK_SERVER_ENV)
-    # Waits for the server's imports (about 5 s here): every stage then starts from it, and the
-    # first does not import the same libraries beside it on the same cores.
+    # Waits for the server's imports (FORK_WAIT_SECONDS at most): every stage then starts from it,
+    # and the first does not import the same libraries beside it on the same cores.
     with tempfile.TemporaryDirectory(prefix="sparseflow-forks-") as home, stage_fork_server(Path(home), env, FORK_WAIT_SECONDS):
         os.environ[FORK_SERVER_ENV] = env[FORK_SERVER_ENV]
         try:

@@ -44,19 +44,35 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+#: The modules that servers run as (``python -m MODULE``): see :func:`servers`.
+SERVER_MODULES = frozenset({b"uvicorn", b"flows.forkserver"})
+
+
+def _main_module(argv: list[bytes]) -> bytes | None:
+    """The module of a ``python [-flags] -m MODULE ...`` command line, else None."""
+    for i, arg in enumerate(argv[1:-1], start=1):
+        if arg == b"-m":
+            return argv[i + 1]
+        if arg == b"-c" or not arg.startswith(b"-"):
+            return None
+    return None
+
+
 def servers(pids: list[int]) -> set[int]:
-    """The servers among ``pids`` and their descendants: Prefect servers (uvicorn processes: one
-    that ``with-server`` started, or a temporary one that Prefect started for this
-    command or for one of its stages) and fork servers (:mod:`flows.forkserver`, whose forked
-    stages get the signal from their callers, which are among ``pids``). They are left to the
-    processes that started them, which stop them after the stages reported their final state."""
+    """The servers among ``pids`` and their descendants: Prefect servers (``python -m uvicorn``:
+    one that ``with-server`` started, or a temporary one that Prefect started for this
+    command or for one of its stages) and fork servers (``python -m flows.forkserver``, whose
+    forked stages get the signal from their callers, which are among ``pids``). They are left to
+    the processes that started them, which stop them after the stages reported their final state.
+    A server is known by the module its command line runs (:data:`SERVER_MODULES`), not by a text
+    anywhere in it."""
     out: set[int] = set()
     for pid in pids:
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"uvicorn" in cmdline or b"flows.forkserver" in cmdline:
+        if _main_module(argv) in SERVER_MODULES:
             out |= {pid, *descendants(pid)}
     return out
 
@@ -73,16 +89,18 @@ def _forward(signum: int, grace: float) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+    while time.monotonic() < deadline and any(running(p) for p in pids):
         time.sleep(0.1)
 
 
-def _zombie(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (Linux ``/proc``): a zombie, exited and
+    not yet reaped by its parent, has ended."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return True
-    return text[text.rfind(")") + 2 :].startswith("Z")
+        return False
+    return not text[text.rfind(")") + 2 :].startswith("Z")
 
 
 def stop_children(signum: int = signal.SIGTERM, grace: float = CHILD_GRACE_SECONDS) -> None:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.signals import descendants, servers
+from flows.signals import descendants, running, servers
 
 #: How long flow-run processes get to stop after SIGTERM before they are killed (seconds).
 GRACE_SECONDS = 30.0
@@ -45,14 +45,6 @@ def _flow_run_id(pid: int) -> str | None:
         if item.startswith(b"PREFECT__FLOW_RUN_ID="):
             return item.split(b"=", 1)[1].decode() or None
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _unfinished(run_ids: set[str]) -> set[str]:
@@ -99,10 +91,10 @@ def stop_flow_runs(worker_pid: int, signame: str, grace: float = GRACE_SECONDS) 
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+    while any(running(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.1)
     for p in family:
-        if _alive(p):
+        if running(p):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

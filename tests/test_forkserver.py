@@ -223,14 +223,20 @@ def test_a_stopped_worker_spares_the_fork_server_of_its_flow_run(tmp_path, monke
             time.sleep(0.05)
         open(out, "w").write("parent gone")
     """)
-    # (The marker is split in the flow run's own command line, which must not look like a server.)
+    # A stand-in fork server runs as `python -m flows.forkserver` (a package of that name in its
+    # working directory); the flow run's own command line names the module too, and is not a server.
+    (tmp_path / "fake" / "flows").mkdir(parents=True)
+    (tmp_path / "fake" / "flows" / "__init__.py").write_text("")
+    (tmp_path / "fake" / "flows" / "forkserver.py").write_text(child)
     flow_run = textwrap.dedent(f"""
         import subprocess, sys, time
-        kids = [subprocess.Popen([sys.executable, "-c", {child!r}, {str(tmp_path / "forks")!r}, "-m", "flows." + "forkserver"]),
+        kids = [subprocess.Popen([sys.executable, "-m", "flows.forkserver", {str(tmp_path / "forks")!r}],
+                                 cwd={str(tmp_path / "fake")!r}),  # `-m` puts the working directory first
                 subprocess.Popen([sys.executable, "-c", {child!r}, {str(tmp_path / "stage")!r}, "run", "warmup"])]
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", flow_run], env={**os.environ, "PREFECT__FLOW_RUN_ID": "run-1"})
+    proc = subprocess.Popen([sys.executable, "-c", flow_run, "-m", "flows.forkserver"],
+                            env={**os.environ, "PREFECT__FLOW_RUN_ID": "run-1"})  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not ((tmp_path / "forks.ready").exists() and (tmp_path / "stage.ready").exists()):
@@ -247,3 +253,25 @@ def test_a_stopped_worker_spares_the_fork_server_of_its_flow_run(tmp_path, monke
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert (tmp_path / "forks").read_text() == "parent gone"
+
+
+def test_a_zombie_counts_as_ended_and_a_live_process_as_running():
+    """``flows.signals.running``: what the stop paths wait on. An exited child that its parent
+    has not reaped yet (a zombie, as a stage is until DVC reaps it) has ended."""
+    import sys
+    import time
+
+    from flows.signals import running
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert running(proc.pid) and running(os.getpid())
+    finally:
+        proc.stdin.close()  # it exits; not reaped until wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not running(proc.pid)
+    proc.wait()
+    assert not running(proc.pid)  # gone

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,9 +139,23 @@ def test_two_pipeline_runs_on_one_workspace_the_second_waits(tmp_path, prefect_s
 
 # ----- a process work pool deployment, picked up by a real worker -------------------------------
 def test_deploy_to_a_process_pool_and_a_worker_runs_it(tmp_path, prefect_server):
+    """A pipeline deployment run by a worker reproduces the checkout, its stages with a fork
+    server (the stage's environment names its socket, which answers)."""
+    from flows import forkserver
+
     repo = _slow_repo(tmp_path / "repo", seconds=0)
-    (repo / "flows").mkdir()
-    (repo / "flows" / "repro_flow.py").write_text((REPO / "flows" / "repro_flow.py").read_text())
+    with open(repo / "stage.py", "a") as stage:  # (DVC has not run it yet: its hash is not recorded)
+        stage.write(textwrap.dedent(f"""
+            import os, socket
+            path, answers = os.environ.get({forkserver.ENV!r}), False
+            if path is not None:
+                s = socket.socket(socket.AF_UNIX); s.connect(path); s.close()
+                answers = True
+            open("fork.txt", "w").write(f"{{path}} {{answers}}")
+        """))
+    # The checkout's code: the deployment's entry point, and the fork server its run starts there.
+    for package in ("flows", "tasks"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     env = _env(prefect_server, tmp_path)
     pool = f"sf-test-{os.getpid()}"
     done = subprocess.run([str(BIN / "sparseflow"), "deploy", "--pool", pool, "--name", "nightly", "--cron", "0 3 * * *"],
@@ -159,6 +174,8 @@ def test_deploy_to_a_process_pool_and_a_worker_runs_it(tmp_path, prefect_server)
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     assert (repo / "out.txt").read_text() == "complete output\n"  # the worker reproduced the checkout
+    fork = (repo / "fork.txt").read_text().split() if (repo / "fork.txt").exists() else worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert fork[0].endswith("fork.sock") and fork[1] == "True", fork
     runs = [r for r in _post(prefect_server, "flow_runs/filter") if r["deployment_id"] == deployment["id"]]
     assert any(r["state_type"] == "COMPLETED" for r in runs)
 

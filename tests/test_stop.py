@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import mirror_path, terminate
-from flows.signals import descendants
+from flows.signals import descendants, running
 from sparse_core import artifacts, schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +74,6 @@ def project(tmp_path, mirror, prefect_server, prepared):
     return work, env
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has)."""
-    try:
-        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
-    except OSError:
-        return False
-
-
 def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout: float = 240.0) -> tuple[float, str]:
     """Wait until ``ready`` exists (or 3 s when None), send ``signum``; returns (seconds the
     process took to end after it, its output: stdout then stderr)."""
@@ -97,7 +89,7 @@ def _stop_when(proc: subprocess.Popen, ready: Path | None, signum: int, timeout:
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     took = time.monotonic() - t0
-    alive = [p for p in family if _running(p)]
+    alive = [p for p in family if running(p)]
     assert alive == [], f"processes left running: {alive}"
     return took, (out or "") + (err or "")
 
@@ -250,7 +242,7 @@ def test_a_stopped_worker_crashes_its_run_and_the_next_run_resumes(tmp_path, mir
         worker.send_signal(signal.SIGTERM)
     # Ended: gone, or exited and not yet reaped by DVC in the flow-run process, which ends after
     # its fork server has reported the stage's end (the stage's caller is DVC's child).
-    while any(_running(p) for p in stages) and time.monotonic() - t0 < 30:
+    while any(running(p) for p in stages) and time.monotonic() - t0 < 30:
         time.sleep(0.05)
     stage_took = time.monotonic() - t0
     out = worker.communicate(timeout=90)[0]
