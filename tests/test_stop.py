@@ -148,6 +148,23 @@ def test_a_stage_outside_training_stops_at_once(project):
     assert leftovers == []
 
 
+def _up_to_date(work: Path, stages: list[str]) -> None:
+    """Record ``stages`` (``code`` and those after it, whose outputs are in place) in
+    ``dvc.lock`` as if DVC had run them, so that DVC's next run skips them."""
+    from dvc.repo import Repo
+
+    from flows import stage_code
+    from sparse_core.config import load_params
+
+    stage_code.write_manifests(work, load_params(work / "params.yaml"), work / "stage_code")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        with Repo(str(work)) as repo:
+            for stage in stages:
+                repo.commit(stage, force=True)
+
+
 @pytest.mark.parametrize("server", ["shared", "temporary"])
 def test_the_pipeline_stops_its_stage_and_ends_quietly(project, server):
     """The issue's case: SIGTERM to `sparseflow pipeline` during warmup took 2.5 minutes and
@@ -155,6 +172,7 @@ def test_the_pipeline_stops_its_stage_and_ends_quietly(project, server):
     (Prefect starts a temporary server for the pipeline and one for each stage, which must
     outlive the stage's last report)."""
     work, env = project
+    _up_to_date(work, ["code", "prepare"])  # the stage to stop comes first
     if server == "temporary":
         env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
         env["PREFECT_HOME"] = str(work.parent / "prefect-home")
@@ -165,6 +183,7 @@ def test_the_pipeline_stops_its_stage_and_ends_quietly(project, server):
     assert took < STOP_SECONDS, (took, out)
     assert proc.returncode != 0 and "Traceback" not in (out or ""), out
     assert "stopped by SIGTERM at dense epoch" in out and "kept" in out, out
+    assert "Running stage 'prepare'" not in out, out  # (recorded up to date above)
     history = artifacts.read_parquet(last.parent / "history.parquet", schema=schemas.HISTORY_SCHEMA) if (last.parent / "history.parquet").exists() else None
     assert history is None  # the run did not finish: nothing was exported as if it had
 
