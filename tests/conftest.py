@@ -205,7 +205,10 @@ def postgres_prefect(tmp_path_factory):
             time.sleep(0.3)
         db = (folder / URL_FILE).read_text().strip()
         port = _free_port()
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        # A flow run queued behind a deployment's concurrency limit retries after this many
+        # seconds (Prefect's default 30: the e2e test's second run sat idle 26 s after the first).
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}  # fmt: skip
         env.pop("PREFECT_API_URL", None)
         env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
         log = open(home / "server.log", "w")
