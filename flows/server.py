@@ -27,7 +27,7 @@ from pathlib import Path
 
 # The fork server's starter lives in flows.stage_server: the pipeline flow, which this module
 # imports, needs it too.
-from flows.stage_server import FORK_SERVER_ENV, stage_fork_server, stop_process  # noqa: F401
+from flows.stage_server import stage_fork_server, stop_process
 
 ENTRYPOINT = "flows/repro_flow.py:pipeline_flow"
 SWEEP_ENTRYPOINT = "flows/repro_flow.py:workspace_sweep_flow"
@@ -241,8 +241,6 @@ def validate_before_dvc(cmd: list[str], params: str | Path = "params.yaml") -> N
 
     if cmd and Path(cmd[0]).name == "dvc" and any(word in ("repro", "exp") for word in cmd[1:2]) and Path(params).is_file():
         load_params(params)
-
-
 
 
 def lock_reusing(cmd: list[str]) -> list[str]:
