@@ -160,7 +160,7 @@ def main() -> None:
         raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
         raw["data"]["train_subset"] = args.train_subset
         raw["train"]["epochs"] = args.epochs
-        raw["train"]["edst"]["exploration_epochs"] = args.epochs - 1  # keeps the tiny profile's EDST check valid
+        raw["train"]["edst"]["budget"] = max(1.0, raw["train"]["edst"]["tickets"] / args.epochs)  # EDST's phases fit
         raw["train"]["edst"]["tickets"] = 1
 
         def threads(n: int) -> None:

@@ -130,8 +130,10 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.metrics_dir", "base.plots_dir", "data", "model",
                  "warmup", "train", "retrain", "evaluate", *_LOCAL, "local.sparse_method"),
     "aggregate": ("base.seeds", "base.metrics_dir", "evaluate.runs", "collect.ensembles"),
-    "report": ("base.seeds", "base.data_dir", "base.metrics_dir", "base.plots_dir", "base.reports_dir", "data.dataset",
-               "model.name", "evaluate.runs", "collect.ensembles"),
+    # data and train: the claims table's design ratios (sparse_core/recipes.py) are read off them.
+    "report": ("base.seeds", "base.data_dir", "base.metrics_dir", "base.plots_dir", "base.reports_dir", "data",
+               "model.name", "train.epochs", "train.optim.batch_size", "train.pruning", "train.dst", "train.edst",
+               "train.dst_ensemble", "evaluate.runs", "collect.ensembles"),
     "curves": (*_DEVICE, "base.reports_dir", "base.data_dir", "base.runs_dir", "data", "augment", "model", "warmup", "train",
                "retrain", "evaluate.batch_size", "curves.sparsities"),
     "curves_report": ("base.seeds", "base.metrics_dir", "base.reports_dir", "data.dataset", "model.name", "curves",

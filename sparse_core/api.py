@@ -71,7 +71,7 @@ import pydantic
 import torch
 from torch import nn
 
-from sparse_core.config import DSTSection, EDSTSection, PruningSection, TrainSection
+from sparse_core.config import DSTSection, EDSTSection, PruningSection, TrainSection, resolve_dst
 from sparse_core.methods import Method, create_method, registry
 from sparse_core.sparsity import prunable_parameters
 
@@ -239,7 +239,15 @@ def sparsify(
         raise ValueError(f"sparsify(): the optimizer does not hold these prunable weights of the model: {', '.join(missing)} "
                          "(pass the optimizer of this model's parameters; freeze a weight with requires_grad=False "
                          "to leave it out)")  # fmt: skip
+    scoped_edst = overrides.get("edst")
+    if "budget" in overrides or (isinstance(scoped_edst, Mapping) and "budget" in scoped_edst):
+        raise ValueError("sparsify(): budget (train.edst.budget) sets the pipeline's EDST epochs relative to train.epochs; "
+                         "here your loop sets the run's length: pass total_steps and epochs for the whole EDST run")
     sections, options = _settings(spec, overrides)
+    # The caller's loop is the run: EDST's phases split the given epochs (no pipeline budget), and
+    # a ΔT given as a fraction of a run counts total_steps.
+    sections["edst"] = sections["edst"].model_copy(update={"budget": 1.0})
+    sections["dst"] = resolve_dst(sections["dst"], total_steps)
     try:  # the params' own cross-checks (e.g. edst_ensemble's phases must fit the epochs)
         TrainSection(methods=[method], epochs=epochs or 1, **sections)
     except pydantic.ValidationError as exc:

@@ -345,8 +345,16 @@ class DSTSection(_Section):
     #: ``cosine``: p decays to ``drop_fraction_floor`` by the last update (paper); ``constant``.
     drop_schedule: Literal["cosine", "constant"] = "cosine"
     drop_fraction_floor: float = Field(0.0, ge=0.0, le=1.0)
-    #: Iterations between topology updates (ΔT).
+    #: Iterations between topology updates (ΔT), unless :attr:`update_period_fraction` is set.
     update_period: int = Field(100, gt=0, le=MAX_STEPS)
+    #: ΔT as a fraction of one single run's optimizer steps (``train.epochs`` × steps per epoch),
+    #: so a profile keeps a paper's cadence whatever its dataset size and epochs; replaces
+    #: :attr:`update_period` when set (:func:`resolve_dst`; ``update_period`` must then keep its
+    #: default). FreeTickets: ``--update-frequency
+    #: 1000`` in a 250-epoch run of 352 steps per epoch (45,000 CIFAR-10 images, batch 128) is
+    #: 1000 / 88,000 = 0.01136. EDST's longer run keeps the single run's ΔT, as the reference
+    #: keeps ``--update-frequency 1000`` for both.
+    update_period_fraction: float | None = Field(None, gt=0.0, le=1.0)
     #: Fraction of training after which the topology is frozen.
     stop_fraction: float = Field(0.75, gt=0.0, le=1.0)
     #: Zero the optimizer's momentum at re-initialised positions (those :attr:`reinit_when_same`
@@ -358,6 +366,14 @@ class DSTSection(_Section):
     #: ``truncate_weights`` zeroes every dropped weight before growing). Connections that were
     #: inactive before the update always start at zero.
     reinit_when_same: bool = False
+
+    @model_validator(mode="after")
+    def _one_update_period(self) -> "DSTSection":
+        # Compared with the default, not with the keys given, so that a dump validates again.
+        if self.update_period_fraction is not None and self.update_period != DSTSection.model_fields["update_period"].default:
+            raise ValueError(f"set update_period ({self.update_period} steps) or update_period_fraction "
+                             f"({self.update_period_fraction} of a run), not both")
+        return self
 
     @model_validator(mode="after")
     def _floor_below_start(self) -> "DSTSection":
@@ -372,26 +388,39 @@ class EDSTSection(_Section):
     """EDST Ensemble (Liu et al. 2022, Sec. 4.2): one run, an exploration phase, then ``tickets``
     refinement phases of equal length, each yielding its best-validation checkpoint.
 
-    The topology-update defaults are those of the FreeTickets EDST script (``main_EDST.py`` with
-    ``sparselearning/core.py``): random growth (``--growth`` defaults to ``random``), a constant
-    drop fraction (``Masking.step`` always calls ``truncate_weights(args.death_rate)``, 0.5) and
-    updates every ΔT steps through every phase (``--update-frequency``, no stop). The README of
-    that repository runs its WRN-28-10 example with ``--growth gradient``; set ``grow: gradient``
-    to reproduce that command. ``dst.update_period``, ``dst.sparsity``, ``dst.distribution`` and
-    ``dst.reinit_when_same`` are shared with ``set``/``rigl``; ``dst.drop_fraction``,
-    ``dst.drop_schedule`` and ``dst.stop_fraction`` are not used by EDST.
+    The run's length is set relative to a single run, as the FreeTickets README sets it: its
+    EDST command trains ``--epochs 450 --epochs-explo 150 --model-num 3`` where each DST-ensemble
+    member (one sparse run) trains ``--epochs 250``, so EDST gets ``budget`` = 1.8 × the
+    single-run epochs, a third of them exploring. :func:`edst_plan` turns ``budget`` and
+    ``exploration_share`` into whole epochs.
+
+    The topology-update defaults are those of the FreeTickets README's EDST command
+    (``main_EDST.py`` with ``sparselearning/core.py``): gradient growth (``--growth gradient``;
+    the argparse default is ``random``), a constant drop fraction (``Masking.step`` always calls
+    ``truncate_weights(args.death_rate)``, 0.5) and updates every ΔT steps through every phase
+    (``--update-frequency``, no stop). ``dst.update_period`` (or ``dst.update_period_fraction``),
+    ``dst.sparsity``, ``dst.distribution`` and ``dst.reinit_when_same`` are shared with
+    ``set``/``rigl``; ``dst.drop_fraction``, ``dst.drop_schedule`` and ``dst.stop_fraction`` are
+    not used by EDST.
     """
 
     tickets: int = Field(3, ge=1, le=MAX_MEMBERS)
-    #: Epochs of the exploration phase (constant base learning rate, ordinary DST updates).
-    exploration_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
+    #: The EDST run's epochs as a multiple of ``train.epochs`` (the pipeline rounds
+    #: ``budget × train.epochs`` to whole epochs; FreeTickets README: 450 / 250 = 1.8). In
+    #: :func:`sparse_core.api.sparsify` the caller's loop sets the length and this is unused.
+    budget: float = Field(1.8, gt=0.0, le=100.0)
+    #: Share of the EDST run spent in the exploration phase (constant base learning rate,
+    #: ordinary DST updates); FreeTickets README: 150 / 450 = 1/3.
+    exploration_share: float = Field(1 / 3, ge=0.0, lt=1.0)
     #: Fraction q of each layer's active weights dropped and regrown before phases 2..M.
     exploration_rate: float = Field(0.8, gt=0.0, le=1.0)
     #: Learning rate within each refinement phase, as multipliers of the base lr over equal
     #: sub-segments (the paper's CIFAR setting with base 0.1: 0.01 then 0.001).
     refine_lr_multipliers: list[float] = Field(default_factory=lambda: [0.1, 0.01], min_length=1, max_length=MAX_MEMBERS)
-    #: Growth criterion of the ordinary updates and of the global explorations.
-    grow: Literal["gradient", "random"] = "random"
+    #: Growth criterion of the ordinary updates and of the global explorations: ``gradient``, the
+    #: FreeTickets README's EDST command (``random`` is the script's argparse default and what its
+    #: removed CIFAR-10 EDST script passed; :mod:`sparse_core.recipes`).
+    grow: Literal["gradient", "random"] = "gradient"
     #: Drop fraction p of the ordinary updates; ``constant`` (the script) or ``cosine`` (decays to
     #: ``dst.drop_fraction_floor`` over the whole run).
     drop_fraction: float = Field(0.5, gt=0.0, le=1.0)
@@ -455,13 +484,58 @@ class TrainSection(_Section):
     def _edst_phases_fit(self) -> "TrainSection":
         tickets = [m for m in self.methods if registry.spec(m).ensemble == "tickets"]
         if tickets:
-            refine = self.epochs - self.edst.exploration_epochs
-            if refine < self.edst.tickets or refine % self.edst.tickets:
-                raise ValueError(
-                    f"{tickets[0]} needs train.epochs - train.edst.exploration_epochs ({refine}) to be a positive "
-                    f"multiple of train.edst.tickets ({self.edst.tickets})"
-                )
+            epochs = edst_epochs(self)
+            if epochs > MAX_EPOCHS:
+                raise ValueError(f"{tickets[0]}: train.edst.budget {self.edst.budget} × train.epochs {self.epochs} = "
+                                 f"{epochs} epochs, above {MAX_EPOCHS}")
+            edst_plan(self.edst, epochs, what=f"{tickets[0]} (train.edst.budget {self.edst.budget} × train.epochs "
+                                                  f"{self.epochs})")
         return self
+
+
+class EDSTPlan(typing.NamedTuple):
+    """Whole epochs of an EDST run: ``epochs = exploration_epochs + tickets × phase_epochs``."""
+
+    epochs: int
+    exploration_epochs: int
+    phase_epochs: int
+
+
+def edst_epochs(train: "TrainSection") -> int:
+    """Epochs of the pipeline's EDST run: ``round(train.edst.budget × train.epochs)``, at least 1."""
+    return max(1, round(train.edst.budget * train.epochs))
+
+
+def edst_plan(edst: EDSTSection, epochs: int, what: str = "edst_ensemble") -> EDSTPlan:
+    """Split an EDST run of ``epochs`` epochs into exploration and ``edst.tickets`` equal phases.
+
+    ``phase_epochs = round(epochs · (1 − exploration_share) / tickets)`` (at most
+    ``epochs // tickets``), the rest explores. 450 epochs, share 1/3, 3 tickets: 150 + 3 × 100.
+
+    Raises:
+        ValueError: fewer epochs than tickets (a phase needs a whole epoch); the message names
+            ``what``.
+    """
+    phase = min(round(epochs * (1.0 - edst.exploration_share) / edst.tickets), epochs // edst.tickets)
+    if phase < 1:
+        raise ValueError(f"{what}: {epochs} epochs cannot hold {edst.tickets} refinement phases of at least one epoch "
+                         "(raise train.epochs or train.edst.budget, or lower train.edst.tickets)")
+    return EDSTPlan(epochs, epochs - edst.tickets * phase, phase)
+
+
+def run_epochs(train: "TrainSection", method: str) -> int:
+    """Epochs the pipeline trains ``method`` for: :func:`edst_epochs` for a tickets ensemble
+    (``edst_ensemble``), ``train.epochs`` for every other method."""
+    return edst_epochs(train) if registry.spec(method).ensemble == "tickets" else train.epochs
+
+
+def resolve_dst(dst: DSTSection, single_run_steps: int) -> DSTSection:
+    """``dst`` with ``update_period`` in steps: ``max(1, round(update_period_fraction ×
+    single_run_steps))`` when the fraction is set, else ``dst`` unchanged. ``single_run_steps``:
+    optimizer steps of one single run (``train.epochs`` epochs), also for EDST's longer run."""
+    if dst.update_period_fraction is None:
+        return dst
+    return dst.model_copy(update={"update_period": max(1, round(dst.update_period_fraction * single_run_steps))})
 
 
 class LocalAnalysisSection(_Section):

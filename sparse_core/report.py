@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from sparse_core import artifacts, claims, schemas
+from sparse_core import artifacts, claims, recipes, schemas
 from sparse_core.aggregate import models, per_seed_metrics, seed_metrics_path
 from sparse_core.config import Params, curve_points_path
 
@@ -172,6 +172,13 @@ def claims_section(table: pd.DataFrame) -> str:
         "δ = 0.005 of accuracy. Anything else, and any claim with one seed, is inconclusive; a claim whose models this "
         "profile does not train is not tested. Definitions: `sparse_core/claims.py`.",
         "",
+        "\"± (decidable)\" is the interval's half-width, the smallest difference these seeds can tell from zero; an "
+        "inconclusive verdict says about how many seeds the observed difference would need at the observed spread. "
+        "\"Design vs paper\" lists every design ratio of this profile that differs from the paper's experiment "
+        "(budgets, cadence, growth, drop settings; values and sources in `sparse_core/recipes.py`, per claim in "
+        "`claims.json`); the verdict of such a claim carries \"(off-paper design)\": it is evidence about this "
+        "design, not about the paper's.",
+        "",
         claims.claims_markdown(table),
     ])  # fmt: skip
 
@@ -244,7 +251,7 @@ def stage_report(params: Params) -> Path:
     per_seed = all_per_seed_metrics(params)
     tidy = tidy_metrics(params, per_seed)
     summary = summary_table(tidy, order)
-    table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed)
+    table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed, design=recipes.profile_design(params))
     seeds = params.base.run_seeds()
     first = params.for_seed(seeds[0])  # per-seed plot data: the figures show the first seed
     folder = Path(params.base.reports_dir)

@@ -174,7 +174,7 @@ def test_step_with_a_closure_equals_the_plain_loop():
 
 
 # ----- the engine's order --------------------------------------------------------------------
-PRUNING, DST, EDST = {"sparsity": 0.9, "update_period": 4, "end_fraction": 0.5}, {"sparsity": 0.9, "update_period": 4, "stop_fraction": 0.75}, {"exploration_epochs": 1, "tickets": 2}  # fmt: skip
+PRUNING, DST, EDST = {"sparsity": 0.9, "update_period": 4, "end_fraction": 0.5}, {"sparsity": 0.9, "update_period": 4, "stop_fraction": 0.75}, {"exploration_share": 1 / 3, "tickets": 2}  # fmt: skip
 EPOCHS, BATCH = 3, 8
 #: Every built-in method that can run in a user's loop, read from the registry.
 SUPPORTED = [n for n, s in registry.specs().items() if s.module.startswith("sparse_core.methods.") and unsupported_reason(s) is None]
@@ -269,7 +269,7 @@ def test_a_method_that_sets_the_learning_rate_is_honoured_and_the_scheduler_keep
     # phases of 1 epoch each at base x 0.1 (first half) and base x 0.01 (second half).
     model = _lenet()
     opt = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.2), "edst_ensemble", total_steps=12, epochs=3,
-                   exploration_epochs=1, tickets=2, update_period=5)  # fmt: skip
+                   exploration_share=1 / 3, tickets=2, update_period=5)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     seen, after = _lrs_seen(opt), []
     for batch in _batches(12, (1, 28, 28)):
@@ -336,7 +336,7 @@ def test_state_dict_round_trip_resumes_identically(name):
         (("rigl",), {"total_steps": True}, ValueError, "total_steps must be a positive integer"),
         (("rigl",), {"total_steps": 10, "drop_fraction": 1.5}, ValueError, "drop_fraction=1.5"),
         (("gmp",), {"total_steps": 10, "update_period": 16}, ValueError, "'gmp' with total_steps=10.*no mask update"),
-        (("edst_ensemble",), {"total_steps": 12}, ValueError, "'edst_ensemble' with epochs=None.*multiple of"),
+        (("edst_ensemble",), {"total_steps": 12}, ValueError, "'edst_ensemble' with epochs=None.*cannot hold 3 refinement phases"),
         (("edst_ensemble",), {"total_steps": 12, "epochs": 5}, ValueError, "epochs must be a positive integer dividing"),
     ],
 )

@@ -15,14 +15,18 @@ from sparse_core.claims import (
     DEFAULT_CLAIMS,
     Claim,
     aggregate,
+    boundary_distance,
     claims_json,
     claims_markdown,
     const,
     evaluate_claims,
     paired_t_interval,
+    seeds_needed,
     term,
     verdict,
 )
+
+from sparse_core.recipes import RATIOS
 
 ACC = "test.accuracy"
 
@@ -268,7 +272,9 @@ def test_json_and_markdown() -> None:
     out = claims_json(table)
     text = json.dumps(out, allow_nan=False)
     assert json.loads(text)["missing"] == {"verdict": "not tested", "n": 0, "diff_mean": None, "ci_low": None,
-                                           "ci_high": None, "lhs_mean": None, "rhs_mean": None}
+                                           "ci_high": None, "lhs_mean": None, "rhs_mean": None, "half_width": None,
+                                           "n_needed": None, "off_paper": False,
+                                           "design_vs_paper": "no paper ratio declared", "design": {}}
     assert out["a_vs_b"]["verdict"] == "holds" and out["a_vs_b"]["n"] == 3
     assert claims_json(table_single)["single"]["ci_low"] is None
     json.dumps(claims_json(table_single), allow_nan=False)
@@ -355,3 +361,67 @@ def test_differences_equal_up_to_rounding_are_zero_not_significant():
     claim = Claim("c", "p", "s", term("e", "test.accuracy"), term("e", "test.member_accuracy_mean"), ">")
     row = evaluate_claims([claim], per_seed).iloc[0]
     assert row["diff_mean"] == 0.0 and row["verdict"] == "inconclusive"
+
+
+# --- design vs paper, power ----------------------------------------------------------------------
+
+def _edst_claim(**kw) -> Claim:
+    return Claim("e", "FT", "E > R", term("a", ACC), term("b", ACC), ">", design=("edst_budget", "edst_growth"), **kw)
+
+
+def test_an_off_paper_design_qualifies_the_verdict_and_names_each_ratio() -> None:
+    data = per_seed(a=[0.91, 0.92, 0.93], b=[0.88, 0.89, 0.90])
+    paper = {"edst_budget": 1.8, "edst_growth": "gradient"}
+    on = evaluate_claims([_edst_claim()], data, design=paper).iloc[0]
+    assert on["verdict"] == "holds" and on["design_vs_paper"] == "paper's ratios" and not on["off_paper"]
+    off = evaluate_claims([_edst_claim()], data, design={**paper, "edst_budget": 1.0}).iloc[0]
+    assert off["verdict"] == "holds (off-paper design)" and off["off_paper"]
+    assert off["design_vs_paper"] == "EDST budget 1.0× (paper 1.8×)"
+    both = evaluate_claims([_edst_claim()], data, design={"edst_budget": 1.0, "edst_growth": "random"}).iloc[0]
+    assert both["design_vs_paper"] == "EDST budget 1.0× (paper 1.8×); EDST growth random (paper gradient)"
+    # within the 5% tolerance of rounding to whole epochs: still the paper's (22 / 12 = 1.83)
+    assert not evaluate_claims([_edst_claim()], data, design={**paper, "edst_budget": 22 / 12}).iloc[0]["off_paper"]
+    unknown = evaluate_claims([_edst_claim()], data, design={}).iloc[0]  # a value the profile cannot tell
+    assert unknown["off_paper"] and "EDST budget unknown" in unknown["design_vs_paper"]
+    row = claims_json(evaluate_claims([_edst_claim()], data, design={**paper, "edst_budget": 1.0}))["e"]
+    assert row["design"]["edst_budget"] == {"profile": 1.0, "paper": 1.8, "matches": False,
+                                            "source": RATIOS["edst_budget"].source}
+    assert row["off_paper"] and row["verdict"].endswith("(off-paper design)")
+    assert "Design vs paper" in claims_markdown(evaluate_claims([_edst_claim()], data, design=paper))
+
+
+def test_a_claim_naming_an_unknown_ratio_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown design ratio"):
+        Claim("x", "P", "A > B", term("a", ACC), term("b", ACC), ">", design=("no_such_ratio",))
+
+
+def test_every_default_freetickets_claim_declares_its_design_and_the_default_profile_keeps_the_edst_ratios() -> None:
+    from sparse_core.config import load_params
+    from sparse_core.recipes import profile_design
+
+    for claim in DEFAULT_CLAIMS:
+        if "FreeTickets" in claim.paper:
+            assert "edst_budget" in claim.design or "dst_member_budget" in claim.design, claim.id
+    design = profile_design(load_params("params.yaml"))
+    assert design["edst_budget"] == pytest.approx(1.8) and design["edst_growth"] == "gradient"
+    table = evaluate_claims(DEFAULT_CLAIMS, default_data(), design=design).set_index("id")
+    assert not table.loc["edst_gt_tickets_acc", "off_paper"]  # EDST alone: every ratio the paper's
+    assert "DST drop schedule cosine (paper constant)" in table.loc["edst_ge_rigl", "design_vs_paper"]
+
+
+def test_half_width_and_seeds_needed() -> None:
+    # d = 0.01 ± 0.01 (std) over 3 seeds: half-width t(0.975, 2) * 0.01 / sqrt(3) = 0.0248, inconclusive for ">".
+    data = per_seed(a=[0.90, 0.91, 0.92], b=[0.90, 0.90, 0.90])
+    row = evaluate_claims([vs(">")], data).iloc[0]
+    assert row["verdict"] == "inconclusive"
+    assert row["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    # the smallest n with t(0.975, n-1) * 0.01 / sqrt(n) < 0.01 is 7 (t = 2.447, 2.447/sqrt(7) = 0.925)
+    assert row["n_needed"] == 7 == seeds_needed(0.01, 0.01, ">", 0.0)
+    assert seeds_needed(0.01, 0.01, ">", 0.0) - 1 == 6 and stats.t.ppf(0.975, 5) * 0.01 / math.sqrt(6) >= 0.01
+    assert "needs about n = 7" in claims_markdown(evaluate_claims([vs(">")], data))
+    # ">=" with margin: the nearest boundary is -δ; "≈": δ - |mean|
+    assert boundary_distance(-0.002, ">=", 0.005) == pytest.approx(0.003)
+    assert boundary_distance(0.002, "≈", 0.005) == pytest.approx(0.003)
+    assert seeds_needed(0.0, 0.01, ">", 0.0) is None and seeds_needed(0.01, 0.0, ">", 0.0) is None
+    decided = evaluate_claims([vs(">")], per_seed(a=A, b=[0.88, 0.89, 0.90])).iloc[0]
+    assert decided["verdict"] == "holds" and decided["n_needed"] is None

@@ -12,7 +12,7 @@ from sparse_core.methods import create_method
 from tests.conftest import TinyNet, make_split
 
 EPOCHS = 7  # 1 exploration epoch + 3 phases of 2 epochs
-EDST = EDSTSection(tickets=3, exploration_epochs=1, exploration_rate=0.8, refine_lr_multipliers=[0.1, 0.01])
+EDST = EDSTSection(tickets=3, exploration_share=1 / 7, exploration_rate=0.8, refine_lr_multipliers=[0.1, 0.01], grow="random")
 
 
 def _edst(model, steps=EPOCHS * 6, sparsity=0.7, **kw):
@@ -70,14 +70,14 @@ def test_learning_rate_per_phase():
     assert method.learning_rate(spe * 3, 0.123, 0.1) == pytest.approx(0.01)  # phase 2 restarts
 
 
-def test_edst_epochs_must_split_into_equal_phases(default_params_dict):
+def test_edst_budget_too_small_for_its_tickets_is_refused(default_params_dict):
     from sparse_core.config import ConfigError, parse_params
 
     raw = default_params_dict
     raw["train"]["methods"] = ["edst_ensemble"]
-    raw["train"]["epochs"] = 8
-    raw["train"]["edst"] = {"tickets": 3, "exploration_epochs": 1}
+    raw["train"]["epochs"] = 4
+    raw["train"]["edst"] = {"tickets": 3, "budget": 0.5}  # 2 epochs for 3 phases
     raw["retrain"]["runs"] = []
     raw["evaluate"]["runs"] = []
-    with pytest.raises(ConfigError, match="multiple of train.edst.tickets"):
+    with pytest.raises(ConfigError, match=r"2 epochs cannot hold 3 refinement phases.*train\.edst\.budget"):
         parse_params(raw)

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from sparse_core.config import ConfigError, DSTSection, EDSTSection, PruningSection, parse_params
+from sparse_core.config import ConfigError, DSTSection, EDSTSection, PruningSection, edst_plan, parse_params
 from sparse_core.engine import training_step
 from sparse_core.methods import create_method
 from sparse_core.models import create_model
@@ -95,17 +95,19 @@ def test_new_connections_start_at_zero_either_way():
         assert torch.count_nonzero(p.detach()[new]) == 0
 
 
-# ----- 3. EDST as in the FreeTickets script ----------------------------------------------------
-def test_edst_defaults_are_the_freetickets_script():
+# ----- 3. EDST as in the FreeTickets README's command -------------------------------------------
+def test_edst_defaults_are_the_freetickets_readme_command():
     e = EDSTSection()
-    assert (e.grow, e.drop_fraction, e.drop_schedule, e.phase_stop_fraction) == ("random", 0.5, "constant", 1.0)
+    assert (e.grow, e.drop_fraction, e.drop_schedule, e.phase_stop_fraction) == ("gradient", 0.5, "constant", 1.0)
+    assert (e.budget, e.tickets, e.exploration_rate) == (1.8, 3, 0.8)
+    assert edst_plan(e, 450) == (450, 150, 100)  # --epochs 450 --epochs-explo 150 --model-num 3
 
 
 def _edst(epochs=7, steps_per_epoch=10, **kw):
     torch.manual_seed(0)
     model = TinyNet()
     dst = DSTSection(sparsity=0.7, update_period=5, drop_fraction=0.3, drop_schedule="cosine", stop_fraction=0.5)
-    edst = EDSTSection(tickets=3, exploration_epochs=1, **kw)
+    edst = EDSTSection(tickets=3, exploration_share=1 / 7, **{"grow": "random", **kw})
     return create_method("edst_ensemble", model, epochs * steps_per_epoch, PruningSection(), dst, seed=0, edst=edst, epochs=epochs)
 
 
@@ -131,7 +133,7 @@ def test_random_growth_moved_fraction_matches_its_expectation(q):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(200, 100), torch.nn.Linear(100, 50))
     dst = DSTSection(sparsity=0.8, distribution="uniform", update_period=1000)
-    method = create_method("edst_ensemble", model, 100, PruningSection(), dst, seed=3, edst=EDSTSection(tickets=1, exploration_epochs=0), epochs=1)
+    method = create_method("edst_ensemble", model, 100, PruningSection(), dst, seed=3, edst=EDSTSection(tickets=1, exploration_share=0, grow="random"), epochs=1)
     with torch.no_grad():
         for p in method.masks.params.values():
             p.normal_()
@@ -187,7 +189,6 @@ def test_validation_refuses_a_schedule_too_short_for_its_updates(default_params_
     raw = default_params_dict
     raw["data"]["train_subset"] = 600  # 540 training images -> 5 steps per epoch at batch 128
     raw["train"]["epochs"] = 4  # T = 20: end_fraction x T = 15 < update_period 16
-    raw["train"]["edst"]["exploration_epochs"] = 1
     with pytest.raises(ConfigError) as err:
         parse_params(raw, "params.yaml")
     msg = str(err.value)

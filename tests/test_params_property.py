@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_core.config import (OUTPUT_KEYS, ConfigError, DataSection, Params, load_params, output_overlaps, parse_params,
+from sparse_core.config import (MAX_EPOCHS, OUTPUT_KEYS, ConfigError, DataSection, Params, load_params, output_overlaps, parse_params,
                                 train_images)
 from sparse_core.sparsity.schedules import gradual_schedule_problem
 
@@ -186,9 +186,8 @@ def test_valid_values_are_accepted_as_given(sparsity, dst_sparsity, epochs, lr, 
     raw["base"]["seed"] = seed
     # ``..`` that climbs back down inside the project is fine.
     raw["base"]["runs_dir"] = "/".join(["sub"] * extra_up + [".."] * extra_up + [runs_dir])
-    refine = epochs - raw["train"]["edst"]["exploration_epochs"]
-    if refine < raw["train"]["edst"]["tickets"] or refine % raw["train"]["edst"]["tickets"]:
-        # EDST needs the refinement epochs to split into equal phases; without it any epochs do.
+    if not raw["train"]["edst"]["tickets"] <= round(raw["train"]["edst"]["budget"] * epochs) <= MAX_EPOCHS:
+        # EDST needs a whole epoch per refinement phase, and its longer run must stay within the bound.
         raw["train"]["methods"].remove("edst_ensemble")
         raw["collect"]["ensembles"].remove("edst_ensemble")
     # Gradual pruning must reach its target at a mask update with training after it: too few

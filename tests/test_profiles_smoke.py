@@ -57,8 +57,9 @@ def smoke_sizes(raw: dict) -> dict:
     train = raw["train"]
     edst = train.setdefault("edst", {})
     tickets = edst["tickets"] = min(edst.get("tickets", 3), 2)
-    edst["exploration_epochs"] = min(edst.get("exploration_epochs", 1), 1)
-    train["epochs"] = edst["exploration_epochs"] + tickets  # the fewest that EDST's phases allow, and >= 2
+    # One exploration epoch and one per phase: the fewest that EDST's phases allow, and >= 2.
+    edst.update(budget=1.0, exploration_share=1 / (1 + tickets))
+    train["epochs"] = 1 + tickets
     train.setdefault("pruning", {})["update_period"] = 1
     train.setdefault("dst", {})["update_period"] = 2
     for section in train.values():  # a method's own sections (e.g. train.granet) count steps too

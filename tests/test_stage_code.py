@@ -272,7 +272,8 @@ def test_dvc_status_names_exactly_the_stages_an_edit_touches(tmp_path):
         # base.precision changes what training and evaluation compute (not listed before: a bf16
         # profile re-ran nothing)
         assert params_changed("base.precision", "bf16") == {"code"} | training | evaluation
-        assert params_changed("train.dst.sparsity", 0.5) == {"code"} | named("train") | evaluation
+        # report: the claims table's design ratios read train.dst (sparse_core/recipes.py)
+        assert params_changed("train.dst.sparsity", 0.5) == {"code", "report"} | named("train") | evaluation
         # per stage, not per item: every evaluate item reads `retrain` (for its <run>_retrain items)
         assert params_changed("retrain.epochs", 2) == {"code", "retrain@dpf-0"} | named("evaluate")
         assert params_changed("base.progress", lambda on: not on) == {"code"}

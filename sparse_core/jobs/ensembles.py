@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from sparse_core import artifacts, evalsets, schemas
-from sparse_core.config import Params
+from sparse_core.config import Params, resolve_dst, run_epochs
 from sparse_core.engine import predict
 from sparse_core.evaluation import evaluate_probs, model_probs
 from sparse_core.flops import TrainingCost, inference_flops, layer_flops
@@ -143,7 +143,10 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     dense_infer = float(sum(per_layer.values()))
     kind = registry.spec(name).ensemble
     method = registry.method_class(params.train.dst_ensemble.method if kind == "members" else name)
-    steps = -(-len(data.splits["train"]) // params.train.optim.batch_size) * params.train.epochs
+    steps_per_epoch = -(-len(data.splits["train"]) // params.train.optim.batch_size)
+    epochs = run_epochs(params.train, name if kind == "tickets" else params.train.dst_ensemble.method)
+    steps = steps_per_epoch * epochs
+    update_period = resolve_dst(params.train.dst, steps_per_epoch * params.train.epochs).update_period
     infer, train_flops, nonzero, sparsities = 0.0, 0.0, 0, []
     for member in manifest:
         artifacts.load_weights(model, member["source"])
@@ -152,7 +155,7 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
         infer += inference_flops(model, data.shape, dens)["sparse"]
         # A tickets ensemble comes from one run: its training cost is counted once.
         if kind == "members" or member["member"] == 0:
-            cost_of = TrainingCost(per_layer, dens, steps, params.train.dst.update_period, [], params.train)
+            cost_of = TrainingCost(per_layer, dens, steps, update_period, [], params.train)
             train_flops += method.training_flops_per_example(cost_of)
         nonzero += sum(int(torch.count_nonzero(p)) for p in model.parameters())
         sparsities.append(1.0 - member["density"])
@@ -165,6 +168,6 @@ def stage_evaluate_ensemble(params: Params, name: str) -> dict[str, Any]:
     out["flops"] = {
         "inference": infer,
         "inference_ratio": infer / dense_infer,
-        "training_ratio": train_flops * params.train.epochs / dense_reference_cost(params, model, data.shape),
+        "training_ratio": train_flops * epochs / dense_reference_cost(params, model, data.shape),
     }
     return write_evaluation(params, name, ev, out, sets)

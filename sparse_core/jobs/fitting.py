@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_core.config import Params
+from sparse_core.config import Params, resolve_dst
 from sparse_core.data import PreparedData
 from sparse_core.distributed import active_parallel
 from sparse_core.engine import fit
@@ -29,13 +29,16 @@ def train_run(
     rank returns once the export is complete."""
     fingerprint = f"{fingerprint}-{code_fingerprint(*filter(None, (method_name, recorded_method)))}"
     parallel = active_parallel()
-    steps = -(-len(data.splits["train"]) // optim.batch_size) * epochs
+    steps_per_epoch = -(-len(data.splits["train"]) // optim.batch_size)
+    steps = steps_per_epoch * epochs
     t = params.train
+    # ΔT given as a fraction of a run counts one single run's steps (train.epochs), for EDST too.
+    dst = resolve_dst(t.dst, steps_per_epoch * t.epochs)
     seed = params.base.seed if seed is None else seed
     net = getattr(model, "net", model)
     # Built before the run folder is touched: a schedule that cannot work (ConfigError) must not
     # cost the previous run's files.
-    method = create_method(method_name, net, steps, t.pruning, t.dst, seed, t.edst, epochs, t.model_extra, data.shape)
+    method = create_method(method_name, net, steps, t.pruning, dst, seed, t.edst, epochs, t.model_extra, data.shape)
     precision = precision_of(params, parallel.device or device)
     if parallel.is_main:
         fresh_run_dir(params, run, fingerprint)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparse_core import artifacts, evalsets, schemas
-from sparse_core.config import Params
+from sparse_core.config import Params, resolve_dst, run_epochs
 from sparse_core.data import PreparedData, Split
 from sparse_core.evaluation import Evaluation, evaluate_probs, model_probs
 from sparse_core.flops import TrainingCost, inference_flops, layer_flops
@@ -39,7 +39,7 @@ def run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int, 
     f_d = float(sum(per_layer.values()))
     spec = registry.spec(method)
     # The internal family is the retrain stage: its own epochs and optimizer.
-    optim, epochs = (params.retrain.optim, params.retrain.epochs) if spec.family == "internal" else (params.train.optim, params.train.epochs)
+    optim, epochs = (params.retrain.optim, params.retrain.epochs) if spec.family == "internal" else (params.train.optim, run_epochs(params.train, method))
     if spec.family == "local":
         from sparse_core.local.accounting import step_accounting
 
@@ -48,7 +48,8 @@ def run_cost(params: Params, run: str, model: nn.Module, shape: tuple[int, int, 
     else:
         log = run_dir(params, run) / "mask_updates.parquet"
         events = artifacts.read_parquet(log, schema=schemas.MASK_UPDATES_SCHEMA).to_dict("records") if log.is_file() else []
-        cost_of = TrainingCost(per_layer, dens, -(-n_train // optim.batch_size) * epochs, params.train.dst.update_period,
+        dst = resolve_dst(params.train.dst, -(-n_train // params.train.optim.batch_size) * params.train.epochs)
+        cost_of = TrainingCost(per_layer, dens, -(-n_train // optim.batch_size) * epochs, dst.update_period,
                                events, params.train)  # fmt: skip
         per_example = registry.method_class(method).training_flops_per_example(cost_of)
     cost = per_example * epochs

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_core import artifacts, schemas
-from sparse_core.config import Params, retrain_run_name
+from sparse_core.config import Params, retrain_run_name, run_epochs
 from sparse_core.distributed import active_parallel
 from sparse_core.methods import registry
 from sparse_core.methods.base import MaskedMethod, Method
@@ -52,7 +52,7 @@ def train_single(params: Params, method: str, run: str, num_threads: int = 0) ->
         load_exported(params, WARMUP_RUN, model)
         init = WARMUP_RUN
     fp = params.fingerprint("base", "data", "augment", "model", "warmup", "train") + f"-{method}"
-    return train_run(params, run, method, model, data, device, params.train.optim, params.train.epochs, fp, init)
+    return train_run(params, run, method, model, data, device, params.train.optim, run_epochs(params.train, method), fp, init)
 
 
 def stage_train_ddp(params: Params, method: str) -> Path | None:

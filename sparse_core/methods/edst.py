@@ -12,9 +12,14 @@ All-Round Blessings of Dynamic Sparsity" (FreeTickets), Sec. 4.2 and Algorithm 1
   basin while keeping the per-layer counts;
 - ticket ``m`` is the best-validation checkpoint of phase ``m``.
 
-The ordinary updates follow the FreeTickets EDST script (VITA-Group/FreeTickets,
-``main_EDST.py`` + ``sparselearning/core.py``), not RigL's single-run schedule: random growth,
-a constant drop fraction ``edst.drop_fraction`` (0.5) and updates every ΔT steps through every
+In the pipeline the run trains ``train.edst.budget × train.epochs`` epochs (1.8×: the FreeTickets
+README trains EDST for 450 epochs where one sparse run trains 250), a share
+``train.edst.exploration_share`` (1/3: 150 of 450) of them exploring
+(:func:`~sparse_core.config.edst_plan`).
+
+The ordinary updates follow the FreeTickets README's EDST command (VITA-Group/FreeTickets,
+``main_EDST.py`` + ``sparselearning/core.py``), not RigL's single-run schedule: gradient growth
+(``edst.grow``; ``random`` reproduces the repository's removed CIFAR-10 script), a constant drop fraction ``edst.drop_fraction`` (0.5) and updates every ΔT steps through every
 phase (``edst.phase_stop_fraction`` = 1; a smaller value stops them within each phase, the
 exploration phase included). ``dst.stop_fraction`` and ``dst.drop_schedule`` do not apply.
 Every update, global explorations included, logs the fraction of active positions that moved
@@ -32,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_core.config import DSTSection, EDSTSection, PruningSection
+from sparse_core.config import DSTSection, EDSTSection, PruningSection, edst_plan
 from sparse_core.flops import TrainingCost
 from sparse_core.methods.base import MethodContext
 from sparse_core.methods.dst import SET, RigL, cosine_drop_fraction
@@ -42,10 +47,11 @@ from sparse_core.methods.registry import register_method
 @register_method(name="edst_ensemble", family="ensemble", sparsity="dst", start="init", ensemble="tickets",
                  paper="Liu et al. 2022, \"Deep Ensembling with No Overhead for either Training or Testing: The All-Round "
                        "Blessings of Dynamic Sparsity\" (FreeTickets, ICLR), Sec. 4.2, Algorithm 1",
-                 summary="one run: exploration for `train.edst.exploration_epochs` at constant lr, then M refinement phases (lr "
+                 summary="one run of `train.edst.budget` × `train.epochs` epochs (1.8×, the FreeTickets README): exploration "
+                         "for `train.edst.exploration_share` of it (1/3) at constant lr, then M refinement phases (lr "
                          "×0.1 then ×0.01), a global exploration (`q` of each layer's active weights dropped and regrown) before "
                          "phases 2..M; ticket m = best-validation checkpoint of phase m (`runs/s<k>/edst_ensemble/tickets/`). "
-                         "Topology updates as in the FreeTickets EDST script: random growth, constant drop fraction 0.5, every "
+                         "Topology updates as in the FreeTickets README's EDST command: gradient growth, constant drop fraction 0.5, every "
                          "ΔT steps through every phase (`train.edst.grow`, `drop_fraction`, `drop_schedule`, "
                          "`phase_stop_fraction`); `mask_updates.parquet` logs per update the fraction of active positions that "
                          "moved, per layer")
@@ -66,7 +72,9 @@ class EDST(RigL):
         super().__init__(model, total_steps, pruning, dst, seed)
         self.edst = edst
         self.steps_per_epoch = total_steps // epochs
-        self.phase_epochs = (epochs - edst.exploration_epochs) // edst.tickets
+        plan = edst_plan(edst, epochs)
+        #: Whole epochs of the exploration phase and of each refinement phase (:func:`edst_plan`).
+        self.exploration_epochs, self.phase_epochs = plan.exploration_epochs, plan.phase_epochs
         self.tickets: list[dict[str, Any] | None] = [None] * edst.tickets
 
     @classmethod
@@ -82,12 +90,12 @@ class EDST(RigL):
     # ----- phases ---------------------------------------------------------------------------
     def phase_of_epoch(self, epoch: int) -> int:
         """-1 during exploration, else the refinement phase (0-based) of 0-based ``epoch``."""
-        if epoch < self.edst.exploration_epochs:
+        if epoch < self.exploration_epochs:
             return -1
-        return min((epoch - self.edst.exploration_epochs) // self.phase_epochs, self.edst.tickets - 1)
+        return min((epoch - self.exploration_epochs) // self.phase_epochs, self.edst.tickets - 1)
 
     def phase_start_step(self, phase: int) -> int:
-        return (self.edst.exploration_epochs + phase * self.phase_epochs) * self.steps_per_epoch
+        return (self.exploration_epochs + phase * self.phase_epochs) * self.steps_per_epoch
 
     def _global_exploration_due(self, step: int) -> bool:
         return any(step == self.phase_start_step(m) for m in range(1, self.edst.tickets))
@@ -109,7 +117,7 @@ class EDST(RigL):
         optimizer step number ``step`` (1-based) runs."""
         phase = self.phase_of_epoch((step - 1) // self.steps_per_epoch)
         if phase < 0:
-            return 0, self.edst.exploration_epochs * self.steps_per_epoch
+            return 0, self.exploration_epochs * self.steps_per_epoch
         return self.phase_start_step(phase), self.phase_epochs * self.steps_per_epoch
 
     def update_due(self, step: int) -> bool:
