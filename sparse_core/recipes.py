@@ -55,8 +55,8 @@ class DesignRatio:
         label: what it is, for a reader ("EDST budget").
         paper: the paper's value (a number, or a name such as ``"gradient"``).
         source: where the paper's value comes from (command line, code, section).
-        read: the profile's value from its params; None where the params cannot tell (e.g. the
-            number of training images of an image folder before it is prepared).
+        read: the profile's value from its params and its number of training images (None:
+            the params' own count, unknown for an image folder); None where they cannot tell.
         fmt: how a value is written in the report.
     """
 
@@ -64,7 +64,7 @@ class DesignRatio:
     label: str
     paper: float | int | str
     source: str
-    read: Callable[["Params"], float | int | str | None]
+    read: Callable[["Params", int | None], float | int | str | None]
     fmt: Callable[[Any], str] = str
 
     def matches(self, value: Any) -> bool | None:
@@ -97,17 +97,17 @@ def _of_run(v: float) -> str:
     return f"1/{1 / float(v):.0f} of a run"
 
 
-def _single_run_steps(params: "Params") -> int | None:
+def _single_run_steps(params: "Params", n_train: int | None) -> int | None:
     from sparse_core.config import train_images
 
-    n = train_images(params.data)
+    n = n_train or train_images(params.data)
     return None if n is None else -(-n // params.train.optim.batch_size) * params.train.epochs
 
 
-def _cadence(params: "Params") -> float | None:
+def _cadence(params: "Params", n_train: int | None) -> float | None:
     from sparse_core.config import resolve_dst
 
-    steps = _single_run_steps(params)
+    steps = _single_run_steps(params, n_train)
     return None if not steps else resolve_dst(params.train.dst, steps).update_period / steps
 
 
@@ -117,7 +117,7 @@ def _edst_plan(params: "Params"):
     return edst_plan(params.train.edst, edst_epochs(params.train))
 
 
-def _member_growth(params: "Params") -> str:
+def _member_growth(params: "Params", n_train: int | None) -> str:
     """Growth of the DST-ensemble members' method: RigL's gradient, SET's random, else the method's name."""
     method = params.train.dst_ensemble.method
     return {"rigl": "gradient", "set": "random"}.get(method, method)
@@ -126,48 +126,48 @@ def _member_growth(params: "Params") -> str:
 #: Every ratio the default claims name, by key.
 RATIOS: dict[str, DesignRatio] = {r.key: r for r in (
     DesignRatio("edst_budget", "EDST budget", 1.8, f"{_FT_README}: main_EDST.py --epochs 450 vs main_DST.py --epochs 250",
-                lambda p: _edst_plan(p).epochs / p.train.epochs, _times),
+                lambda p, n: _edst_plan(p).epochs / p.train.epochs, _times),
     DesignRatio("edst_exploration_share", "EDST exploration share", 1 / 3, f"{_FT_README}: --epochs-explo 150 of --epochs 450",
-                lambda p: _edst_plan(p).exploration_epochs / _edst_plan(p).epochs, _share),
-    DesignRatio("edst_tickets", "EDST tickets", 3, f"{_FT_README}: main_EDST.py --model-num 3", lambda p: p.train.edst.tickets),
+                lambda p, n: _edst_plan(p).exploration_epochs / _edst_plan(p).epochs, _share),
+    DesignRatio("edst_tickets", "EDST tickets", 3, f"{_FT_README}: main_EDST.py --model-num 3", lambda p, n: p.train.edst.tickets),
     DesignRatio("edst_exploration_rate", "EDST global exploration q", 0.8, f"{_FT_README}: --large-death-rate 0.8",
-                lambda p: p.train.edst.exploration_rate, _share),
+                lambda p, n: p.train.edst.exploration_rate, _share),
     DesignRatio("edst_growth", "EDST growth", "gradient",
                 f"{_FT_README}: main_EDST.py --growth gradient (the removed script_EDST_CF10 used random; module docstring)",
-                lambda p: p.train.edst.grow),
+                lambda p, n: p.train.edst.grow),
     DesignRatio("edst_drop_fraction", "EDST drop fraction", 0.5, f"{_FT_README}: --death-rate 0.5",
-                lambda p: p.train.edst.drop_fraction, _share),
+                lambda p, n: p.train.edst.drop_fraction, _share),
     DesignRatio("edst_drop_schedule", "EDST drop schedule", "constant",
                 "FreeTickets sparselearning/core.py: Masking.step calls truncate_weights(args.death_rate)",
-                lambda p: p.train.edst.drop_schedule),
+                lambda p, n: p.train.edst.drop_schedule),
     DesignRatio("edst_phase_stop", "EDST updates through each phase", 1.0,
                 "FreeTickets sparselearning/core.py: an update every --update-frequency steps, never stopped",
-                lambda p: p.train.edst.phase_stop_fraction, _share),
+                lambda p, n: p.train.edst.phase_stop_fraction, _share),
     DesignRatio("update_cadence", "ΔT", 1000 / FT_SINGLE_RUN_STEPS,
                 f"{_FT_README}: --update-frequency 1000 in a 250-epoch run of 352 steps (45,000 images, batch 128)",
                 _cadence, _of_run),
-    DesignRatio("dst_sparsity", "sparsity", 0.8, f"{_FT_README}: --density 0.2", lambda p: p.train.dst.sparsity, _share),
+    DesignRatio("dst_sparsity", "sparsity", 0.8, f"{_FT_README}: --density 0.2", lambda p, n: p.train.dst.sparsity, _share),
     DesignRatio("dst_distribution", "layer densities", "erk", f"{_FT_README}: --sparse-init ERK",
-                lambda p: p.train.dst.distribution),
+                lambda p, n: p.train.dst.distribution),
     DesignRatio("dst_drop_fraction", "DST drop fraction", 0.5, f"{_FT_README}: main_DST.py --death-rate 0.5",
-                lambda p: p.train.dst.drop_fraction, _share),
+                lambda p, n: p.train.dst.drop_fraction, _share),
     DesignRatio("dst_drop_schedule", "DST drop schedule", "constant",
                 "FreeTickets sparselearning/core.py: Masking.step calls truncate_weights(args.death_rate)",
-                lambda p: p.train.dst.drop_schedule),
+                lambda p, n: p.train.dst.drop_schedule),
     DesignRatio("dst_stop_fraction", "DST updates stop at", 1.0,
                 "FreeTickets sparselearning/core.py: an update every --update-frequency steps to the end of training",
-                lambda p: p.train.dst.stop_fraction, _share),
+                lambda p, n: p.train.dst.stop_fraction, _share),
     DesignRatio("dst_member_budget", "DST member budget", 1.0, f"{_FT_README}: each main_DST.py member --epochs 250",
-                lambda p: 1.0, _times),
+                lambda p, n: 1.0, _times),
     DesignRatio("dst_members", "DST members", 3, "FreeTickets script_DST_CF10: seeds 18, 19, 20",
-                lambda p: p.train.dst_ensemble.members),
+                lambda p, n: p.train.dst_ensemble.members),
     DesignRatio("dst_growth", "DST member growth", "gradient", f"{_FT_README}: main_DST.py --growth gradient", _member_growth),
     DesignRatio("dpf_update_period", "DPF mask period", 16,
                 "Lin et al. 2020: mask re-estimated every 16 iterations (reimplementation: --prune-freq 16)",
-                lambda p: p.train.pruning.update_period, lambda v: f"{int(v)} steps"),
+                lambda p, n: p.train.pruning.update_period, lambda v: f"{int(v)} steps"),
     DesignRatio("dpf_schedule_end", "pruning schedule ends at", 0.75,
                 "Lin et al. 2020 (Zhu & Gupta schedule; reimplementation: target at epoch 225 of 300)",
-                lambda p: p.train.pruning.end_fraction, _share),
+                lambda p, n: p.train.pruning.end_fraction, _share),
 )}
 
 #: The design each family of claims depends on.
@@ -180,9 +180,13 @@ EDST_DESIGN = ("edst_budget", "edst_exploration_share", "edst_tickets", "edst_ex
                "dst_distribution")
 
 
-def profile_design(params: "Params", keys: Any = None) -> dict[str, Any]:
-    """``{key: the profile's value}`` of every ratio in ``keys`` (all of :data:`RATIOS` by default)."""
-    return {k: RATIOS[k].read(params) for k in (RATIOS if keys is None else keys)}
+def profile_design(params: "Params", n_train: int | None = None, keys: Any = None) -> dict[str, Any]:
+    """``{key: the profile's value}`` of every ratio in ``keys`` (all of :data:`RATIOS` by default).
+
+    ``n_train``: images in the prepared training split (the cadence counts steps per epoch); None
+    takes :func:`~sparse_core.config.train_images` of the params, unknown for an image folder.
+    """
+    return {k: RATIOS[k].read(params, n_train) for k in (RATIOS if keys is None else keys)}
 
 
 def compare(keys: Any, design: Mapping[str, Any]) -> list[dict[str, Any]]:

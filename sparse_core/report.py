@@ -243,6 +243,23 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     return artifacts.read_csv(path, schema=schemas.CORRUPTION_CSV_SCHEMA) if path.is_file() else None
 
 
+def prepared_train_images(params: Params) -> int | None:
+    """Images in the prepared training split, from its Parquet metadata (``split_sizes``); None
+    when the prepared file or the entry is missing."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sparse_core.data.prepare import prepared_path
+
+    path = prepared_path(params.base.data_dir, params.data.dataset)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return int(json.loads(meta[b"split_sizes"])["train"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def stage_report(params: Params) -> Path:
     """``report``: write the files listed in the module docstring; returns ``reports/report.md``."""
     from sparse_core.figures import draw_all
@@ -251,7 +268,8 @@ def stage_report(params: Params) -> Path:
     per_seed = all_per_seed_metrics(params)
     tidy = tidy_metrics(params, per_seed)
     summary = summary_table(tidy, order)
-    table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed, design=recipes.profile_design(params))
+    design = recipes.profile_design(params, prepared_train_images(params))
+    table = claims.evaluate_claims(claims.DEFAULT_CLAIMS, per_seed, design=design)
     seeds = params.base.run_seeds()
     first = params.for_seed(seeds[0])  # per-seed plot data: the figures show the first seed
     folder = Path(params.base.reports_dir)

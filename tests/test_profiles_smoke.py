@@ -62,6 +62,7 @@ def smoke_sizes(raw: dict) -> dict:
     train["epochs"] = 1 + tickets
     train.setdefault("pruning", {})["update_period"] = 1
     train.setdefault("dst", {})["update_period"] = 2
+    train["dst"].pop("update_period_fraction", None)  # a fraction of 4-step runs would round to one step
     for section in train.values():  # a method's own sections (e.g. train.granet) count steps too
         if isinstance(section, dict) and "update_period" in section and section is not train["pruning"]:
             section["update_period"] = 2
