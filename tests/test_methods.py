@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +73,24 @@ def test_gmp_holds_pruned_weights_at_zero():
     for n, m in method.masks.masks.items():
         assert torch.count_nonzero(params[n].detach()[~m]) == 0
         assert torch.count_nonzero(params[n].detach()[m]) > 0
+
+
+def test_gmp_scores_the_masked_weights_so_a_pruned_weight_never_comes_back():
+    """A pruned weight that the optimizer step moved (momentum gathered before it was pruned)
+    stays out of the mask: GMP scores ``m ⊙ w`` (Zhu & Gupta 2017; torch.ao.pruning's
+    WeightNormSparsifier does the same, benchmarks/parity.py)."""
+    model, method = _pruned_setup("gmp", period=1)
+    method.masks.apply_()
+    before = {n: m.clone() for n, m in method.masks.masks.items()}
+    with torch.no_grad():  # the step moved every pruned weight far beyond the active ones
+        for n, p in method.masks.params.items():
+            p[~before[n]] = 100.0
+    step = method.end_step  # an update at the target sparsity (0.8, the masks' own)
+    assert method.target_sparsity(step) == pytest.approx(0.8)
+    method.after_step(step)
+    for n, m in method.masks.masks.items():
+        assert not (m & ~before[n]).any(), f"{n}: a pruned weight came back"
+        assert torch.count_nonzero(method.masks.params[n].detach()[~m]) == 0
 
 
 def test_masks_change_only_on_update_steps():

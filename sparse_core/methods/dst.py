@@ -20,8 +20,13 @@ So each layer's active count never changes. A layer whose density is 1 (ERK caps
 there) takes no part in updates: in the reference its dropped weights could only be regrown in
 place, where they keep their values, so it comes out of every update unchanged; skipping it
 gives exactly that, whatever ``reinit_when_same`` says. Differences from the references: ``k``
-is rounded up (sparselearning's ``magnitude_death``; RigL truncates ``n_ones · p``), and random
-growth draws exactly ``k`` positions (sparselearning draws each with probability ``k / n_free``). The drop fraction follows a cosine decay
+is rounded up (sparselearning's ``magnitude_death``; RigL truncates ``n_ones · p``), random
+growth draws exactly ``k`` positions (sparselearning draws each with probability ``k / n_free``),
+and an update follows the optimizer step of its iteration (drop by ``|w|`` after the step, grow
+by the same minibatch's dense gradient), the order of sparselearning / FreeTickets and of RigL's
+``SparseSETOptimizer``, where RigL's Algorithm 1 and ``SparseRigLOptimizer`` take the update
+instead of that iteration's step: this project's ensembles follow the FreeTickets code
+(``benchmarks/parity.py`` measures the order against the ``rigl-torch`` package). The drop fraction follows a cosine decay
 ``p_t = p_min + (p_0 − p_min) · (1 + cos(π t / T_stop)) / 2`` (RigL, Eq. 1) or stays constant,
 and updates stop after ``stop_fraction`` of training. The exploration rate ("in-time
 over-parameterization", Liu et al. 2021) is the fraction of prunable weights ever active.

@@ -73,6 +73,12 @@ class GMP(MaskedMethod):
     zero_pruned = True
 
     def after_step(self, step: int) -> None:
+        if self.zero_pruned:
+            # m ⊙ w before scoring: momentum gathered before a weight was pruned still moves it in
+            # the optimizer step, and scored on the raw weights it could re-enter the mask; Zhu &
+            # Gupta's pruning (and torch.ao.pruning's WeightNormSparsifier) score the masked
+            # weights, so a pruned weight has no way back.
+            self.masks.apply_()
         if self._update_due(step):
             self.update_masks(step, self.target_sparsity(step), self._weights_for_mask())
         if self.zero_pruned:
