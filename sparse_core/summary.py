@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pandas as pd
-
 from sparse_core import artifacts
 from sparse_core.claims import DEFAULT_CLAIMS, MAX_N_NEEDED
 
@@ -24,6 +22,19 @@ END = "<!-- /results -->"
 
 def _num(x: float | None, digits: int = 4) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def summary_schema():
+    """``reports/summary.csv`` as the report stage writes it: one row per model (unique name), the
+    number of seeds ``n`` (at least 1) and, per results column, the mean and its std (numbers or
+    empty)."""
+    import pandera.pandas as pa
+
+    from sparse_core.report import COLUMNS
+
+    numbers = {f"{h}{suffix}": pa.Column(float, nullable=True, coerce=True) for h, *_ in COLUMNS for suffix in ("", " std")}
+    return pa.DataFrameSchema({"model": pa.Column(str, unique=True), **numbers,
+                               "n": pa.Column(int, pa.Check.ge(1), coerce=True)}, strict=True)
 
 
 def claims_summary(claims: dict) -> str:
@@ -56,7 +67,7 @@ def results_markdown(reports_dir: str | Path = "reports") -> str:
     for name in ("summary.csv", "claims.json"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: not found; run the report stage (`make repro`) first")
-    summary = pd.read_csv(folder / "summary.csv").set_index("model")
+    summary = artifacts.read_csv(folder / "summary.csv", schema=summary_schema()).set_index("model")
     claims = artifacts.read_json(folder / "claims.json")
     return "\n".join([
         START,

@@ -151,7 +151,9 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     assert "| ⚠ all models | cifar10 |" in report  # the missing optional OOD set is a visible warning row
     assert "| dpf_retrain | 1 |" in report and "| edst_ensemble | 1 |" in report
     claims = json.loads((work / "reports" / "claims.json").read_text())
-    assert "## Claims" in report and claims["dpf_ge_gmp"]["n"] == 1 and claims["dpf_ge_gmp"]["verdict"] == "inconclusive"
+    assert "## Claims" in report and claims["dpf_ge_gmp"]["n"] == 1 and claims["dpf_ge_gmp"]["verdict"] == "inconclusive (off-paper design)"
+    # the tiny profile re-estimates DPF's mask every 4 steps; the paper every 16
+    assert "DPF mask period 4 steps (paper 16 steps)" in claims["dpf_ge_gmp"]["design_vs_paper"]
     tidy = pd.read_parquet(work / "reports" / "metrics.parquet")
     assert {"test", "corrupted", "ood/mnist", "model"} <= set(tidy["dataset"])
     for name in ("accuracy_vs_sparsity", "reliability", "corruption_accuracy", "layer_density"):
