@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from sparse_core.config import Params
 
 _FT_README = "FreeTickets README"
+_CONSTANT_P = "FreeTickets sparselearning/core.py: Masking.step calls truncate_weights(args.death_rate)"
+_NO_STOP = "FreeTickets sparselearning/core.py: an update every --update-frequency steps, never stopped"
 #: Optimizer steps of one FreeTickets single run on CIFAR-10: 250 epochs × ⌈45,000 / 128⌉.
 FT_SINGLE_RUN_STEPS = 250 * 352
 #: Relative tolerance within which a numeric ratio counts as the paper's (rounding to whole
@@ -138,10 +140,10 @@ RATIOS: dict[str, DesignRatio] = {r.key: r for r in (
     DesignRatio("edst_drop_fraction", "EDST drop fraction", 0.5, f"{_FT_README}: --death-rate 0.5",
                 lambda p, n: p.train.edst.drop_fraction, _share),
     DesignRatio("edst_drop_schedule", "EDST drop schedule", "constant",
-                "FreeTickets sparselearning/core.py: Masking.step calls truncate_weights(args.death_rate)",
+                _CONSTANT_P,
                 lambda p, n: p.train.edst.drop_schedule),
     DesignRatio("edst_phase_stop", "EDST updates through each phase", 1.0,
-                "FreeTickets sparselearning/core.py: an update every --update-frequency steps, never stopped",
+                _NO_STOP,
                 lambda p, n: p.train.edst.phase_stop_fraction, _share),
     DesignRatio("update_cadence", "ΔT", 1000 / FT_SINGLE_RUN_STEPS,
                 f"{_FT_README}: --update-frequency 1000 in a 250-epoch run of 352 steps (45,000 images, batch 128)",
@@ -152,10 +154,10 @@ RATIOS: dict[str, DesignRatio] = {r.key: r for r in (
     DesignRatio("dst_drop_fraction", "DST drop fraction", 0.5, f"{_FT_README}: main_DST.py --death-rate 0.5",
                 lambda p, n: p.train.dst.drop_fraction, _share),
     DesignRatio("dst_drop_schedule", "DST drop schedule", "constant",
-                "FreeTickets sparselearning/core.py: Masking.step calls truncate_weights(args.death_rate)",
+                _CONSTANT_P,
                 lambda p, n: p.train.dst.drop_schedule),
     DesignRatio("dst_stop_fraction", "DST updates stop at", 1.0,
-                "FreeTickets sparselearning/core.py: an update every --update-frequency steps to the end of training",
+                _NO_STOP,
                 lambda p, n: p.train.dst.stop_fraction, _share),
     DesignRatio("dst_member_budget", "DST member budget", 1.0, f"{_FT_README}: each main_DST.py member --epochs 250",
                 lambda p, n: 1.0, _times),
