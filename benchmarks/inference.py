@@ -17,6 +17,15 @@ Each is timed at batch 1 (latency) and batch 256 (throughput) in fp32 and bf16
 the dense ResNet-20 in the same precision and memory format, and as a fraction of the
 FLOPs-ideal speed-up ``dense FLOPs / model FLOPs`` (``sparse_core.flops.layer_flops``).
 
+Part 1b, latency (``--part latency``): batch 1, fp32 NCHW, the dense ResNet-20, the compact
+networks at 50% (aligned and per-layer) and the plain width-8 network under four runtimes:
+eager PyTorch, TorchScript (traced, frozen, ``optimize_for_inference``), ``torch.compile``
+(Inductor) and ONNX Runtime (the project's ONNX export, ``sparse_core.export.to_onnx``). Every
+(runtime, model) pair is timed in the same interleaved rounds; each compact network's speed-up
+is taken over the dense network under the same runtime, as a fraction of its FLOPs-ideal
+speed-up (target: >= 60% for the compact 50% networks), and each runtime's own gain on the dense
+network over eager is printed beside it. Every runtime's logits are checked against eager first.
+
 Part 2, unstructured (``--format sparse``): LeNet-5 (28x28x1) and ResNet-20 at 90% global
 magnitude sparsity: per layer, dense vs CSR time at batch 1 and 256
 (``sparse_core.export.time_layers``: interleaved rounds, median) and where CSR wins, then the
@@ -31,9 +40,9 @@ speed-up over dense and, in part 1, each fraction of the FLOPs-ideal speed-up, w
 Part 2's per-layer table (medians of ``time_layers``, no per-round values) is printed only.
 
 ``--smoke`` (seconds; its numbers mean nothing): 1 round, 2 ms per timed block, fp32 NCHW only
-(``--quick``), batch 8 in place of 256.
+(``--quick``), batch 8 in place of 256, no ``torch.compile`` in part 1b.
 
-    flock /tmp/sparseflow-bench.lock python benchmarks/inference.py [--rounds 5] [--quick] [--part all] [--json PATH]
+    flock /tmp/sparseflow-bench.lock python benchmarks/inference.py [--rounds 5] [--quick] [--part all|structured|latency|unstructured] [--json PATH]
     python benchmarks/inference.py --smoke [--json PATH]
 """
 
@@ -48,6 +57,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,7 +65,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import Results, add_common_arguments  # noqa: E402
 
-from sparse_core.export import choose_csr_layers, compact_model, sparsify_model, time_layers
+from sparse_core.export import choose_csr_layers, compact_model, sparsify_model, time_layers, to_onnx
 from sparse_core.flops import layer_flops
 from sparse_core.models import create_model
 from sparse_core.models.resnet_cifar import CifarResNet
@@ -180,7 +190,9 @@ def _fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):5.2f}x ({min(xs):.2f}..{max(xs):.2f})"
 
 
-def part_structured(args, results: Results) -> None:
+def structured_models(verbose: bool = True) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Dense ResNet-20, its compact networks at 50% and 75% filter sparsity (aligned and
+    per-layer masks) and the plain narrow ResNet-20s, with each one's FLOPs-ideal speed-up."""
     dense = resnet20()
     f_dense = flops(dense)
     models: dict[str, nn.Module] = {"dense": dense}
@@ -196,11 +208,17 @@ def part_structured(args, results: Results) -> None:
             models[name] = comp
             ideal[name] = f_dense / flops(comp)
             widths = [b["out"] for b in arch["blocks"]][::3], [b["inner"] for b in arch["blocks"]][::3]
-            print(f"{name:26s} stream widths/stage {widths[0]}, inner {widths[1]}, "
-                  f"FLOPs {flops(comp) / 1e6:.2f}M (dense {f_dense / 1e6:.2f}M), |compact - masked| {diff:.1e}")
+            if verbose:
+                print(f"{name:26s} stream widths/stage {widths[0]}, inner {widths[1]}, "
+                      f"FLOPs {flops(comp) / 1e6:.2f}M (dense {f_dense / 1e6:.2f}M), |compact - masked| {diff:.1e}")
         plain = resnet20(width)
         models[f"plain width {width} ({int(s * 100)}%)"] = plain
         ideal[f"plain width {width} ({int(s * 100)}%)"] = f_dense / flops(plain)
+    return models, ideal
+
+
+def part_structured(args, results: Results) -> None:
+    models, ideal = structured_models()
     print()
     modes = [("fp32", False, False), ("fp32", False, True), ("bf16", True, False), ("bf16", True, True)]
     if args.quick:
@@ -227,6 +245,133 @@ def part_structured(args, results: Results) -> None:
                 results.ratio(f"{k} fraction of the FLOPs-ideal speed-up (batch {batch}, {label})",
                               [v / ideal[k] for v in sp[k]], at_least=at_least)  # fmt: skip
         print()
+
+
+# ----- batch-1 latency under inference runtimes -------------------------------------------------
+#: The part's target: each compact 50% network at batch 1 reaches >= 60% of its FLOPs-ideal
+#: speed-up over the dense network run by the same runtime.
+LATENCY_TARGET = (("compact aligned 50%", "compact per-layer 50%"), 0.60)
+
+
+def _eager(model: nn.Module, tmp: Path):
+    m = copy.deepcopy(model).eval()
+
+    def run(x):
+        with torch.inference_mode():
+            return m(x)
+
+    return run
+
+
+def _torchscript(model: nn.Module, tmp: Path):
+    """Traced, frozen (parameters as constants, BN folded) and ``optimize_for_inference``d."""
+    with torch.no_grad():
+        ts = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), torch.randn(1, *SHAPE))))
+
+    def run(x):
+        with torch.no_grad():
+            return ts(x)
+
+    return run
+
+
+def _compiled(model: nn.Module, tmp: Path):
+    """``torch.compile`` (Inductor, static shapes); compiled by one untimed call."""
+    m = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
+
+    def run(x):
+        with torch.inference_mode():
+            return m(x)
+
+    return run
+
+
+def _onnxruntime(model: nn.Module, tmp: Path):
+    """The project's ONNX export (``sparse_core.export.to_onnx``) under ONNX Runtime's CPU
+    provider, all graph optimisations, torch's intra-op thread count."""
+    import onnxruntime as ort
+
+    path = tmp / f"model{len(list(tmp.glob('*.onnx')))}.onnx"
+    to_onnx(copy.deepcopy(model).eval(), SHAPE, path)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(["logits"], {"input": x.numpy()})[0]
+
+
+RUNTIMES = {"eager": _eager, "torchscript": _torchscript, "torch.compile": _compiled, "onnxruntime": _onnxruntime}
+
+
+def time_calls(calls: dict[str, Callable], x: torch.Tensor, rounds: int, min_time_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each callable on ``x``: one untimed warm-up call (compilation), then
+    ``rounds`` interleaved rounds (order rotated) of about ``min_time_s`` each."""
+    reps: dict[str, int] = {}
+    for k, fn in calls.items():
+        fn(x)
+        t0, r = time.perf_counter(), 0
+        while r < 2 or time.perf_counter() - t0 < min_time_s / 3:
+            fn(x)
+            r += 1
+        reps[k] = max(1, round(r * min_time_s / (time.perf_counter() - t0)))
+    out: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(reps[k]):
+                calls[k](x)
+            out[k].append((time.perf_counter() - t0) / reps[k])
+    return out
+
+
+def part_latency(args, results: Results) -> None:
+    """Batch 1, fp32 NCHW: the dense network and its 50% compact / plain networks under each
+    runtime of :data:`RUNTIMES`, every (runtime, model) pair in the same interleaved rounds."""
+    import tempfile
+
+    models, ideal = structured_models(verbose=False)
+    names = ["dense", "compact aligned 50%", "compact per-layer 50%", "plain width 8 (50%)"]
+    runtimes = [r for r in RUNTIMES if not (args.smoke and r == "torch.compile")]
+    if args.smoke:
+        print("smoke: torch.compile left out (its compilation takes minutes on a CPU)")
+    x = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    calls, built_s = {}, {}
+    with tempfile.TemporaryDirectory(prefix="inference-latency-") as tmp:
+        for rt in runtimes:
+            t0 = time.perf_counter()
+            for k in names:
+                calls[(rt, k)] = RUNTIMES[rt](models[k], Path(tmp))
+                calls[(rt, k)](x)  # compiles / warms up
+            built_s[rt] = time.perf_counter() - t0
+        for (rt, k), fn in calls.items():  # the same logits whatever the runtime
+            got = torch.as_tensor(fn(x))
+            ref = calls[("eager", k)](x)
+            if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+                raise SystemExit(f"{rt} differs from eager on {k}: max |diff| {float((got - ref).abs().max()):.3g}")
+        flat = {f"{rt} | {k}": fn for (rt, k), fn in calls.items()}
+        times = time_calls(flat, x, args.rounds, args.min_time)
+    print(f"-- batch 1, fp32 NCHW, per runtime (built and warmed in: "
+          + ", ".join(f"{rt} {s:.1f} s" for rt, s in built_s.items()) + ")")  # fmt: skip
+    print(f"   {'runtime':14s} {'model':22s} {'ms/call':>8s} {'vs dense':>20s} {'ideal':>6s} {'of ideal':>8s}")
+    for rt in runtimes:
+        dense = times[f"{rt} | dense"]
+        for k in names:
+            t = times[f"{rt} | {k}"]
+            sp = [d / v for d, v in zip(dense, t)]
+            cell = "" if k == "dense" else f"{_fmt(sp):>20s} {ideal[k]:5.2f}x {100 * statistics.median(sp) / ideal[k]:7.0f}%"
+            print(f"   {rt:14s} {k:22s} {statistics.median(t) * 1e3:8.3f} {cell}")
+    for rt in runtimes:
+        dense = times[f"{rt} | dense"]
+        if rt != "eager":
+            results.ratio(f"dense under {rt} / eager speed-up (batch 1, fp32 NCHW)",
+                          [e / d for e, d in zip(times["eager | dense"], dense)])  # fmt: skip
+        for k in names[1:]:
+            sp = [d / v for d, v in zip(dense, times[f"{rt} | {k}"])]
+            at_least = LATENCY_TARGET[1] if k in LATENCY_TARGET[0] else None
+            results.ratio(f"{k} fraction of the FLOPs-ideal speed-up (batch 1, fp32 NCHW, {rt})",
+                          [v / ideal[k] for v in sp], at_least=at_least)  # fmt: skip
+    print()
 
 
 def _unstructured(name: str, shape) -> nn.Module:
@@ -278,7 +423,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per timed block at batch 1 (x4 at 256)")
     ap.add_argument("--quick", action="store_true", help="fp32 NCHW only")
-    ap.add_argument("--part", choices=["all", "structured", "unstructured"], default="all")
+    ap.add_argument("--part", choices=["all", "structured", "latency", "unstructured"], default="all")
     add_common_arguments(ap)
     args = ap.parse_args()
     args.batches = (1, 256)
@@ -295,6 +440,8 @@ def main() -> None:
     results = Results("inference", args.smoke)
     if args.part in ("all", "structured"):
         part_structured(args, results)
+    if args.part in ("all", "latency"):
+        part_latency(args, results)
     if args.part in ("all", "unstructured"):
         part_unstructured(args, results)
     print(f"total {time.time() - t0:.0f} s")
