@@ -154,32 +154,37 @@ def _prep(model: nn.Module, channels_last: bool) -> nn.Module:
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
+def time_calls(calls: dict[str, Callable], x: torch.Tensor, rounds: int, min_time_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each callable on ``x``: one untimed warm-up call (compilation), then
+    ``rounds`` interleaved rounds (order rotated) of about ``min_time_s`` each."""
+    reps: dict[str, int] = {}
+    for k, fn in calls.items():
+        fn(x)
+        t0, r = time.perf_counter(), 0
+        while r < 2 or time.perf_counter() - t0 < min_time_s / 3:
+            fn(x)
+            r += 1
+        reps[k] = max(1, round(r * min_time_s / (time.perf_counter() - t0)))
+    out: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(reps[k]):
+                calls[k](x)
+            out[k].append((time.perf_counter() - t0) / reps[k])
+    return out
+
+
 def time_models(models: dict[str, nn.Module], batch: int, bf16: bool, channels_last: bool, rounds: int,
                 min_time_s: float, shape=SHAPE) -> dict[str, list[float]]:  # fmt: skip
-    """Seconds per forward call of each model, one entry per round (interleaved, rotated order)."""
+    """Seconds per forward call of each model, one entry per round (:func:`time_calls`)."""
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     ready = {k: _prep(m, channels_last) for k, m in models.items()}
-    reps: dict[str, int] = {}
     with torch.inference_mode(), _mode_ctx(bf16):
-        for k, m in ready.items():  # warm-up + repetitions for ~min_time_s per timed block
-            m(x)
-            t0, r = time.perf_counter(), 0
-            while r < 2 or time.perf_counter() - t0 < min_time_s / 3:
-                m(x)
-                r += 1
-            reps[k] = max(1, round(r * min_time_s / (time.perf_counter() - t0)))
-        out: dict[str, list[float]] = {k: [] for k in ready}
-        names = list(ready)
-        for i in range(rounds):
-            order = names[i % len(names):] + names[: i % len(names)]
-            for k in order:
-                t0 = time.perf_counter()
-                for _ in range(reps[k]):
-                    ready[k](x)
-                out[k].append((time.perf_counter() - t0) / reps[k])
-    return out
+        return time_calls(ready, x, rounds, min_time_s)
 
 
 def _ratios(times: dict[str, list[float]], ref: str) -> dict[str, list[float]]:
@@ -301,28 +306,6 @@ def _onnxruntime(model: nn.Module, tmp: Path):
 
 
 RUNTIMES = {"eager": _eager, "torchscript": _torchscript, "torch.compile": _compiled, "onnxruntime": _onnxruntime}
-
-
-def time_calls(calls: dict[str, Callable], x: torch.Tensor, rounds: int, min_time_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each callable on ``x``: one untimed warm-up call (compilation), then
-    ``rounds`` interleaved rounds (order rotated) of about ``min_time_s`` each."""
-    reps: dict[str, int] = {}
-    for k, fn in calls.items():
-        fn(x)
-        t0, r = time.perf_counter(), 0
-        while r < 2 or time.perf_counter() - t0 < min_time_s / 3:
-            fn(x)
-            r += 1
-        reps[k] = max(1, round(r * min_time_s / (time.perf_counter() - t0)))
-    out: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for i in range(rounds):
-        for k in names[i % len(names):] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
-                calls[k](x)
-            out[k].append((time.perf_counter() - t0) / reps[k])
-    return out
 
 
 def part_latency(args, results: Results) -> None:
