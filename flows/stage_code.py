@@ -117,6 +117,8 @@ _LOCAL = ("local.chunks", "local.split_points", "local.head", "local.head_hidden
 #: ``sweep`` is not a DVC stage.
 PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("base.seed", "base.data_dir", "data"),
+    "fastpath": (*_DEVICE, "base.allow_slow_bf16", "base.data_dir", "base.runs_dir", "base.metrics_dir", "data.dataset",
+                 "model", "train.optim.batch_size"),
     "ood": ("base.seed", "base.data_dir", "data", "ood"),
     "corrupt": ("base.seed", "base.data_dir", "data", "corrupt"),
     "warmup": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.plots_dir", "data", "augment", "model", "warmup"),
