@@ -1,7 +1,8 @@
 """The data path's cost, measured in one run: sparseflow's batched in-memory path against the
 torchvision reference loop, and a CIFAR-10 / ResNet-20 epoch against the pure step rate.
 
-    .venv/bin/python benchmarks/data_path.py [--fmnist-images 12800] [--cifar-images 3200] [--rounds 3]
+    .venv/bin/python benchmarks/data_path.py [--fmnist-images 12800] [--cifar-images 3200] [--rounds 3] [--json PATH]
+    .venv/bin/python benchmarks/data_path.py --smoke [--json PATH]   # seconds: 64 images, batch 16, 1 round
 
 Both datasets are prepared once (untimed; the preparation time is printed) from the offline
 mirror (``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``) into a temporary folder: Fashion-MNIST
@@ -22,7 +23,16 @@ Prints, per dataset, seconds per epoch of the subset and ratios to ``sparseflow`
 speed-up of our path over each reference loop), and for CIFAR-10 / ResNet-20 the data path's
 overhead ``sparseflow / pure step - 1`` (target <= 10%), in fp32 and in bf16 + channels-last
 (faster steps leave the data path a larger share). Rounds interleave the setups; medians and
-min..max spreads of per-round ratios.
+min..max spreads of per-round ratios. Every ratio is also printed as a ``ratio:`` line (and
+recorded with ``--json``): each setup's epoch time over ``sparseflow``'s, per dataset, and the
+epoch over the pure step rate with its target.
+
+``--smoke`` (seconds; its numbers mean nothing): 64 images per epoch, batch 16, 1 round.
+Fashion-MNIST is prepared from the mirror as in the full run, but CIFAR-10 is replaced by a
+synthetic stand-in: extracting the mirror's 60,000-JPEG archive takes about 20 s on a 2-core
+machine even when only a few of its images are decoded, so the smoke run writes a small archive of 100 random 32x32 JPEGs in the same
+``<root>/{train,test}/<class>/`` layout and prepares it the same way (``prepare_dataset`` of an
+``imagefolder``, the torchvision loop decoding the extracted files every epoch).
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, print_rows, ratio_rows  # noqa: E402
+from _timing import Results, add_common_arguments, interleaved, print_rows, ratio_rows  # noqa: E402
 
 from sparse_core.config import DataSection, ImageFolderSection  # noqa: E402
 from sparse_core.data import load_prepared, prepare_dataset  # noqa: E402
@@ -112,6 +122,28 @@ def blocks_for(name: str, split: Split, reference, transform: BatchTransform, mo
     return blocks
 
 
+def synthetic_cifar_archive(folder: Path, train_per_class: int = 8, test_per_class: int = 2) -> Path:
+    """``--smoke``'s stand-in for the CIFAR-10 JPEG archive: random 32x32 RGB JPEGs in its
+    layout (``CIFAR-10-images/{train,test}/<class>/<i>.jpg``, 10 classes), as a ``.tar.gz``."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tree = folder / "synthetic-cifar"
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(10):
+            d = tree / "CIFAR-10-images" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=90)
+    archive = folder / "synthetic-cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "CIFAR-10-images", arcname="CIFAR-10-images")
+    return archive
+
+
 def main() -> None:
     import os
 
@@ -122,12 +154,17 @@ def main() -> None:
     ap.add_argument("--cifar-images", type=int, default=3200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.fmnist_images, args.cifar_images, args.batch_size, args.rounds = 64, 64, 16, 1
     if "SPARSEFLOW_DATA_MIRROR" not in os.environ:
         os.environ["SPARSEFLOW_DATA_MIRROR"] = str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, {args.rounds} rounds")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, {args.rounds} rounds"
+          + ("  (smoke run: tiny sizes, synthetic CIFAR-10 stand-in)" if args.smoke else ""))  # fmt: skip
+    cifar_title = "synthetic CIFAR-10 stand-in JPEG / ResNet-20" if args.smoke else "CIFAR-10 JPEG / ResNet-20"
     with tempfile.TemporaryDirectory() as tmp:
-        results = {}
+        measured = {}
         # ----- Fashion-MNIST / LeNet-5 --------------------------------------------------------
         t0 = time.perf_counter()
         fm = load_prepared(prepare_dataset(DataSection(dataset="fashion_mnist"), tmp, 0))
@@ -139,11 +176,17 @@ def main() -> None:
         ref = datasets.FashionMNIST(str(Path(tmp) / "raw"), train=True, transform=ref_tf)
         ref = torch.utils.data.Subset(ref, range(args.fmnist_images))
         fm_blocks = blocks_for("fashion_mnist", split, ref, tf, "lenet5", args.batch_size, {"fp32": Precision()})
-        results["Fashion-MNIST / LeNet-5"] = (interleaved(fm_blocks, args.rounds), len(split))
+        measured["Fashion-MNIST / LeNet-5"] = (interleaved(fm_blocks, args.rounds), len(split))
         # ----- CIFAR-10 (JPEG copy) / ResNet-20 -----------------------------------------------
         t0 = time.perf_counter()
-        cf = load_prepared(prepare_dataset(CIFAR_JPEG, tmp, 0))
-        print(f"prepare cifar10 JPEG copy (decode 60,000 JPEGs once): {time.perf_counter() - t0:.1f} s (once)")
+        if args.smoke:
+            archive = synthetic_cifar_archive(Path(tmp) / "smoke")
+            spec = CIFAR_JPEG.imagefolder.model_copy(update={"archive": str(archive), "archive_md5": None})
+            cf = load_prepared(prepare_dataset(CIFAR_JPEG.model_copy(update={"imagefolder": spec}), tmp, 0))
+            print(f"prepare synthetic CIFAR-10 stand-in (100 random JPEGs; smoke run): {time.perf_counter() - t0:.1f} s (once)")
+        else:
+            cf = load_prepared(prepare_dataset(CIFAR_JPEG, tmp, 0))
+            print(f"prepare cifar10 JPEG copy (decode 60,000 JPEGs once): {time.perf_counter() - t0:.1f} s (once)")
         split = subset(cf.splits["train"], args.cifar_images)
         tf = BatchTransform(cf.mean, cf.std, crop_padding=4, flip=True)
         ref_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -154,17 +197,23 @@ def main() -> None:
         ref = torch.utils.data.Subset(ref, idx)
         precs = {"fp32": Precision(), "bf16+cl": Precision("bf16", True)}
         cf_blocks = blocks_for("cifar10", split, ref, tf, "resnet20", args.batch_size, precs)
-        results["CIFAR-10 JPEG / ResNet-20"] = (interleaved(cf_blocks, args.rounds), len(split))
-    for title, (times, n) in results.items():
+        measured[cifar_title] = (interleaved(cf_blocks, args.rounds), len(split))
+    results = Results("data_path", args.smoke)
+    for title, (times, n) in measured.items():
         base = "sparseflow" if "sparseflow" in times else "sparseflow fp32"
         print(f"\n{title}: {n} images per epoch; speed-up of {base} over each setup (setup time / {base} time)")
         print_rows(ratio_rows(times, base, invert=False), "s/epoch", "x sparseflow")
-    times, _ = results["CIFAR-10 JPEG / ResNet-20"]
-    print("\nCIFAR-10 / ResNet-20 epoch over the pure step rate (target <= 1.10):")
+        results.compare(times, base, f"epoch time ({title})")
+    times, _ = measured[cifar_title]
+    print(f"\n{'Synthetic CIFAR-10 stand-in' if args.smoke else 'CIFAR-10'} / ResNet-20 epoch over the pure step rate (target <= 1.10):")
     for label in precs:
         rows = ratio_rows({"pure": times[f"pure step {label}"], "epoch": times[f"sparseflow {label}"]}, "pure")
         _, t, med, lo, hi = rows[1]
         print(f"  {label:8s} epoch {t:7.2f} s   x{med:.3f} of pure steps  (spread {lo:.3f}..{hi:.3f})")
+    for label in precs:
+        per_round = [e / p for e, p in zip(times[f"sparseflow {label}"], times[f"pure step {label}"])]
+        results.ratio(f"epoch / pure step time ({cifar_title}, {label})", per_round, at_most=1.10)
+    results.write(args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fan-out speed-up and orchestration overhead, measured in one run.
 
-    .venv/bin/python benchmarks/fanout.py [--train-subset 20000] [--epochs 4] [--rounds 3]
+    .venv/bin/python benchmarks/fanout.py [--train-subset 20000] [--epochs 4] [--rounds 3] [--json PATH]
+    .venv/bin/python benchmarks/fanout.py --smoke [--json PATH]   # 1 round, 600 images x 2 epochs
 
 1. Four small independent training tasks (a 2 sparsities × 2 seeds ``rigl`` sweep on
    Fashion-MNIST, LeNet-5, one intra-op thread per task) run by ``sparseflow``'s sweep flow,
@@ -22,8 +23,23 @@
    stage has): in-process against a running server, and as a fresh process the way a DVC
    stage command starts one (target: under 3 s).
 
+Every ratio is also printed as a ``ratio:`` line (median [min..max] over rounds, its target
+where it has one) and written to ``--json``: the four sweep speed-ups above, the machine limit
+(``2 x one point alone / two at once``), the best a 2-worker fan-out could do (``sequential /
+2 warm pairs``) and the no-op stage flow's first in-process run against its 3 s target.
+
 Starts its own Prefect server (``sparseflow server``) on a free loopback port, in a temporary
-folder, and needs the data mirror (``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``).
+folder (the workspace is a fresh folder there holding only ``params.yaml``, from
+``profiles/tiny.yaml``: nothing is run in the checkout), and needs the data mirror
+(``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``). The checkout is found from this file, so
+any working directory will do.
+
+``--smoke`` (about a minute and a half on a busy 2-core machine; proves the script runs, its
+numbers mean nothing): one round of the sequential and the Dask sweep, the tiny profile's 600
+training images x 2 epochs, 2 points (one sparsity x 2 seeds), then the no-op stage flow. It
+skips the sequential sweep with default threads, the standing cluster and the machine limit
+(two more sweeps and two more cluster starts, beyond a smoke run's budget): their lines say
+``skipped`` and their ratios are left out.
 """
 
 from __future__ import annotations
@@ -42,6 +58,9 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Results, add_common_arguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -150,7 +169,11 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=4, help="at least 2")
     ap.add_argument("--rounds", type=int, default=3)
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.train_subset, args.epochs, args.rounds = 600, 2, 1  # 600: the tiny profile's own
+    results = Results("fanout", args.smoke)
     mirror = os.environ.get("SPARSEFLOW_DATA_MIRROR", str(REPO.parent / "shared" / "data"))
     load0 = os.getloadavg()
     t_start = time.monotonic()
@@ -174,19 +197,26 @@ def main() -> None:
             env["PREFECT_API_URL"] = api
             subprocess.run([str(BIN / "sparseflow"), "run", "prepare"], cwd=work, env=env, check=True, capture_output=True)
             os.environ["SPARSEFLOW_DATA_MIRROR"] = mirror
-            points = [(0.8, 0), (0.8, 1), (0.9, 0), (0.9, 1)]
+            points = [(0.8, 0), (0.8, 1)] if args.smoke else [(0.8, 0), (0.8, 1), (0.9, 0), (0.9, 1)]
             t: dict[str, list[float]] = {"seq": [], "dask": [], "dask_warm": [], "seq_default": [], "alone": [], "pair": []}
+            setups = ["seq", "dask", "dask_warm", "seq_default", "limit"]
+            if args.smoke:  # two more sweeps and two more cluster starts: beyond a smoke run's budget
+                setups = ["seq", "dask"]
+                print("smoke run: skipping the sequential sweep with default threads, the standing cluster and the "
+                      "machine limit", flush=True)  # fmt: skip
             from distributed import LocalCluster
 
             # The workers' working directory is the workspace and their environment the stages'
             # (as for `dask worker` started in a checkout).
             cwd = os.getcwd()
             os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOGGING_LEVEL", "PATH")})
-            os.chdir(work)
-            standing = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-            os.chdir(cwd)
-            threads(1)
-            sweep(work, env, "dask", points, standing.scheduler_address)  # warm: worker imports, data
+            standing = None
+            if "dask_warm" in setups:
+                os.chdir(work)
+                standing = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+                os.chdir(cwd)
+                threads(1)
+                sweep(work, env, "dask", points, standing.scheduler_address)  # warm: worker imports, data
             outputs: dict[str, dict[str, bytes]] = {}
 
             def run(name: str) -> None:
@@ -203,16 +233,19 @@ def main() -> None:
                 if name != "seq_default":
                     outputs.setdefault(name, files(work))
 
-            setups = ["seq", "dask", "dask_warm", "seq_default", "limit"]
+            def last(name: str) -> str:
+                return f"{t[name][-1]:.1f} s" if t[name] else "skipped"
+
             for r in range(args.rounds):
                 for name in setups[r % len(setups) :] + setups[: r % len(setups)]:
                     run(name)
-                print(f"round {r + 1}/{args.rounds}: sequential 1 thread {t['seq'][-1]:.1f} s, Dask {t['dask'][-1]:.1f} s, "
-                      f"Dask standing cluster {t['dask_warm'][-1]:.1f} s, "
-                      f"sequential default threads {t['seq_default'][-1]:.1f} s, 1 point alone {t['alone'][-1]:.1f} s, "
-                      f"2 at once {t['pair'][-1]:.1f} s", flush=True)  # fmt: skip
+                print(f"round {r + 1}/{args.rounds}: sequential 1 thread {last('seq')}, Dask {last('dask')}, "
+                      f"Dask standing cluster {last('dask_warm')}, "
+                      f"sequential default threads {last('seq_default')}, 1 point alone {last('alone')}, "
+                      f"2 at once {last('pair')}", flush=True)  # fmt: skip
             threads(1)
-            standing.close()
+            if standing is not None:
+                standing.close()
 
             noop = subprocess.run([sys.executable, "-c", NOOP, "twice"], env=env, capture_output=True, text=True, check=True)
             import_s, first_s, second_s = map(float, noop.stdout.split())
@@ -221,11 +254,18 @@ def main() -> None:
             fresh = time.perf_counter() - t0
 
     def med(xs: list[float]) -> str:
-        return f"{statistics.median(xs):6.1f} s [{min(xs):.1f}..{max(xs):.1f}]"
+        return f"{statistics.median(xs):6.1f} s [{min(xs):.1f}..{max(xs):.1f}]" if xs else "  skipped (smoke run)"
 
     def ratio(a: list[float], b: list[float]) -> tuple[float, str]:
         rs = [x / y for x, y in zip(a, b)]
+        if not rs:
+            return float("nan"), "skipped"
         return statistics.median(rs), f"{statistics.median(rs):.2f}x [{min(rs):.2f}..{max(rs):.2f}]"
+
+    def verdict(value: float, target: float) -> str:
+        if value != value:  # NaN: not measured
+            return "skipped"
+        return "smoke run, not a measurement" if args.smoke else ("met" if value >= target else "NOT met")
 
     speed, speed_s = ratio(t["seq"], t["dask"])
     speed_d, speed_d_s = ratio(t["seq_default"], t["dask"])
@@ -240,14 +280,15 @@ def main() -> None:
     print(f"{len(points)} rigl tasks ({args.train_subset} images x {args.epochs} epochs each), Prefect sweep flow:")
     print(f"sequential, 1 thread per task:               {med(t['seq'])}")
     print(f"Dask, 2 workers x 1 thread (incl. start-up): {med(t['dask'])}   speed-up {speed_s} "
-          f"(target >= 1.6x: {'met' if speed >= 1.6 else 'NOT met'})")  # fmt: skip
+          f"(target >= 1.6x: {verdict(speed, 1.6)})")  # fmt: skip
     print(f"sequential, torch default threads:           {med(t['seq_default'])}   Dask speed-up over it {speed_d_s} "
-          f"(target >= 1.2x: {'met' if speed_d >= 1.2 else 'NOT met'})")  # fmt: skip
+          f"(target >= 1.2x: {verdict(speed_d, 1.2)})")  # fmt: skip
     print(f"Dask, standing 2-worker cluster (warm):      {med(t['dask_warm'])}   speed-up {speed_w_s} over sequential "
-          f"1 thread (target >= 1.6x: {'met' if speed_w >= 1.6 else 'NOT met'}), {speed_wd_s} over default threads "
-          f"(target >= 1.2x: {'met' if speed_wd >= 1.2 else 'NOT met'})")  # fmt: skip
+          f"1 thread (target >= 1.6x: {verdict(speed_w, 1.6)}), {speed_wd_s} over default threads "
+          f"(target >= 1.2x: {verdict(speed_wd, 1.2)})")  # fmt: skip
     print(f"byte-identical weights and masks (Dask vs sequential): {outputs.get('dask') == outputs.get('seq')}; "
-          f"(standing cluster vs sequential): {outputs.get('dask_warm') == outputs.get('seq')}")  # fmt: skip
+          f"(standing cluster vs sequential): "
+          f"{outputs.get('dask_warm') == outputs.get('seq') if 'dask_warm' in outputs else 'skipped'}")  # fmt: skip
     print(f"machine limit, no Prefect, warm workers: 1 point alone {med(t['alone'])}; 2 points at once {med(t['pair'])} "
           f"-> 2 processes give {limit_s} the throughput of one")  # fmt: skip
     print(f"best a 2-worker fan-out could do here (sequential / 2 warm pairs): {ideal_s}; the Dask run's excess over "
@@ -255,6 +296,24 @@ def main() -> None:
     print(f"no-op stage flow, in-process: first {first_s:.2f} s, next {second_s:.2f} s (target < 3 s)")
     print(f"no-op stage flow as a fresh process, interpreter start to exit (what a DVC stage pays): {fresh:.2f} s, "
           f"of which importing Prefect {import_s:.2f} s")
+    print()
+
+    def per_round(a: list[float], b: list[float]) -> list[float]:
+        return [x / y for x, y in zip(a, b)]
+
+    for name, a, b, target in (
+        ("Dask sweep speed-up over sequential (1 thread)", "seq", "dask", 1.6),
+        ("Dask sweep speed-up over sequential (default threads)", "seq_default", "dask", 1.2),
+        ("standing-cluster sweep speed-up over sequential (1 thread)", "seq", "dask_warm", 1.6),
+        ("standing-cluster sweep speed-up over sequential (default threads)", "seq_default", "dask_warm", 1.2),
+    ):  # fmt: skip
+        if t[a] and t[b]:
+            results.ratio(name, per_round(t[a], t[b]), at_least=target)
+    if t["pair"]:
+        results.ratio("machine limit: 2 x one point alone / two at once", per_round([2 * a for a in t["alone"]], t["pair"]))
+        results.ratio("best 2-worker fan-out: sequential / 2 warm pairs", per_round(t["seq"], [2 * p for p in t["pair"]]))
+    results.ratio("no-op stage flow in-process (first run) / 3 s target", [first_s / 3.0], at_most=1.0)
+    results.write(args.json)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,16 @@ dense (fp32 NCHW only: torch's CSR kernels are fp32).
 
 Rounds interleave every model of a setting, in an order rotated each round; each ratio is taken
 per round against that round's dense time; printed: median and spread (min..max) over rounds.
+The whole-model ratios are also printed as ``ratio:`` lines (and recorded with ``--json``): each
+speed-up over dense and, in part 1, each fraction of the FLOPs-ideal speed-up, with the target
+``compact aligned 50%`` at batch 256: >= 70% of ideal (README, "Inference of exported models").
+Part 2's per-layer table (medians of ``time_layers``, no per-round values) is printed only.
 
-    flock /tmp/sparseflow-bench.lock python benchmarks/inference.py [--rounds 5] [--quick]
+``--smoke`` (seconds; its numbers mean nothing): 1 round, 2 ms per timed block, fp32 NCHW only
+(``--quick``), batch 8 in place of 256.
+
+    flock /tmp/sparseflow-bench.lock python benchmarks/inference.py [--rounds 5] [--quick] [--part all] [--json PATH]
+    python benchmarks/inference.py --smoke [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,10 +45,15 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Results, add_common_arguments  # noqa: E402
 
 from sparse_core.export import choose_csr_layers, compact_model, sparsify_model, time_layers
 from sparse_core.flops import layer_flops
@@ -49,6 +62,8 @@ from sparse_core.models.resnet_cifar import CifarResNet
 from sparse_core.sparsity import filter_masks, magnitude_masks, prunable_parameters
 
 SHAPE = (3, 32, 32)
+#: Part 1's target: this model at the large batch reaches >= 70% of its FLOPs-ideal speed-up.
+IDEAL_TARGET = ("compact aligned 50%", 0.70)
 
 
 def _bn_like_trained(model: nn.Module) -> nn.Module:
@@ -165,7 +180,7 @@ def _fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):5.2f}x ({min(xs):.2f}..{max(xs):.2f})"
 
 
-def part_structured(args) -> None:
+def part_structured(args, results: Results) -> None:
     dense = resnet20()
     f_dense = flops(dense)
     models: dict[str, nn.Module] = {"dense": dense}
@@ -190,9 +205,9 @@ def part_structured(args) -> None:
     modes = [("fp32", False, False), ("fp32", False, True), ("bf16", True, False), ("bf16", True, True)]
     if args.quick:
         modes = modes[:1]
-    for batch in (1, 256):
+    for batch in args.batches:
         for prec, bf16, cl in modes:
-            times = time_models(models, batch, bf16, cl, args.rounds, args.min_time * (4 if batch == 256 else 1))
+            times = time_models(models, batch, bf16, cl, args.rounds, args.min_time * (4 if batch > 1 else 1))
             sp = _ratios(times, "dense")
             label = f"{prec} {'channels_last' if cl else 'NCHW'}"
             ms = statistics.median(times["dense"]) * 1e3
@@ -204,6 +219,13 @@ def part_structured(args) -> None:
                     continue
                 med = statistics.median(sp[k])
                 print(f"   {k:26s} {_fmt(sp[k]):>26s} {ideal[k]:10.2f}x {100 * med / ideal[k]:8.0f}%")
+            for k in models:
+                if k == "dense":
+                    continue
+                at_least = IDEAL_TARGET[1] if k == IDEAL_TARGET[0] and batch == args.batches[-1] else None
+                results.ratio(f"speed-up of {k} over dense (batch {batch}, {label})", sp[k])
+                results.ratio(f"{k} fraction of the FLOPs-ideal speed-up (batch {batch}, {label})",
+                              [v / ideal[k] for v in sp[k]], at_least=at_least)  # fmt: skip
         print()
 
 
@@ -219,31 +241,35 @@ def _unstructured(name: str, shape) -> nn.Module:
     return model
 
 
-def part_unstructured(args) -> None:
+def part_unstructured(args, results: Results) -> None:
     for name, shape in (("lenet5", (1, 28, 28)), ("resnet20", SHAPE)):
         model = _unstructured(name, shape)
         layers = [n.removesuffix(".weight") for n in prunable_parameters(model)]
-        batches = (1, 256)
-        timings = time_layers(model, shape, layers, batches, rounds=3, min_time_s=args.min_time / 4)
+        batches = args.batches
+        timings = time_layers(model, shape, layers, batches, rounds=1 if args.smoke else 3, min_time_s=args.min_time / 4)
         print(f"-- {name}, 90% unstructured (global magnitude): per layer dense / CSR time (> 1: CSR faster)")
         for lay in layers:
             row = [t for t in timings if t.layer == lay]
             cells = "  ".join(f"b{t.batch}: {t.speedup:5.2f}x ({t.dense_s * 1e6:8.1f} / {t.csr_s * 1e6:9.1f} us)" for t in row)
             print(f"   {lay:18s} density {row[0].density:.3f}  {cells}")
         chosen = choose_csr_layers(timings)
-        print(f"   CSR wins (>= 1.1x at batch 1 and 256) in: {', '.join(chosen) or 'no layer'}")
+        print(f"   CSR wins (>= 1.1x at batch {batches[0]} and {batches[-1]}) in: {', '.join(chosen) or 'no layer'}")
         all_csr = sparsify_model(copy.deepcopy(model), layers)
         measured = sparsify_model(copy.deepcopy(model), chosen)
         models = {"dense": model, "sparse (all CSR)": all_csr, "sparse (measured)": measured}
         for batch in batches:
-            if name == "resnet20" and batch == 256:
+            if name == "resnet20" and batch > 1:
                 del models["sparse (all CSR)"]  # seconds per call: its layers are timed above
-            mt = args.min_time * (4 if batch == 256 else 1)
-            times = time_models(models, batch, False, False, args.rounds if batch == 1 else max(3, args.rounds // 2), mt, shape)
+            mt = args.min_time * (4 if batch > 1 else 1)
+            rounds = args.rounds if batch == 1 or args.smoke else max(3, args.rounds // 2)
+            times = time_models(models, batch, False, False, rounds, mt, shape)
             sp = _ratios(times, "dense")
             ms = statistics.median(times["dense"]) * 1e3
             print(f"   batch {batch:3d} fp32 NCHW (dense {ms:.2f} ms/call): "
                   + "; ".join(f"{k} {_fmt(sp[k])}" for k in models if k != "dense"))  # fmt: skip
+            for k in models:
+                if k != "dense":
+                    results.ratio(f"speed-up of {name} 90% {k} over dense (batch {batch}, fp32 NCHW)", sp[k])
         print()
 
 
@@ -253,7 +279,11 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per timed block at batch 1 (x4 at 256)")
     ap.add_argument("--quick", action="store_true", help="fp32 NCHW only")
     ap.add_argument("--part", choices=["all", "structured", "unstructured"], default="all")
+    add_common_arguments(ap)
     args = ap.parse_args()
+    args.batches = (1, 256)
+    if args.smoke:
+        args.rounds, args.min_time, args.quick, args.batches = 1, 0.002, True, (1, 8)
     flags = ""
     with contextlib.suppress(OSError):
         cpu = open("/proc/cpuinfo").read()
@@ -262,11 +292,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs: "
           f"{model_name if flags is not None else platform.processor()} [{flags}]; rounds {args.rounds}\n")  # fmt: skip
     t0 = time.time()
+    results = Results("inference", args.smoke)
     if args.part in ("all", "structured"):
-        part_structured(args)
+        part_structured(args, results)
     if args.part in ("all", "unstructured"):
-        part_unstructured(args)
+        part_unstructured(args, results)
     print(f"total {time.time() - t0:.0f} s")
+    results.write(args.json)
 
 
 if __name__ == "__main__":

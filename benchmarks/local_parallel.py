@@ -2,7 +2,8 @@
 against single-process backprop and against the machine's own limit, all in one run.
 
     .venv/bin/python benchmarks/local_parallel.py [--model resnet20] [--batch-size 128]
-        [--rounds 4] [--steps 8] [--warmup 3] [--chunks 2] [--simulate]
+        [--rounds 4] [--steps 8] [--warmup 3] [--chunks 2] [--simulate] [--json PATH]
+    .venv/bin/python benchmarks/local_parallel.py --smoke     # seconds: batch 8, 1 round of 1 step
 
 Setups (every one in fresh processes, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before torch
 is imported, the same synthetic uint8 images through the project's data path,
@@ -52,6 +53,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Results, add_common_arguments  # noqa: E402
+
 SHAPES = {"resnet20": (3, 32, 32), "resnet32": (3, 32, 32), "resnet56": (3, 32, 32), "lenet5": (1, 28, 28),
           "lenet_300_100": (1, 28, 28), "vgg16": (3, 32, 32)}  # fmt: skip
 SETUPS = {"bp1": "backprop, 1 thread", "bp2": "backprop, 2 threads", "pipe": "pipeline, 2 x 1 thread",
@@ -217,7 +221,10 @@ def main() -> None:
     ap.add_argument("--split-points", type=int, nargs="+", help="block indices where chunks 2..K start (default: FLOPs-balanced)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--points", help=argparse.SUPPRESS)
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.batch_size, args.rounds, args.steps, args.warmup = 8, 1, 1, 1
     if args.child:
         return child(args.child, args.model, args.batch_size, args.warmup, args.steps, json.loads(args.points), args.chunks)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
@@ -251,8 +258,11 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()), flush=True)
     minutes = (time.monotonic() - t_start) / 60
 
+    def per_round(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(rates[a], rates[b])]
+
     def ratio(a: str, b: str) -> tuple[float, float, float]:
-        rs = [x / y for x, y in zip(rates[a], rates[b])]
+        rs = per_round(a, b)
         return statistics.median(rs), min(rs), max(rs)
 
     def fmt(t: tuple[float, float, float]) -> str:
@@ -289,6 +299,16 @@ def main() -> None:
             print(f"{SETUPS[name]} / simulation 1 thread: {fmt(ratio(name, 'sim1'))}")
     print(f"machine limit: 2 independent 1-thread processes / 1 alone: {fmt(ratio('pair', 'bp1'))}")
     print(f"backprop 2 threads / 1 thread: {fmt(ratio('bp2', 'bp1'))}")
+    print()
+    results = Results("local_parallel", args.smoke)
+    for name in pipelines:
+        results.ratio(f"{SETUPS[name]} / backprop 1 thread (images/s)", per_round(name, "bp1"), at_least=1.5)
+        results.ratio(f"{SETUPS[name]} / backprop 2 threads (images/s)", per_round(name, "bp2"), at_least=1.1)
+        results.ratio(f"{SETUPS[name]} / machine limit (images/s)", per_round(name, "pair"))
+        if args.simulate:
+            results.ratio(f"{SETUPS[name]} / simulation 1 thread (images/s)", per_round(name, "sim1"))
+    results.ratio("machine limit: 2 x 1-thread processes / 1 alone (images/s)", per_round("pair", "bp1"))
+    results.ratio("backprop 2 threads / 1 thread (images/s)", per_round("bp2", "bp1"))
     for name in pipelines:
         mid = sorted(runs[name], key=lambda p: p["images_per_s"])[len(runs[name]) // 2]
         print()
@@ -297,6 +317,7 @@ def main() -> None:
         for k, ph in enumerate(mid["phases_ms"]):
             print(f"  chunk {k} ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items() if v >= 0.05)
                   + f"; CPU {mid['cpu_ms'][k]:.1f}")  # fmt: skip
+    results.write(args.json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """What orchestration costs: one stage as a fresh process, and the share of a whole ``dvc repro``
 spent outside stage work.
 
-    .venv/bin/python benchmarks/orchestration.py [--rounds 5] [--profile NAME]
-    .venv/bin/python benchmarks/orchestration.py --repro [--profile tiny] [--workspace DIR] [--in-place [--force]]
+    .venv/bin/python benchmarks/orchestration.py [--rounds 5] [--profile NAME] [--json PATH]
+    .venv/bin/python benchmarks/orchestration.py --repro [--profile tiny] [--workspace DIR] [--in-place [--force]] [--json PATH]
+    .venv/bin/python benchmarks/orchestration.py --smoke [--json PATH]            # (a): 1 round, no warm-up, tiny profile
+    .venv/bin/python benchmarks/orchestration.py --repro --smoke [--json PATH]    # (b): a cut-down tiny pipeline, in a copy
 
 (a) Default: starts its own Prefect server (``sparseflow server``, free loopback port,
     temporary ``PREFECT_HOME``) and times fresh processes against it, interleaved over
@@ -22,6 +24,10 @@ spent outside stage work.
     Params: the workspace's ``params.yaml``, or ``profiles/NAME.yaml`` with ``--profile``.
     At the end it checks that the server holds one completed flow run per stage process run.
 
+    ``ratio:`` lines (per round, median [min..max]): the no-op stage over its 1.5 s target
+    (target <= 1.00x), the no-op stage with heartbeats on over off, and the real stage through
+    the fork server over the real stage as a fresh process.
+
 (b) ``--repro``: ``sparseflow with-server -- dvc repro --force`` (what ``make repro`` runs, every
     stage forced) in a temporary copy of the workspace (code, ``dvc.yaml``, ``.dvc``, profiles,
     ``params.yaml``, a fresh git repository; ``--profile NAME`` switches the copy's params
@@ -40,7 +46,16 @@ spent outside stage work.
     process start and exit, the Prefect server's start and stop); under the fork server that
     time is split further into the forked child's exit, the ``sparseflow run`` caller around
     the fork and the rest (DVC, the server). Also printed: the rest of a stage process per
-    stage command (median) and the gaps between consecutive stage processes.
+    stage command (median) and the gaps between consecutive stage processes. ``ratio:`` line:
+    the orchestration share, (wall - stage work) / wall (target <= 0.10x).
+
+``--json PATH`` writes the ``ratio:`` lines to PATH (and a Markdown table beside it).
+``--smoke`` (proves the script runs; its numbers mean nothing) never touches the checkout: the
+params are ``profiles/tiny.yaml`` unless ``--profile`` names another. (a) runs one timed round
+and no warm-up round (about a minute on a busy 2-core machine). (b) refuses ``--in-place`` and
+reproduces a temporary copy whose tiny params are cut to one training run (``dpf``), no
+retrain and no ensembles, one corruption at one severity and two OOD sets: nine stages, about
+a minute and a quarter on a busy 2-core machine.
 
 Needs the data mirror for ``--repro`` (``SPARSEFLOW_DATA_MIRROR`` or ``../shared/data``).
 """
@@ -62,6 +77,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Results, add_common_arguments  # noqa: E402
 from fanout import BIN, REPO, prefect_server  # noqa: E402  (one Prefect-server helper for the benchmarks)
 from flows import forkserver  # noqa: E402
 
@@ -127,7 +143,13 @@ def _api_count(api: str, path: str, body: dict) -> list[dict]:
 FORKED = "real stage through the fork server (with-server)"
 
 
-def stage_costs(rounds: int, profile: str | None) -> None:
+NOOP = "no-op stage (target <= 1.5 s)"
+NOOP_HEARTBEATS = "no-op stage, Prefect heartbeats on"
+
+
+def stage_costs(rounds: int, profile: str | None, results: Results, warmup: int = 1) -> None:
+    """(a), ``rounds`` timed rounds after ``warmup`` discarded ones (the first warms the
+    server's database and the file cache)."""
     raw = read_params(REPO / "profiles" / f"{profile}.yaml" if profile else REPO / "params.yaml")
     with tempfile.TemporaryDirectory(prefix="sparseflow-orch-") as tmp:
         work = Path(tmp) / "work"
@@ -147,13 +169,14 @@ def stage_costs(rounds: int, profile: str | None) -> None:
         env.pop("SPARSEFLOW_TIMINGS", None)
         py = sys.executable
         stage = ["run", "aggregate", "--run", model]
+        real = f"real stage: sparseflow run aggregate --run {model}"
         variants = {
             "python -c pass (interpreter floor)": ([py, "-c", "pass"], {}),
             "from prefect import flow, task (Prefect floor)": ([py, "-c", "from prefect import flow, task"], {}),
             "import flows.cli (the CLI)": ([py, "-c", "import flows.cli"], {}),
-            "no-op stage (target <= 1.5 s)": ([py, "-c", STUB_REPORT, *stage], {}),
-            "no-op stage, Prefect heartbeats on": ([py, "-c", STUB_REPORT, *stage], {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}),
-            f"real stage: sparseflow run aggregate --run {model}": ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(timings)}),
+            NOOP: ([py, "-c", STUB_REPORT, *stage], {}),
+            NOOP_HEARTBEATS: ([py, "-c", STUB_REPORT, *stage], {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"}),
+            real: ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(timings)}),
             FORKED: ([str(BIN / "sparseflow"), *stage], {"SPARSEFLOW_TIMINGS": str(forked_timings), forkserver.ENV: str(sock)}),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
@@ -168,16 +191,16 @@ def stage_costs(rounds: int, profile: str | None) -> None:
                 if forks.poll() is not None:
                     raise RuntimeError("the fork server did not start")
                 time.sleep(0.2)
-            for r in range(rounds + 1):  # round 0 warms the server's database and the file cache
+            for r in range(rounds + warmup):  # the warm-up rounds warm the server's database and the file cache
                 names = list(variants)
                 names = names[r % len(names):] + names[: r % len(names)]  # rotate the order every round
                 for name in names:
                     cmd, extra = variants[name]
                     seconds = timed(cmd, work, {**env, **extra})
                     stage_runs += "run" in cmd
-                    if r:
+                    if r >= warmup:
                         times[name].append(seconds)
-                if r == 0:
+                if r == warmup - 1:
                     timings.unlink(missing_ok=True)
                     forked_timings.unlink(missing_ok=True)
             forks.terminate()
@@ -191,7 +214,7 @@ def stage_costs(rounds: int, profile: str | None) -> None:
         forked = read_timings(forked_timings)
         forked_import_s = [w["start"] - w["import_start"] for w in forked if w["kind"] == "work"]
         forked_pids = {s["pid"] for s in forked if s["kind"] == "stage"}
-    print(f"(a) one stage as a fresh process against a running Prefect server; {rounds} rounds (+1 warm-up), "
+    print(f"(a) one stage as a fresh process against a running Prefect server; {rounds} rounds (+{warmup} warm-up), "
           f"median [min .. max]; params: {profile or 'params.yaml'}; {os.cpu_count()} cores")  # fmt: skip
     for name, values in times.items():
         print(f"  {name:55s} {spread(values)}")
@@ -201,6 +224,9 @@ def stage_costs(rounds: int, profile: str | None) -> None:
     completed = sum(r["state_type"] == "COMPLETED" for r in flow_runs)
     print(f"  server: {completed}/{len(flow_runs)} completed flow runs aggregate-{model} for {stage_runs} stage processes; "
           f"{sum(t['state_type'] == 'COMPLETED' for t in task_runs)} completed task runs")  # fmt: skip
+    results.ratio("no-op stage / 1.5 s target", [t / 1.5 for t in times[NOOP]], at_most=1.0)
+    results.ratio("no-op stage: heartbeats on / off wall time", [a / b for a, b in zip(times[NOOP_HEARTBEATS], times[NOOP])])
+    results.ratio("real stage: fork server / fresh process wall time", [a / b for a, b in zip(times[FORKED], times[real])])
 
 
 # ----- (b) a whole dvc repro ------------------------------------------------------------------------
@@ -215,7 +241,16 @@ def copy_workspace(src: Path, dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def repro(workspace: Path, profile: str | None, in_place: bool, force: bool) -> None:
+#: ``--repro --smoke``: the tiny profile cut to nine stages (one training run, no retrain, no
+#: ensembles, one corruption at one severity, two OOD sets).
+SMOKE_PARAMS = {
+    ("train", "methods"): ["dpf"], ("retrain", "runs"): [], ("evaluate", "runs"): ["dpf"],
+    ("collect", "ensembles"): [], ("corrupt", "corruptions"): ["gaussian_noise"], ("corrupt", "severities"): [1],
+    ("ood", "sets"): {"fashion_mnist": ["mnist", "gaussian"]},
+}  # fmt: skip
+
+
+def repro(workspace: Path, profile: str | None, in_place: bool, force: bool, results: Results, smoke: bool = False) -> None:
     mirror = os.environ.get("SPARSEFLOW_DATA_MIRROR", str(REPO.parent / "shared" / "data"))
     with tempfile.TemporaryDirectory(prefix="sparseflow-repro-") as tmp:
         timings, forked_timings = Path(tmp) / "timings.jsonl", Path(tmp) / "forked-timings.jsonl"
@@ -236,6 +271,12 @@ def repro(workspace: Path, profile: str | None, in_place: bool, force: bool) -> 
             env["PREFECT_HOME"] = str(Path(tmp) / "home")
             if profile:
                 subprocess.run([sparseflow, "profile", profile], cwd=work, env=env, check=True, capture_output=True)
+            if smoke:
+                raw = read_params(work / "params.yaml")
+                for (section, key), value in SMOKE_PARAMS.items():
+                    raw[section][key] = value
+                (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+                subprocess.run([sparseflow, "validate"], cwd=work, env=env, check=True, capture_output=True)
             cmds = [[sparseflow, "with-server", "--", str(BIN / "dvc"), "repro", "--force"]]
         t0, wall = time.time(), 0.0
         for cmd in cmds:
@@ -247,10 +288,11 @@ def repro(workspace: Path, profile: str | None, in_place: bool, force: bool) -> 
                 raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         t1 = time.time()
         records = read_timings(timings)
-    report(records, wall, (t0, t1), profile, in_place)
+    report(records, wall, (t0, t1), profile, in_place, results)
 
 
-def report(records: list[dict], wall: float, window: tuple[float, float], profile: str | None, in_place: bool) -> None:
+def report(records: list[dict], wall: float, window: tuple[float, float], profile: str | None, in_place: bool,
+           results: Results) -> None:  # fmt: skip
     def clip(a: float, b: float) -> tuple[float, float]:
         return max(a, window[0]), min(b, window[1])
 
@@ -292,6 +334,7 @@ def report(records: list[dict], wall: float, window: tuple[float, float], profil
         by_task.setdefault(w["task"], []).append(clip(w["start"], w["end"]))
     parts = sorted(((union(v), k, len(v)) for k, v in by_task.items()), reverse=True)
     print("  stage work by task: " + ", ".join(f"{k} {s:.1f} s ({c})" for s, k, c in parts))
+    results.ratio("orchestration share of wall time: (wall - stage work) / wall", [other / wall], at_most=0.10)
 
 
 def print_stage_breakdown(stages: list[dict], works: list[dict], clip) -> None:  # noqa: ANN001 - clip: (a, b) -> (a, b)
@@ -323,11 +366,18 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=REPO, help="(b) the checkout to copy or run in (default: this one)")
     ap.add_argument("--in-place", action="store_true", help="(b) run make repro in the workspace itself (rewrites its outputs)")
     ap.add_argument("--force", action="store_true", help="(b) with --in-place: dvc repro --force instead of make repro")
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        if args.in_place:
+            ap.error("--smoke runs in a temporary copy only: drop --in-place")
+        args.rounds, args.profile = 1, args.profile or "tiny"
+    results = Results("orchestration", args.smoke)
     if args.repro:
-        repro(args.workspace.resolve(), args.profile, args.in_place, args.force)
+        repro(args.workspace.resolve(), args.profile, args.in_place, args.force, results, args.smoke)
     else:
-        stage_costs(args.rounds, args.profile)
+        stage_costs(args.rounds, args.profile, results, warmup=0 if args.smoke else 1)
+    results.write(args.json)
 
 
 if __name__ == "__main__":

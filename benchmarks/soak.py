@@ -1,6 +1,8 @@
 """Kill-and-resume soak: SIGKILL a tiny training run at random points, resume it, compare.
 
-    .venv/bin/python benchmarks/soak.py [--trials 20] [--seed 0] [--method dpf|rigl]
+    .venv/bin/python benchmarks/soak.py [--trials 20] [--seed 0] [--method dpf|rigl] [--json PATH]
+    .venv/bin/python benchmarks/soak.py --smoke [--json PATH]   # about a minute: 1 trial, 2 epochs
+                                                                 # on 600 images, 1 corruption, 2 OOD sets
 
 Set-up (once, in a temporary project folder): the tiny profile adapted so that one run of
 ``--method`` trains for a few seconds over several epochs (``--epochs``, ``--train-subset``,
@@ -39,7 +41,23 @@ time during the resumed run. The last restart runs to completion; its files are 
 finished) and hashed against the reference.
 
 Prints one row per trial and the summary lines ``identical to reference: N/<trials>``,
-``half-written files found: K``, ``leftover temp files: T``. Always exits 0 (a benchmark).
+``half-written files found: K``, ``leftover temp files: T``, then three ``ratio:`` lines
+(median [min..max] over trials; also written to ``--json``):
+
+- ``resumed result identical to reference``: per trial 1 if every hashed file of the resumed
+  run equals the reference's, else 0 (target >= 1.00x: every trial identical);
+- ``files intact after kills``: per trial, files that loaded completely / files checked after
+  its kill(s) and at its end (target >= 1.00x: no half-written file);
+- ``killed+resumed / uninterrupted training time``: per trial, the seconds from ``ready`` to
+  exit of all its launches (killed ones included) over the reference's (no target: what the
+  kills cost, >= 1 when a resume redoes work).
+
+Always exits 0 (a benchmark): the verdict is in the summary and the ``ratio:`` lines.
+
+``--smoke`` (about a minute; proves the soak runs, its numbers mean nothing): one trial,
+killed during its first epoch's steps (kind ``step``, so the kill always lands), 2 epochs on
+the tiny profile's 600 training images, the set-up's corruption sets cut to one corruption at
+one severity and the OOD sets to the synthetic ones; the reference is still run twice.
 """
 
 from __future__ import annotations
@@ -59,6 +77,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Results, add_common_arguments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "_soak_child.py"
@@ -85,8 +106,9 @@ def is_temp(name: str) -> bool:
 
 
 # ----- project set-up ------------------------------------------------------------------------
-def make_project(root: Path, method: str, epochs: int, train_subset: int) -> tuple[Path, dict[str, str]]:
-    """A project folder with an adapted tiny profile and a frozen copy of the library."""
+def make_project(root: Path, method: str, epochs: int, train_subset: int, smoke: bool = False) -> tuple[Path, dict[str, str]]:
+    """A project folder with an adapted tiny profile and a frozen copy of the library
+    (``smoke``: the evaluation sets cut down to the least the run's evaluation reads)."""
     project = root / "project"
     project.mkdir()
     raw = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
@@ -98,6 +120,10 @@ def make_project(root: Path, method: str, epochs: int, train_subset: int) -> tup
     raw["collect"]["ensembles"] = []
     # Only the OOD sets the offline mirror holds: a missing one is skipped with a warning anyway.
     raw["ood"]["sets"] = {"fashion_mnist": ["mnist", "gaussian", "uniform"]}
+    if smoke:
+        raw["ood"]["sets"] = {"fashion_mnist": ["gaussian", "uniform"]}
+        raw["ood"]["max_examples"] = 100
+        raw["corrupt"].update(corruptions=["gaussian_noise"], severities=[1])
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     code = root / "code"
     shutil.copytree(REPO / "sparse_core", code / "sparse_core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -285,17 +311,24 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=4000)
     ap.add_argument("--second-kill", type=float, default=0.5, help="fraction of trials killed a second time")
     ap.add_argument("--keep", action="store_true", help="keep the temporary project folder")
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.trials, args.epochs, args.train_subset = 1, 2, 600  # 600: the tiny profile's own
     import pandas as pd
+
+    results = Results("soak", args.smoke)
 
     rng = random.Random(args.seed)
     wall0 = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="sparseflow-soak-"))
     try:
-        project, env = make_project(root, args.method, args.epochs, args.train_subset)
+        project, env = make_project(root, args.method, args.epochs, args.train_subset, args.smoke)
         log = root / "child.log"
         with open(log, "a") as err:
-            subprocess.run([sys.executable, str(CHILD), "setup"], cwd=project, env=env, stdout=err, stderr=err, check=True)
+            setup = subprocess.run([sys.executable, str(CHILD), "setup"], cwd=project, env=env, stdout=err, stderr=err)
+        if setup.returncode != 0:
+            raise RuntimeError(f"set-up failed (rc {setup.returncode}); log {log}:\n{log.read_text()[-3000:]}")
 
         # Reference: uninterrupted, twice (the second also proves the run is deterministic). The
         # faster of the two gives the timeline (other load on the machine only slows a run).
@@ -305,6 +338,7 @@ def main() -> None:
             ref = launch(project, env, args.method, log, watch=True)
             if ref.rc != 0:
                 print(f"reference run failed (rc {ref.rc}); log {log}:\n{log.read_text()[-3000:]}")
+                results.write(args.json)  # no ratio lines: the soak did not run
                 return
             hist = pd.read_parquet(project / "runs" / args.method / "history.parquet")
             refs.append((ref, fingerprints(project, args.method), hist))
@@ -330,10 +364,12 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         n_identical = n_half = n_temp_killed = n_temp_left = n_checked = n_not_killed = 0
+        per_trial: dict[str, list[float]] = {"identical": [], "intact": [], "cost": []}
+        kinds = ("step",) if args.smoke else KINDS  # smoke: one kill that lands within the run
         problems: list[str] = []
         notes: list[str] = []
         for trial in range(args.trials):
-            kind = KINDS[trial % len(KINDS)]
+            kind = kinds[trial % len(kinds)]
             clear_run(project, args.method)
             if kind == "time":
                 first = launch(project, env, args.method, log, kill_after=rng.uniform(0.0, duration))
@@ -359,6 +395,10 @@ def main() -> None:
             n_temp_left += len(end.temp)
             n_checked += sum(s.checked for s in scans) + end.checked
             n_not_killed += (not first.killed) + (second is not None and not second.killed)
+            checked = sum(s.checked for s in scans) + end.checked
+            per_trial["identical"].append(float(same))
+            per_trial["intact"].append((checked - half) / checked if checked else 0.0)
+            per_trial["cost"].append(sum(x.seconds for x in (first, second, final) if x is not None) / duration)
             for s in [*scans, end]:
                 problems += [f"trial {trial}: half-written {h}" for h in s.half_written]
             problems += [f"trial {trial}: unexpected file {o}" for o in sorted({o for s in [*scans, end] for o in s.other})]
@@ -389,6 +429,13 @@ def main() -> None:
         print(f"half-written files found: {n_half}")
         print(f"leftover temp files: {n_temp_left}")
         print(f"wall time: {time.perf_counter() - wall0:.1f} s")
+        if args.smoke:
+            print("smoke run: 1 trial on tiny sizes; the lines below prove the soak runs, they measure nothing")
+        if args.trials:  # a ratio needs at least one trial
+            results.ratio("resumed result identical to reference", per_trial["identical"], at_least=1.0)
+            results.ratio("files intact after kills (loaded / checked)", per_trial["intact"], at_least=1.0)
+            results.ratio("killed+resumed / uninterrupted training time", per_trial["cost"])
+        results.write(args.json)
     finally:
         if args.keep:
             print(f"kept {root}")

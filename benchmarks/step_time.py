@@ -14,7 +14,8 @@ updates at ΔT = 16 for dpf and gmp). For set and rigl the steps are timed witho
 updates and the measured cost of one update (grow scores + drop/grow of every layer) is
 amortised over ``--dst-period`` steps (ΔT = 100 by default): ``step + update / ΔT``.
 
-    python benchmarks/step_time.py [--device cpu] [--rounds 3] [--steps 32] [--precisions]
+    python benchmarks/step_time.py [--device cpu] [--rounds 3] [--steps 32] [--precisions] [--json PATH]
+    python benchmarks/step_time.py --smoke     # seconds: batch 8, 2 steps, 1 round
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, print_rows, ratio_rows  # noqa: E402
+from _timing import Results, add_common_arguments, interleaved, print_rows, ratio_rows  # noqa: E402
 
 from sparse_core.config import DSTSection, OptimSection, PruningSection  # noqa: E402
 from sparse_core.data.loader import BatchTransform, Split, iterate_batches  # noqa: E402
@@ -53,7 +54,10 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of the method comparison")
     ap.add_argument("--channels-last", action="store_true", help="of the method comparison")
     ap.add_argument("--precisions", action="store_true", help="also time dense in fp32, fp32+cl, bf16, bf16+cl")
+    add_common_arguments(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.batch_size, args.dst_period = 1, 2, 8, 4
     device = torch.device(args.device)
     precision = Precision(args.precision, args.channels_last, device.type)
     g = torch.Generator().manual_seed(0)
@@ -61,10 +65,10 @@ def main() -> None:
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g))
     transform = BatchTransform([0.5] * 3, [0.25] * 3, crop_padding=4, flip=True)
     optim = OptimSection(batch_size=args.batch_size, lr=0.1, schedule="constant")
-    pruning = PruningSection(sparsity=0.9, update_period=16, end_fraction=0.5)
-    # Updates are timed separately, so no topology update falls inside a timed block.
-    dst = DSTSection(sparsity=0.9, update_period=10**9)
     total = args.steps * (args.rounds + 1)
+    pruning = PruningSection(sparsity=0.9, update_period=min(16, max(1, total // 4)), end_fraction=0.5)
+    # Updates are timed separately, so no topology update falls inside a timed block.
+    dst = DSTSection(sparsity=0.9, update_period=total + 1)
 
     def model_and_optimizer():
         torch.manual_seed(0)
@@ -125,13 +129,18 @@ def main() -> None:
           f"{precision.name}{' + channels_last' if precision.channels_last else ''}")  # fmt: skip
     for name, cost in update_cost.items():
         print(f"{name}: one topology update {cost:.4f} s, amortised over ΔT = {args.dst_period}")
+    results = Results("step_time", args.smoke)
     print("\nMethods, step time as a ratio to dense (target <= 1.05):")
     print_rows(ratio_rows({k: times[k] for k in METHODS}, "dense"), "s/step", "x dense")
+    results.compare({k: times[k] for k in METHODS}, "dense", "step time", at_most=1.05)
     print("\nThe engine against a plain PyTorch loop (target: dense within 3%):")
     print_rows(ratio_rows({k: times[k] for k in ("plain", "dense")}, "plain"), "s/step", "x plain")
+    results.compare({k: times[k] for k in ("plain", "dense")}, "plain", "step time", at_most=1.03)
     if args.precisions:
         print("\nDense in each precision and memory format, speed-up over fp32 NCHW:")
         print_rows(ratio_rows({k: times[f"dense@{k}"] for k in MODES}, "fp32", invert=True), "s/step", "speed-up")
+        results.compare({k: times[f"dense@{k}"] for k in MODES}, "fp32", "speed-up (dense)", invert=True)
+    results.write(args.json)
 
 
 if __name__ == "__main__":
