@@ -4,7 +4,7 @@
     sparseflow methods               # the registered methods (the README's method table)
     sparseflow deps [--write]        # each stage's code (from the import graph) / its manifest as its dep in the dvc.yaml files
     sparseflow deps --manifests DIR  # write the per-stage code manifests (the `code` stage of dvc.yaml)
-    sparseflow run prepare|ood|corrupt|warmup|report|local_analysis [--params P]
+    sparseflow run prepare|fastpath|ood|corrupt|warmup|report|local_analysis [--params P]
     sparseflow run train --method dpf [--seed 1]   # run-level stages take --seed (default: base.seeds[0])
     sparseflow run retrain --run dpf
     sparseflow run evaluate --run dpf_retrain
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--manifests", type=Path, metavar="DIR")
     dp.add_argument("--params", default="params.yaml")
     r = sub.add_parser("run", help="run one pipeline stage as a Prefect flow")
-    r.add_argument("stage", choices=["prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
+    r.add_argument("stage", choices=["prepare", "fastpath", "ood", "corrupt", "warmup", "train", "retrain", "collect", "evaluate", "evaluate_ensemble", "aggregate", "report", "local_analysis", "curves", "curves_report"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--method", help="train, curves: the method to run")
     r.add_argument("--run", help="retrain/evaluate/collect/evaluate_ensemble/aggregate: the run or ensemble name")
@@ -251,7 +251,7 @@ def _dispatch_stage(args: argparse.Namespace) -> None:
     from flows import stage_flows as f
 
     stage_flow = getattr(f, f"{args.stage}_flow")  # only this stage's flow is built
-    if args.stage in ("prepare", "ood", "corrupt", "report", "local_analysis", "curves_report"):
+    if args.stage in ("prepare", "fastpath", "ood", "corrupt", "report", "local_analysis", "curves_report"):
         f.with_task_runner(stage_flow, args.params)(args.params)
     elif args.stage == "warmup":
         stage_flow(args.params, args.seed)

@@ -97,7 +97,8 @@ ITEMS = {
 }
 #: Stages that build a fixed set of methods, whatever their item (``retrain@<run>`` fine-tunes
 #: the run's exported weights with the internal ``retrain`` method, not with the run's method).
-FIXED = {"warmup": ("dense",), "retrain": ("retrain",)}
+#: ``fastpath`` times the model alone and builds no method.
+FIXED = {"warmup": ("dense",), "retrain": ("retrain",), "fastpath": ()}
 #: The params keys that choose the other methods an item builds (:func:`methods_of`).
 MEMBER_KEYS = ("train.dst_ensemble.method", "local.sparse_method")
 #: How a manifest line holding a param value starts.
@@ -117,6 +118,8 @@ _LOCAL = ("local.chunks", "local.split_points", "local.head", "local.head_hidden
 #: ``sweep`` is not a DVC stage.
 PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("base.seed", "base.data_dir", "data"),
+    "fastpath": (*_DEVICE, "base.allow_slow_bf16", "base.data_dir", "base.runs_dir", "base.metrics_dir", "data.dataset",
+                 "model", "train.optim.batch_size"),
     "ood": ("base.seed", "base.data_dir", "data", "ood"),
     "corrupt": ("base.seed", "base.data_dir", "data", "corrupt"),
     "warmup": (*_DEVICE, "base.data_dir", "base.runs_dir", "base.plots_dir", "data", "augment", "model", "warmup"),
@@ -299,7 +302,7 @@ def manifests(root: Path, params: Any) -> dict[str, str]:
         lines = [f"# {title}: the code it runs and the params it reads (flows/stage_code.py; written by the `code` "
                  "stage of dvc.yaml)"]
         if methods is not None:
-            lines.append(f"# methods built: {' '.join(methods)}")
+            lines.append(f"# methods built: {' '.join(methods) or '(none)'}")
         if methods is None and registry_files & set(files):
             lines.append(f"# method declarations (every file of {METHODS_DIR}/): {digest}")
         if stage not in PARAMS:

@@ -101,6 +101,12 @@ def _prepare_flow(params_path: str = "params.yaml") -> str:
     return t.prepare_dataset(params_path)
 
 
+@_lazy_flow(name="fastpath", flow_run_name="fastpath")
+def _fastpath_flow(params_path: str = "params.yaml") -> str:
+    load_params(params_path)
+    return t.resolve_fastpath(params_path)
+
+
 @_lazy_flow(name="ood", flow_run_name="ood")
 def _ood_flow(params_path: str = "params.yaml") -> str:
     load_params(params_path)

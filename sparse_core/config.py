@@ -150,12 +150,19 @@ class BaseSection(_Section):
     #: of any run: adding a seed trains the new seed only.
     seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_SEEDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Compute precision of training and evaluation (:mod:`sparse_core.precision`): ``fp32``
-    #: (bit-reproducible), ``bf16`` (autocast; CPU with AVX512-BF16/AMX or GPU), ``fp16`` (CUDA
-    #: only, with loss scaling). Parameters, masks, optimizer state and artifacts stay float32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    #: Feed input batches in channels-last (NHWC) layout to the convolutions.
-    channels_last: bool = False
+    #: Compute precision of training and evaluation (:mod:`sparse_core.precision`): ``auto``
+    #: (the fastest of the candidates on this machine, measured once and cached;
+    #: :mod:`sparse_core.fastpath`), ``fp32`` (bit-reproducible), ``bf16`` (autocast; CPU with
+    #: AVX512-BF16/AMX or GPU), ``fp16`` (CUDA only, with loss scaling). Parameters, masks,
+    #: optimizer state and artifacts stay float32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Feed input batches in channels-last (NHWC) layout to the convolutions; ``auto``: when it
+    #: measured faster (:mod:`sparse_core.fastpath`).
+    channels_last: bool | Literal["auto"] = "auto"
+    #: Accept an explicit ``precision: bf16`` on a CPU without native bf16 (AVX512-BF16 / AMX),
+    #: where it is several times slower than fp32; without it such a run is refused with the
+    #: measured slow-down.
+    allow_slow_bf16: bool = False
     deterministic: bool = True
     #: Resume a run from ``runs/<run>/last.pt`` when its config fingerprint matches.
     resume: bool = True
@@ -956,7 +963,7 @@ def output_overlaps(outputs: dict[str, str | None], root: str | Path = ".") -> l
 #: (:meth:`Params.for_seed`); the list itself does not change any run.
 #: ``ensembles_dir`` and ``reports_dir`` hold no run (only caches and reports).
 NOT_FINGERPRINTED: dict[str, set[str]] = {
-    "base": {"allow_external_paths", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir", "reports_dir"}
+    "base": {"allow_external_paths", "allow_slow_bf16", "nonfinite_retries", "nonfinite_lr_factor", "seeds", "ensembles_dir", "reports_dir"}
 }
 
 

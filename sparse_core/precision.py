@@ -73,8 +73,9 @@ class Precision:
         precision = cls(base.precision, base.channels_last, torch.device(device).type)
         if precision.name == "bf16" and precision.device_type == "cpu" and not native_bf16_cpu():
             warnings.warn(f"base.precision: bf16 on a CPU without AVX512-BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
-                          "torch has no fast bf16 kernels here, about 9x slower than fp32 for WRN-28-10 and ResNet-56 on an AVX2 "
-                          "CPU (measured 2026-12-01); use base.precision: fp32 on this machine", RuntimeWarning, stacklevel=2)  # fmt: skip
+                          "torch has no fast bf16 kernels here and runs its generic fallback, several times slower than fp32 "
+                          "(sparseflow's stages refuse it unless base.allow_slow_bf16; sparse_core.fastpath measures it); "
+                          "use base.precision: auto or fp32 on this machine", RuntimeWarning, stacklevel=2)  # fmt: skip
         return precision
 
     @property

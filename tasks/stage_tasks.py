@@ -65,6 +65,15 @@ def prepare_dataset(params_path: str) -> str:
         return str(prepare.prepare_dataset(params.data, params.base.data_dir, params.base.seed))
 
 
+@task(name="resolve-fastpath", **IO_RETRIES)
+def resolve_fastpath(params_path: str) -> str:
+    """``base.precision`` / ``base.channels_last`` ``auto`` resolved on this machine ->
+    ``runs/fastpath.json`` (the choice) and ``metrics/fastpath.json`` (with the measured times)."""
+    params = load_params(params_path)
+    with stage_work("resolve-fastpath", "sparse_core.jobs.rundirs") as rundirs:
+        return str(rundirs.stage_fastpath(params))
+
+
 @task(name="prepare-ood-sets", **IO_RETRIES)
 def prepare_ood(params_path: str) -> str:
     """OOD sets of the dataset -> ``data/ood/<dataset>/`` (missing optional sets are warned)."""

@@ -40,7 +40,9 @@ def stale_dependencies(repo_root: Path, target: str) -> dict[str, list[str]]:
         stale: dict[str, list[str]] = {}
         for stage, entries in repo.status(targets=[target]).items():
             for entry in entries:
-                if isinstance(entry, str):  # "changed command", "always changed"
+                if entry == "always changed":  # the fastpath stage: it depends on the machine, not on code
+                    continue
+                if isinstance(entry, str):  # "changed command"
                     stale.setdefault(stage, []).append(entry)
                     continue
                 for path, change in entry.get("changed deps", {}).items():

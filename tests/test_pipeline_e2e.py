@@ -10,6 +10,7 @@ round trip and the optional analyses.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -86,10 +87,17 @@ def _deploy_and_work(work: Path, env: dict, api: str) -> tuple[dict, list[dict],
     return deployment, runs, reproduced
 
 
-def _post(api: str, path: str) -> list[dict]:
-    req = urllib.request.Request(f"{api}/{path}", data=b'{"limit": 200}', headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+def _post(api: str, path: str, page: int = 200) -> list[dict]:
+    """Every item of a Prefect ``.../filter`` endpoint, read in pages of ``page`` (its maximum)."""
+    items: list[dict] = []
+    while True:
+        body = json.dumps({"limit": page, "offset": len(items)}).encode()
+        req = urllib.request.Request(f"{api}/{path}", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            got = json.loads(r.read())
+        items += got
+        if len(got) < page:
+            return items
 
 
 def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
@@ -115,12 +123,12 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     # triggered twice and run by a worker: the first run reproduces everything, the second
     # (queued behind the first by the deployment's concurrency limit) finds nothing to do.
     deployment, flow_runs, (reproduced, again) = _deploy_and_work(work, env, prefect_server)
-    assert again == ["none (all up to date)"]
+    assert again == ["fastpath"]  # always run: the machine is a dependency DVC cannot see (its output unchanged)
     run_id = flow_runs[0]["id"]
     methods = ("dense", "dpf", "gmp", "oneshot", "rigl", "dst_ensemble", "edst_ensemble", "local_chunked")
     runs = ("dense", "dpf", "gmp", "oneshot", "rigl", "dpf_retrain", "local_chunked")
     # The tiny profile has one training seed (0): per-seed stages end in -0.
-    expected = ["code", "prepare", "ood", "corrupt", "warmup@0"] + [f"train@{m}-0" for m in methods] + ["retrain@dpf-0"]
+    expected = ["code", "prepare", "fastpath", "ood", "corrupt", "warmup@0"] + [f"train@{m}-0" for m in methods] + ["retrain@dpf-0"]
     expected += [f"{stage}@{e}-0" for stage in ("collect", "evaluate_ensemble") for e in ("dst_ensemble", "edst_ensemble")]
     expected += [f"evaluate@{r}-0" for r in runs] + ["report"]
     expected += [f"aggregate@{r}" for r in runs] + [f"aggregate_ensemble@{e}" for e in ("dst_ensemble", "edst_ensemble")]
@@ -167,7 +175,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     assert b"heads." not in exported  # auxiliary heads are training-only
 
     second = _sh([dvc, "repro"], work, env)
-    assert "Running stage" not in second.stdout
+    assert re.findall(r"Running stage '([^']+)'", second.stdout) == ["fastpath"]
 
     # A DVC remote round trip: push to the project's default remote (pointed at a folder of this
     # test), clone the repository elsewhere, pull: nothing is stale and nothing re-runs.
@@ -181,8 +189,8 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     _sh(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
     _sh([dvc, "remote", "modify", "--local", "local", "url", str(remote)], clone, env)
     _sh([dvc, "pull", "dvc.yaml"], clone, env)
-    assert "up to date" in _sh([dvc, "status", "dvc.yaml"], clone, env).stdout
-    assert "Running stage" not in _sh([dvc, "repro"], clone, env).stdout
+    assert json.loads(_sh([dvc, "status", "--json", "dvc.yaml"], clone, env).stdout) == {"fastpath": ["always changed"]}
+    assert re.findall(r"Running stage '([^']+)'", _sh([dvc, "repro"], clone, env).stdout) == ["fastpath"]
     for path in ("runs/s0/dpf/masks.safetensors", "runs/s0/rigl/model.safetensors", "data/prepared/fashion_mnist/data.parquet"):
         assert (clone / path).read_bytes() == (work / path).read_bytes(), path
 

@@ -13,7 +13,8 @@ from sparse_core.distributed import active_parallel
 from sparse_core.engine import fit
 from sparse_core.live import live_target
 from sparse_core.methods.base import create_method
-from sparse_core.jobs.rundirs import code_fingerprint, export_run, fresh_run_dir, local_variant, precision_of, run_dir, transform_for
+from sparse_core.jobs.rundirs import code_fingerprint, export_run, fastpath_choice, fresh_run_dir, local_variant, run_dir, transform_for
+from sparse_core.precision import Precision
 
 
 def train_run(
@@ -39,7 +40,10 @@ def train_run(
     # Built before the run folder is touched: a schedule that cannot work (ConfigError) must not
     # cost the previous run's files.
     method = create_method(method_name, net, steps, t.pruning, dst, seed, t.edst, epochs, t.model_extra, data.shape)
-    precision = precision_of(params, parallel.device or device)
+    choice = fastpath_choice(params, parallel.device or device, data)
+    precision = Precision(choice.precision, choice.channels_last, (parallel.device or device).type)
+    # A checkpoint of another precision or layout (base.precision: auto on another machine) is not resumed.
+    fingerprint = f"{fingerprint}-{choice.candidate.label}"
     if parallel.is_main:
         fresh_run_dir(params, run, fingerprint)
     parallel.barrier()  # no rank looks for a checkpoint while rank 0 may be clearing the folder
@@ -56,7 +60,8 @@ def train_run(
     )  # fmt: skip
     method.on_train_end()
     parallel.verify_masks(method, steps)  # DDP: gmp/dpf's final update, oneshot's only one
-    extra = {"method": recorded_method or method_name, "init": init, "seed": seed, "fingerprint": fingerprint}
+    extra = {"method": recorded_method or method_name, "init": init, "seed": seed, "fingerprint": fingerprint,
+             "fastpath": choice.record()}  # fmt: skip
     if recorded_method and local_variant(recorded_method):
         extra["local"] = {"variant": local_variant(recorded_method), "sparse_method": method_name,
                           "windows": [[w.start, w.end] for w in model.windows], "blocks": [b.name for b in model.blocks]}  # fmt: skip

@@ -17,7 +17,7 @@ from sparse_core.methods import registry
 from sparse_core.methods.base import Method
 from sparse_core.precision import Precision
 from sparse_core.jobs.rundirs import (
-    WARMUP_RUN, code_fingerprint, export_run, fresh_run_dir, load_exported, local_variant, precision_of, setup, transform_for,
+    WARMUP_RUN, code_fingerprint, export_run, fresh_run_dir, load_exported, local_variant, fastpath_choice, setup, transform_for,
 )
 from sparse_core.jobs.fitting import train_run
 
@@ -69,10 +69,10 @@ def _local_pipeline_spec(params: Params, method: str, net: nn.Module, data: Prep
         {k: v.detach().clone() for k, v in net.state_dict().items()},
     )  # fmt: skip
     backend = lc.backend if lc.backend != "auto" else ("nccl" if resolve_device(params.base.device).type == "cuda" else "gloo")
-    precision_of(params, torch.device("cuda" if backend == "nccl" else "cpu"))  # fp16 without CUDA: refused here
+    choice = fastpath_choice(params, torch.device("cuda" if backend == "nccl" else "cpu"), data)  # fp16 without CUDA: refused here
     return PipelineSpec(build=build, train=data.splits["train"], transform=transform_for(params, data),
                         optim=params.train.optim, epochs=params.train.epochs, seed=params.base.seed, backend=backend,
-                        precision=params.base.precision, channels_last=params.base.channels_last)  # fmt: skip
+                        precision=choice.precision, channels_last=choice.channels_last)  # fmt: skip
 
 
 def _export_local_pipeline(params: Params, method: str, local, info: dict, data: PreparedData, init: str, fingerprint: str,
@@ -85,8 +85,8 @@ def _export_local_pipeline(params: Params, method: str, local, info: dict, data:
     steps_per_epoch = -(-len(data.splits["train"]) // optim.batch_size)
     last = info["losses"][-1]  # the network's own loss (last chunk), per step
     # On the CPU, after the chunks have merged: fp16 (CUDA only) falls back to fp32 here.
-    base = params.base
-    precision = Precision("fp32" if base.precision == "fp16" else base.precision, base.channels_last)
+    choice = fastpath_choice(params, torch.device("cpu") if backend != "nccl" else torch.device("cuda"), data)
+    precision = Precision("fp32" if choice.precision == "fp16" else choice.precision, choice.channels_last)
     val = evaluate(local.net, data.splits["val"], transform_for(params, data), params.evaluate.batch_size, torch.device("cpu"),
                    precision)  # fmt: skip
     seconds = max(info["seconds"]) / epochs  # the slowest chunk's time in its step loop, per epoch

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sparse_core import artifacts
+from sparse_core import artifacts, fastpath
 from sparse_core.config import ConfigError, Params
 from sparse_core.data import BatchTransform, PreparedData, load_prepared, prepare_dataset, prepared_path
 from sparse_core.checkpoint import CheckpointStore
@@ -37,7 +37,8 @@ from sparse_core.live import ensure_live
 from sparse_core.methods import registry
 from sparse_core.methods.base import Method
 from sparse_core.models import create_model
-from sparse_core.precision import Precision
+from sparse_core import precision as precision_module
+from sparse_core.precision import PRECISIONS, Precision
 from sparse_core.resources import check_memory
 from sparse_core.schemas import empty_history
 from sparse_core.sparsity import MaskSet, prunable_parameters
@@ -73,16 +74,92 @@ def setup(params: Params, seed: int | None = None, num_threads: int = 0) -> tupl
     return device, data, model
 
 
-def precision_of(params: Params, device: torch.device) -> Precision:
-    """``base.precision`` and ``base.channels_last`` on ``device`` (:mod:`sparse_core.precision`).
+#: The resolved fast path of a pipeline (``fastpath`` stage): ``<runs_dir>/fastpath.json``.
+FASTPATH_FILE = "fastpath.json"
+
+
+def fastpath_file(params: Params) -> Path:
+    return Path(params.base.runs_dir) / FASTPATH_FILE
+
+
+def fastpath_choice(params: Params, device: torch.device, data: PreparedData | None = None,
+                    stage_file: bool = True) -> fastpath.Choice:  # fmt: skip
+    """``base.precision`` and ``base.channels_last`` on ``device``, ``auto`` resolved
+    (:mod:`sparse_core.fastpath`).
+
+    Explicit values are used as they are. Otherwise the ``fastpath`` stage's resolution
+    (:func:`fastpath_file`) when it exists and was made for this device type and these pins
+    (``stage_file``), else :func:`sparse_core.fastpath.resolve` on the configured model and the
+    prepared data's shape (``data``, loaded when not given) at the training batch size.
 
     Raises:
-        ConfigError: fp16 on a device that is not CUDA (``base.device: auto`` without a GPU).
+        ConfigError: fp16 on a device that is not CUDA; explicit bf16 on a CPU without native
+            bf16 (its measured slow-down against fp32 in the message) unless
+            ``base.allow_slow_bf16``.
     """
+    base = params.base
     try:
-        return Precision.of(params.base, device)
+        fastpath.candidates(device, base.precision, base.channels_last)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"base.precision: {err}") from None
+    if base.precision != "auto" and base.channels_last != "auto":
+        choice = fastpath.Choice(base.precision, base.channels_last)
+    elif stage_file and (recorded := _recorded_choice(params, device)) is not None:
+        return recorded
+    else:
+        data = data or load_data(params)
+        choice = fastpath.resolve(build_model(params, data), data.shape, params.train.optim.batch_size, device, base.precision,
+                                  base.channels_last, {"name": params.model.name, "kwargs": params.model.kwargs},
+                                  data.num_classes)  # fmt: skip
+    if choice.precision == "bf16" and device.type == "cpu" and not base.allow_slow_bf16 and not precision_module.native_bf16_cpu():
+        data = data or load_data(params)
+        slow = fastpath.slowdown_of_bf16(build_model(params, data), data.shape, params.train.optim.batch_size,
+                                         choice.channels_last, data.num_classes)  # fmt: skip
+        cpu, flags = fastpath.cpu_description()
+        raise ConfigError(f"base.precision: bf16 on a CPU without native bf16 ({cpu}; vector flags: {', '.join(flags) or 'none'}): "
+                          f"a training step of {params.model.name} measured {slow:.1f}x the time of fp32; set "
+                          "base.precision: auto (or fp32), or base.allow_slow_bf16: true to accept it")  # fmt: skip
+    return choice
+
+
+def _recorded_choice(params: Params, device: torch.device) -> fastpath.Choice | None:
+    """The ``fastpath`` stage's resolution, if it exists, is readable and fits ``device`` and the
+    explicit values of ``params`` (else None: the caller resolves afresh)."""
+    path = fastpath_file(params)
+    if not path.is_file():
+        return None
+    doc = artifacts.read_json(path)
+    base = params.base
+    ok = (isinstance(doc, dict) and doc.get("device") == device.type and doc.get("precision") in PRECISIONS
+          and isinstance(doc.get("channels_last"), bool)
+          and base.precision in ("auto", doc["precision"]) and base.channels_last in ("auto", doc["channels_last"]))  # fmt: skip
+    return fastpath.Choice(doc["precision"], doc["channels_last"], source="stage") if ok else None
+
+
+def precision_of(params: Params, device: torch.device, data: PreparedData | None = None) -> Precision:
+    """The :class:`~sparse_core.precision.Precision` of :func:`fastpath_choice` on ``device``.
+
+    Raises:
+        ConfigError: as :func:`fastpath_choice`.
+    """
+    choice = fastpath_choice(params, device, data)
+    return Precision(choice.precision, choice.channels_last, device.type)
+
+
+def stage_fastpath(params: Params) -> Path:
+    """``fastpath``: resolve ``auto`` on this machine afresh (the machine's cache, else a
+    measurement) and write the choice alone to :func:`fastpath_file`, the dependency of every
+    stage that computes, and the choice with its measured times to
+    ``<metrics_dir>/fastpath.json``."""
+    device = resolve_device(params.base.device)
+    seed_everything(params.base.seed, params.base.deterministic)
+    if params.base.num_threads:
+        torch.set_num_threads(params.base.num_threads)
+    choice = fastpath_choice(params, device, stage_file=False)
+    artifacts.write_json(choice.record(), Path(params.base.metrics_dir) / "fastpath.json")
+    out = fastpath_file(params)
+    artifacts.write_json({"precision": choice.precision, "channels_last": choice.channels_last, "device": device.type}, out)
+    return out
 
 
 def load_data(params: Params) -> PreparedData:
