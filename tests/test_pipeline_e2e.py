@@ -219,7 +219,7 @@ def test_dvc_repro_tiny_profile(tmp_path, mirror, postgres_prefect):
     linked = [r for r in runs if f"pipeline-run:{run_id}" in r["tags"]]
     flow_stages = [s for s in expected if s != "code"]  # `code` writes the code manifests without a Prefect flow
     assert len(linked) == len(flow_stages) and all(r["state_type"] == "COMPLETED" for r in linked)
-    assert {flows[r["flow_id"]] for r in linked} == {"prepare", "ood", "corrupt", "warmup", "train", "retrain", "collect",
+    assert {flows[r["flow_id"]] for r in linked} == {"prepare", "fastpath", "ood", "corrupt", "warmup", "train", "retrain", "collect",
                                                      "evaluate-ensemble", "evaluate", "aggregate", "report"}  # fmt: skip
     # ... and rows of Prefect's PostgreSQL database.
     from flows.pgcluster import psql
