@@ -160,11 +160,9 @@ class Results:
         doc = {"benchmark": self.benchmark, "command": " ".join(["python", *sys.argv]), "smoke": self.smoke,
                "machine": machine(),
                "ratios": [asdict(r) | {"met": None if self.smoke else r.met} for r in self.ratios]}  # fmt: skip
-        md = [f"| {self.benchmark} | median | spread (min..max) | target |", "|---|---:|---:|---|"]
-        for r in self.ratios:
-            target = "" if r.met is None or self.smoke else (f"≥ {r.at_least:.2f}×" if r.at_least is not None else f"≤ {r.at_most:.2f}×") + (
-                " met" if r.met else " **not met**")
-            md.append(f"| {r.name} | {r.median:.3f}× | {r.lo:.3f}..{r.hi:.3f} | {target} |")
+        from sparse_core.summary import ratio_table
+
+        md = [ratio_table(self.benchmark, doc["ratios"])]
         path.parent.mkdir(parents=True, exist_ok=True)
         for p, text in ((path, json.dumps(doc, indent=1) + "\n"), (path.with_suffix(".md"), "\n".join(md) + "\n")):
             tmp = p.with_name(p.name + ".tmp")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_core.summary import END, START, results_markdown, splice
+from sparse_core.summary import BENCH_END, BENCH_START, END, START, benchmarks_markdown, results_markdown, splice
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = [sys.executable, "-m", "sparse_core.summary"]
@@ -19,6 +19,46 @@ def test_the_readme_results_block_is_generated_from_the_committed_reports():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     block = results_markdown(REPO / "reports").replace(str(REPO / "reports"), "reports")
     assert block in readme, "README's results are stale: run `python -m sparse_core.summary --write README.md`"
+    speed = benchmarks_markdown(REPO / "reports" / "benchmarks").replace(str(REPO / "reports"), "reports")
+    assert speed in readme, "README's speed figures are stale: run `python -m sparse_core.summary --write README.md`"
+
+
+def _record(**change) -> dict:
+    doc = {"benchmark": "step_time", "command": "python benchmarks/step_time.py --json x.json", "smoke": False,
+           "machine": {"cpu": "CPU X", "cpu_flags": ["avx2"], "cores": 2, "torch": "2.x", "threads": 2},
+           "ratios": [{"name": "dpf / dense step time", "median": 1.02, "lo": 1.0, "hi": 1.04, "at_most": 1.05, "met": True},
+                      {"name": "bf16 / fp32 speed-up", "median": 0.1, "lo": 0.09, "hi": 0.11, "met": None}]}  # fmt: skip
+    return doc | change
+
+
+def test_the_speed_block_renders_each_benchmark_record(tmp_path):
+    (tmp_path / "step_time.json").write_text(json.dumps(_record()))
+    block = benchmarks_markdown(tmp_path)
+    assert block.startswith(BENCH_START) and block.endswith(BENCH_END)
+    assert "`python benchmarks/step_time.py --json x.json`" in block and "CPU X, flags avx2" in block
+    assert "| dpf / dense step time | 1.020× | 1.000..1.040 | ≤ 1.05× met |" in block
+    assert "| bf16 / fp32 speed-up | 0.100× | 0.090..0.110 |  |" in block
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"smoke": True}, "a --smoke record"),
+    ({"ratios": {"x": 1}}, "key 'ratios' must be a list"),
+    ({"machine": []}, "key 'machine' must be a dict"),
+    ({"ratios": [{"name": "x", "median": float("nan"), "lo": 1, "hi": 1}]}, r"ratios\[0\] needs a name and finite"),
+    ({"ratios": [{"name": "x", "median": True, "lo": 1, "hi": 1}]}, r"ratios\[0\]"),
+])  # fmt: skip
+def test_a_record_that_is_not_a_full_benchmark_run_is_refused_naming_the_file(tmp_path, change, message):
+    (tmp_path / "bad.json").write_text(json.dumps(_record(**change)))
+    with pytest.raises(ValueError, match=rf"bad.json: .*{message}"):
+        benchmarks_markdown(tmp_path)
+
+
+def test_no_record_is_a_clear_error(tmp_path):
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(ValueError, match="x.json: expected a JSON object"):
+        benchmarks_markdown(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no benchmark record"):
+        benchmarks_markdown(tmp_path / "empty")
 
 
 def _reports(folder: Path, verdict: str = "holds") -> Path:
